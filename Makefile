@@ -1,0 +1,41 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Each sets up what it needs:
+# a local virtualenv with the project installed, and mosquitto (via apt-get) when it is missing.
+VENV    ?= .venv
+PYTHON  ?= python3
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo demo-coco test lint typecheck unit bench mosquitto clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c 'import ensurepip' 2>/dev/null || \
+	  ($(SUDO) apt-get update && $(SUDO) apt-get install -y python3-venv)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
+	  ($(SUDO) apt-get update && $(SUDO) apt-get install -y mosquitto mosquitto-clients)
+
+demo: $(STAMP) mosquitto
+	$(BIN)/mistnet demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) mosquitto lint typecheck
+	$(BIN)/pytest
+
+bench: $(STAMP) mosquitto
+	$(BIN)/mistnet bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,344 @@
+"""The cloud agent: publishes a job, collects every edge's features, trains the tail, reports.
+
+Its state lives in ``workdir`` (spool, phase, per-epoch training state), so a restarted cloud
+picks up where it stopped: spooled features are kept and training resumes after the last
+completed epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common import constants as C
+from common.errors import MistnetError, ProtocolError
+from common.models.registry import build, default_image_size, is_detector
+from common.privacy import binarize
+from common.protocol import (
+    Ack,
+    CheckpointAnnouncement,
+    EdgeProgress,
+    EdgeSummary,
+    JobAssignment,
+    JobPhase,
+    JobStatus,
+    JobSummary,
+    ModelRef,
+    NodeState,
+    NodeStatus,
+    PrivacyParams,
+    Topics,
+    from_json,
+    to_json,
+    to_msgpack,
+)
+from common.spec import JobSpec, OnTimeout
+from common.split import check_cut, head_state_dict, tail_inputs
+from common.storage import S3Options, put_object
+from common.transport import BrokerOptions, Inbound, LinkEvent, MqttLink
+from common.weights import head_chunks, pack_state
+from cloud_agent.checkpoints import load_pretrained, save_model
+from cloud_agent.collector import Collector
+from cloud_agent.spool import Spool
+from cloud_agent.tasks import make_task
+from cloud_agent.trainer import EpochResult, History, SpoolFeatures, TrainConfig, Trainer
+
+log = logging.getLogger("mistnet.cloud")
+
+
+class JobFailed(MistnetError):
+    """The job cannot finish (e.g. too few edges delivered before the timeout)."""
+
+
+class CloudAgent:
+    def __init__(self, spec: JobSpec, broker: BrokerOptions, workdir: Path, device: str = "cpu") -> None:
+        self.spec = spec
+        self.workdir = workdir
+        self.device = device
+        self.cut = spec.cut_layer
+        self.spool = Spool(workdir / "spool.sqlite")
+        self.model = self.build_model()
+        self.edge_state: dict[str, NodeStatus] = {}
+        self.missing: dict[str, str] = json.loads(self.spool.get_meta("missing") or "{}")
+        self.epoch = 0
+        self.last_result: EpochResult | None = None
+        self._last_status = 0.0
+        self.link = MqttLink(broker, client_id=f"mistnet-cloud-{spec.name}",
+                             subscriptions=[Topics.all_features(spec.name), Topics.all_node_status()])
+        batch_sizes = {e.node: e.batch_size for e in spec.edges}
+        self.collector = Collector(self.spool, spec.name, batch_sizes, self.send_ack)
+
+    def build_model(self) -> nn.Module:
+        m = self.spec.model
+        model = build(m.arch, m.num_classes)
+        if m.pretrained:
+            model = load_pretrained(m.pretrained, m.arch, m.num_classes, model)
+        check_cut(model, self.cut)
+        tail_inputs(model, self.cut)
+        return model
+
+    @property
+    def phase(self) -> JobPhase:
+        return JobPhase(self.spool.get_meta("phase") or JobPhase.PENDING)
+
+    def set_phase(self, phase: JobPhase, message: str = "") -> None:
+        self.spool.set_meta("phase", phase.value)
+        log.info("job %s: %s %s", self.spec.name, phase.value, message)
+        self.publish_status(message=message, force=True)
+
+    # run ---------------------------------------------------------------------------------------
+
+    def run(self) -> JobSummary:
+        started = float(self.spool.get_meta("started") or time.time())
+        self.spool.set_meta("started", str(started))
+        self.link.connect()
+        try:
+            if self.phase in (JobPhase.PENDING, JobPhase.COLLECTING):
+                self.offer_job()
+                self.collect()
+            if self.phase == JobPhase.TRAINING:
+                self.train()
+            if self.phase == JobPhase.EVALUATING:
+                self.finish()
+        except JobFailed as exc:
+            self.set_phase(JobPhase.FAILED, str(exc))
+            self.withdraw_job()
+            raise
+        finally:
+            summary = self.summary(time.time() - started)
+            self.link.close()
+            self.spool.close()
+        return summary
+
+    # collecting --------------------------------------------------------------------------------
+
+    def assignment(self, node: str, head: bytes) -> JobAssignment:
+        s = self.spec
+        manifest, _ = head_chunks(s.name, head, C.DEFAULT_CHUNK_BYTES)
+        return JobAssignment(
+            job=s.name,
+            node=node,
+            model=ModelRef(arch=s.model.arch, num_classes=self.num_classes, cut_layer=self.cut,
+                           image_size=self.image_size),
+            privacy=PrivacyParams(epsilon=s.epsilon_for(node), bits=s.privacy.bits),
+            dataset=s.edge(node).dataset,
+            batch_size=s.edge(node).batch_size,
+            head=manifest,
+            seed=s.seed,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", 0) or self.spec.model.num_classes or 0) or (
+            80 if is_detector(self.spec.model.arch) else 10)
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.model.image_size or default_image_size(self.spec.model.arch)
+
+    def offer_job(self) -> None:
+        """Head weights and assignments, retained so edges that connect later still get them."""
+        if self.spool.get_meta("collect_started") is None:
+            self.spool.set_meta("collect_started", str(time.time()))
+        head = pack_state(head_state_dict(self.model, self.cut))
+        _, chunks = head_chunks(self.spec.name, head, C.DEFAULT_CHUNK_BYTES)
+        for edge in self.spec.edges:
+            for chunk in chunks:
+                self.link.publish(Topics.head_chunk(edge.node, self.spec.name, chunk.seq), to_msgpack(chunk),
+                                  retain=True)
+            self.link.publish(Topics.job_assignment(edge.node, self.spec.name),
+                              to_json(self.assignment(edge.node, head)), retain=True)
+        self.set_phase(JobPhase.COLLECTING, f"waiting for {len(self.spec.edges)} edge(s)")
+
+    def collect(self) -> None:
+        deadline = float(self.spool.get_meta("collect_started") or time.time()) + self.spec.collect.timeout_s
+        while True:
+            self.pump(0.5)
+            self.publish_status()
+            pending = [e.node for e in self.spec.edges if not self.spool.counts(e.node).complete]
+            if not pending:
+                break
+            failed = {n: self.edge_state[n].message for n in pending
+                      if n in self.edge_state and self.edge_state[n].state == NodeState.ERROR}
+            if time.time() > deadline or len(failed) == len(pending):
+                self.give_up_on(pending, failed)
+                break
+        self.set_phase(JobPhase.TRAINING, f"{self.training_samples()} samples from {len(self.delivered())} edge(s)")
+
+    def give_up_on(self, pending: list[str], failed: dict[str, str]) -> None:
+        for node in pending:
+            counts = self.spool.counts(node)
+            self.missing[node] = failed.get(node) or (
+                f"no data within {self.spec.collect.timeout_s:.0f} s" if counts.samples == 0 else
+                f"incomplete: {counts.samples + counts.skipped} of {counts.total} samples within "
+                f"{self.spec.collect.timeout_s:.0f} s")
+        self.spool.set_meta("missing", json.dumps(self.missing))
+        complete = len(self.spec.edges) - len(pending)
+        detail = "; ".join(f"{n}: {r}" for n, r in self.missing.items())
+        if self.spec.collect.on_timeout == OnTimeout.FAIL or complete < self.spec.collect.min_edges:
+            raise JobFailed(f"{complete} of {len(self.spec.edges)} edges delivered (need "
+                            f"{self.spec.collect.min_edges}, on_timeout={self.spec.collect.on_timeout.value}): {detail}")
+        log.warning("proceeding without %s", detail)
+
+    def delivered(self) -> list[str]:
+        return [e.node for e in self.spec.edges if self.spool.counts(e.node).samples > 0]
+
+    def training_samples(self) -> int:
+        return sum(self.spool.counts(e.node).samples for e in self.spec.edges)
+
+    # inbox -------------------------------------------------------------------------------------
+
+    def pump(self, timeout_s: float) -> None:
+        try:
+            item = self.link.inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        while True:
+            self.dispatch(item)
+            try:
+                item = self.link.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def dispatch(self, item: Inbound | LinkEvent) -> None:
+        if isinstance(item, LinkEvent):
+            log.info("broker %s", "connected" if item.connected else f"disconnected ({item.reason})")
+            return
+        try:
+            kind, ids = Topics.parse(item.topic)
+            if kind == "features":
+                self.collector.on_features(ids["node"], item.payload)
+            elif kind == "node_status" and item.payload:
+                status = from_json(NodeStatus, item.payload)
+                if status.node != ids["node"]:
+                    raise ProtocolError(f"status of {status.node!r} on the topic of {ids['node']!r}")
+                self.on_node_status(status)
+        except ProtocolError as exc:
+            self.collector.rejected[str(exc).split(":")[0]] += 1
+            log.warning("rejected message on %s: %s", item.topic, exc)
+
+    def on_node_status(self, status: NodeStatus) -> None:
+        if status.node not in {e.node for e in self.spec.edges}:
+            return
+        if status.job not in (None, self.spec.name) and status.state != NodeState.OFFLINE:
+            return
+        self.edge_state[status.node] = status
+        self.collector.on_hello(status)
+
+    def send_ack(self, ack: Ack) -> None:
+        self.link.publish(Topics.ack(ack.node, ack.job), to_json(ack))
+
+    # training ----------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        spec = self.spec
+        task = make_task(spec.model.arch, Path(spec.cloud.validation) if spec.cloud.validation else None,
+                         self.image_size)
+        data = SpoolFeatures(self.spool, self.delivered())
+        config = TrainConfig(epochs=spec.cloud.epochs, batch_size=spec.cloud.batch_size,
+                             learning_rate=spec.cloud.learning_rate, eval_interval=spec.cloud.eval_interval,
+                             device=self.device, seed=spec.seed)
+        trainer = Trainer(self.model, self.cut, task, data, config, self.workdir / "state", self.privatize)
+        history = History.from_json(self.spool.get_meta("history"))
+        if not history.epochs and spec.cloud.epochs > 0:
+            before = task.evaluate(self.model, self.cut, self.privatize, self.device)
+            self.spool.set_meta("metrics_before", json.dumps(before))
+            log.info("held-out before training: %s", before)
+
+        def on_epoch(result: EpochResult) -> None:
+            self.epoch = result.epoch
+            self.last_result = result
+            self.spool.set_meta("history", history.to_json())
+            log.info("epoch %d/%d loss %s metrics %s (%.1f s, %.1f samples/s)", result.epoch, spec.cloud.epochs,
+                     {k: round(v, 4) for k, v in result.losses.items()}, result.metrics, result.seconds,
+                     result.images_per_s)
+            self.publish_status(force=True)
+
+        trainer.fit(history, on_epoch)
+        self.spool.set_meta("history", history.to_json())
+        self.set_phase(JobPhase.EVALUATING)
+
+    @staticmethod
+    def privatize(y: torch.Tensor) -> torch.Tensor:
+        """Held-out inputs take the deployed path: the same binarization, no randomization."""
+        return binarize(y)
+
+    # finishing ---------------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        history = History.from_json(self.spool.get_meta("history"))
+        with_metrics = [e for e in history.epochs if e.metrics]
+        before = json.loads(self.spool.get_meta("metrics_before") or "{}")
+        after = with_metrics[-1].metrics if with_metrics else {}
+        return {**after, **{f"{k}_before": v for k, v in before.items()}}
+
+    def finish(self) -> None:
+        url = self.checkpoint_url()
+        blob = save_model(self.model, self.spec, self.num_classes, self.image_size)
+        put_object(url, blob, self.s3_options())
+        self.spool.set_meta("checkpoint", url)
+        history = History.from_json(self.spool.get_meta("history"))
+        announcement = CheckpointAnnouncement(job=self.spec.name, epoch=len(history.epochs), url=url,
+                                              sha256=hashlib.sha256(blob).hexdigest(), size=len(blob),
+                                              metrics=self.metrics(), final=True)
+        self.link.publish(Topics.checkpoint(self.spec.name), to_json(announcement), retain=True)
+        self.withdraw_job()
+        self.set_phase(JobPhase.DONE, f"checkpoint {url}")
+
+    def checkpoint_url(self) -> str:
+        return self.spec.cloud.output or str(self.workdir / f"{self.spec.name}.safetensors")
+
+    def s3_options(self) -> S3Options | None:
+        s3 = self.spec.transmitter.s3
+        if s3 is None:
+            return None
+        return S3Options(endpoint_url=s3.endpoint_url, access_key=s3.access_key, secret_key=s3.secret_key,
+                         region=s3.region)
+
+    def withdraw_job(self) -> None:
+        """Clear the retained assignment and head so edges do not pick the job up again."""
+        for edge in self.spec.edges:
+            self.link.publish(Topics.job_assignment(edge.node, self.spec.name), b"", retain=True)
+
+    # status ------------------------------------------------------------------------------------
+
+    def edges_progress(self) -> dict[str, EdgeProgress]:
+        out = {}
+        for edge in self.spec.edges:
+            counts = self.spool.counts(edge.node)
+            seen = self.edge_state.get(edge.node)
+            out[edge.node] = EdgeProgress(
+                state="complete" if counts.complete else (seen.state.value if seen else "waiting"),
+                samples=counts.samples, skipped=counts.skipped, total=counts.total, wire_bytes=counts.wire_bytes,
+                missing_reason=self.missing.get(edge.node, ""))
+        return out
+
+    def publish_status(self, message: str = "", force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_status < C.STATUS_INTERVAL_S:
+            return
+        self._last_status = now
+        r = self.last_result
+        status = JobStatus(job=self.spec.name, phase=self.phase, edges=self.edges_progress(),
+                           epoch=r.epoch if r else 0, epochs=self.spec.cloud.epochs,
+                           loss=sum(r.losses.values()) if r and r.losses else None,
+                           losses=r.losses if r else {}, metrics=self.metrics(),
+                           checkpoint=self.spool.get_meta("checkpoint"), message=message, time=time.time())
+        self.link.publish(Topics.job_status(self.spec.name), to_json(status), retain=True)
+
+    def summary(self, duration_s: float) -> JobSummary:
+        edges = {}
+        for edge in self.spec.edges:
+            counts = self.spool.counts(edge.node)
+            edges[edge.node] = EdgeSummary(samples=counts.samples, skipped=counts.skipped,
+                                           wire_bytes=counts.wire_bytes,
+                                           missing_reason=self.missing.get(edge.node, ""))
+        return JobSummary(job=self.spec.name, phase=self.phase, edges=edges, metrics=self.metrics(),
+                          checkpoint=self.spool.get_meta("checkpoint"), duration_s=round(duration_s, 3))

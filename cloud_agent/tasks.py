@@ -1,0 +1,82 @@
+"""What differs between scenarios on the cloud: batching labels, the loss, and held-out metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.datasets.mnist import decode_label, load_tensors
+from common.errors import SpecError
+from common.privacy import decode_features
+from common.split import run_head, run_tail
+from cloud_agent.spool import StoredSample
+
+Privatize = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Batch:
+    features: dict[int, torch.Tensor]
+    targets: torch.Tensor
+
+    def to(self, device: str) -> Batch:
+        return Batch({k: v.to(device, non_blocking=True) for k, v in self.features.items()}, self.targets.to(device))
+
+
+def stack_features(samples: list[StoredSample]) -> dict[int, torch.Tensor]:
+    decoded = [decode_features(s.layout, s.features, s.bits) for s in samples]
+    return {layer: torch.stack([d[layer] for d in decoded]) for layer in decoded[0]}
+
+
+class CloudTask(Protocol):
+    headline: str
+
+    def collate(self, samples: list[StoredSample]) -> Batch: ...
+
+    def loss(self, model: nn.Module, output: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def evaluate(self, model: nn.Module, cut: int, privatize: Privatize, device: str) -> dict[str, float]: ...
+
+
+class Classification:
+    """MNIST: cross-entropy on digits, accuracy on the cloud's held-out test slice."""
+
+    headline = "accuracy"
+
+    def __init__(self, validation: Path | None) -> None:
+        if validation is None:
+            raise SpecError("cloud.validation: a classification job needs held-out data to report accuracy")
+        self.images, self.labels = load_tensors(validation)
+
+    def collate(self, samples: list[StoredSample]) -> Batch:
+        labels = torch.tensor([decode_label(s.label) for s in samples], dtype=torch.long)
+        return Batch(stack_features(samples), labels)
+
+    def loss(self, model: nn.Module, output: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = F.cross_entropy(output, targets)
+        return loss, {"ce": float(loss.detach())}
+
+    @torch.inference_mode()
+    def evaluate(self, model: nn.Module, cut: int, privatize: Privatize, device: str) -> dict[str, float]:
+        model.eval()
+        correct = 0
+        for start in range(0, len(self.images), 256):
+            x = self.images[start : start + 256].to(device)
+            feats = {i: privatize(y).float() for i, y in run_head(model, x, cut).items()}
+            pred = run_tail(model, feats, cut).argmax(1).cpu()
+            correct += int((pred == self.labels[start : start + 256]).sum())
+        return {"accuracy": correct / len(self.images)}
+
+
+def make_task(arch: str, validation: Path | None, image_size: int) -> CloudTask:
+    if arch == "lenet5":
+        return Classification(validation)
+    from cloud_agent.detection import Detection
+
+    return Detection(validation, image_size)

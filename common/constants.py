@@ -1,0 +1,36 @@
+"""Every tunable number and name of the system, in one place."""
+
+from __future__ import annotations
+
+# Protocol ----------------------------------------------------------------------------------------
+PROTOCOL_VERSION = 1
+TOPIC_ROOT = "mistnet/v1"
+QOS = 1
+SESSION_EXPIRY_S = 3600
+KEEPALIVE_S = 15
+RECONNECT_MIN_DELAY_S = 1
+RECONNECT_MAX_DELAY_S = 16
+
+# Chunks stay far below mosquitto 2.1's default 2,000,000-byte max_packet_size.
+DEFAULT_CHUNK_BYTES = 256 * 1024
+MAX_CHUNK_BYTES = 1024 * 1024
+ENVELOPE_OVERHEAD_BYTES = 512
+# Application-level window: chunks sent but not yet acknowledged by the cloud.
+DEFAULT_WINDOW_CHUNKS = 16
+# Resend a chunk whose acknowledgement has not arrived after this long.
+RETRANSMIT_AFTER_S = 10.0
+# Upper bounds checked before anything is allocated.
+MAX_TRANSFER_BYTES = 256 * 1024 * 1024
+MAX_CHUNKS_PER_TRANSFER = MAX_TRANSFER_BYTES // 1024
+MAX_SAMPLES_PER_TRANSFER = 4096
+MAX_FEATURE_ELEMENTS = 64 * 1024 * 1024
+MAX_JSON_MESSAGE_BYTES = 1024 * 1024
+MAX_HEAD_BYTES = 512 * 1024 * 1024
+
+# Jobs --------------------------------------------------------------------------------------------
+DEFAULT_EPSILON = 100.0
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_EPOCHS = 10
+DEFAULT_LEARNING_RATE = 0.01
+DEFAULT_COLLECT_TIMEOUT_S = 600.0
+STATUS_INTERVAL_S = 1.0

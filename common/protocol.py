@@ -1,0 +1,500 @@
+"""The wire protocol, in one place: the topic tree and every message that travels on it.
+
+Topic tree (``{root}`` is ``mistnet/v1``; a node id always sits on its own level so broker ACL
+patterns can substitute ``%u``):
+
+===============================================  =========  ======  =====================================
+topic                                            direction  format  meaning
+===============================================  =========  ======  =====================================
+``{root}/node/{node}/status``                    edge→all   JSON    retained birth / progress / last will
+``{root}/node/{node}/jobs/{job}``                cloud→edge JSON    retained job assignment (empty = withdrawn)
+``{root}/node/{node}/head/{job}/{seq}``          cloud→edge msgpack retained head-weight chunks
+``{root}/node/{node}/features/{job}``            edge→cloud msgpack feature chunks
+``{root}/node/{node}/ack/{job}``                 cloud→edge JSON    acknowledgements and resume points
+``{root}/job/{job}/status``                      cloud→all  JSON    retained job status
+``{root}/job/{job}/checkpoint``                  cloud→all  JSON    retained checkpoint announcement
+===============================================  =========  ======  =====================================
+
+Feature chunks are msgpack envelopes carrying raw bytes; nothing on the wire is ever pickled.
+Status, acknowledgement and checkpoint messages are JSON so any MQTT tool can read them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from enum import StrEnum
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common import constants as C
+from common.errors import ProtocolError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+_NAME = re.compile(NAME_PATTERN)
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Digest = Annotated[bytes, Field(min_length=32, max_length=32)]
+
+
+def check_name(kind: str, value: str) -> str:
+    """Node and job ids become topic levels: no wildcards, slashes or empties."""
+    if not _NAME.match(value):
+        raise ProtocolError(f"{kind} {value!r} is not a valid name (letters, digits, '_', '.', '-'; max 63)")
+    return value
+
+
+# Topic tree ------------------------------------------------------------------------------------
+
+
+class Topics:
+    """Builds and parses every topic of the tree; nothing else formats topic strings."""
+
+    root = C.TOPIC_ROOT
+
+    @classmethod
+    def node_status(cls, node: str) -> str:
+        return f"{cls.root}/node/{node}/status"
+
+    @classmethod
+    def all_node_status(cls) -> str:
+        return f"{cls.root}/node/+/status"
+
+    @classmethod
+    def job_assignment(cls, node: str, job: str) -> str:
+        return f"{cls.root}/node/{node}/jobs/{job}"
+
+    @classmethod
+    def node_jobs(cls, node: str) -> str:
+        return f"{cls.root}/node/{node}/jobs/+"
+
+    @classmethod
+    def head_chunk(cls, node: str, job: str, seq: int) -> str:
+        return f"{cls.root}/node/{node}/head/{job}/{seq}"
+
+    @classmethod
+    def node_heads(cls, node: str) -> str:
+        return f"{cls.root}/node/{node}/head/#"
+
+    @classmethod
+    def features(cls, node: str, job: str) -> str:
+        return f"{cls.root}/node/{node}/features/{job}"
+
+    @classmethod
+    def all_features(cls, job: str) -> str:
+        return f"{cls.root}/node/+/features/{job}"
+
+    @classmethod
+    def ack(cls, node: str, job: str) -> str:
+        return f"{cls.root}/node/{node}/ack/{job}"
+
+    @classmethod
+    def node_acks(cls, node: str) -> str:
+        return f"{cls.root}/node/{node}/ack/+"
+
+    @classmethod
+    def job_status(cls, job: str) -> str:
+        return f"{cls.root}/job/{job}/status"
+
+    @classmethod
+    def all_job_status(cls) -> str:
+        return f"{cls.root}/job/+/status"
+
+    @classmethod
+    def checkpoint(cls, job: str) -> str:
+        return f"{cls.root}/job/{job}/checkpoint"
+
+    @classmethod
+    def parse(cls, topic: str) -> tuple[str, dict[str, str]]:
+        """(kind, ids) of a topic of the tree; ProtocolError for anything else."""
+        parts = topic.split("/")
+        root = cls.root.split("/")
+        if parts[: len(root)] != root:
+            raise ProtocolError(f"topic {topic!r} is outside {cls.root}")
+        rest = parts[len(root) :]
+        match rest:
+            case ["node", node, "status"]:
+                return "node_status", {"node": node}
+            case ["node", node, "jobs", job]:
+                return "job_assignment", {"node": node, "job": job}
+            case ["node", node, "head", job, seq]:
+                return "head_chunk", {"node": node, "job": job, "seq": seq}
+            case ["node", node, "features", job]:
+                return "features", {"node": node, "job": job}
+            case ["node", node, "ack", job]:
+                return "ack", {"node": node, "job": job}
+            case ["job", job, "status"]:
+                return "job_status", {"job": job}
+            case ["job", job, "checkpoint"]:
+                return "checkpoint", {"job": job}
+        raise ProtocolError(f"topic {topic!r} is not part of the protocol")
+
+
+# Messages --------------------------------------------------------------------------------------
+
+
+class Message(BaseModel):
+    """Strict, closed schemas: unknown fields and wrong types are rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeState(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+    READY = "ready"
+    EXTRACTING = "extracting"
+    DONE = "done"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+class NodeStatus(Message):
+    """Retained on the node's status topic: birth, progress, and (as last will) offline."""
+
+    v: Literal[1] = C.PROTOCOL_VERSION
+    node: Name
+    state: NodeState
+    job: Name | None = None
+    total: int | None = Field(default=None, ge=0)
+    extracted: int = Field(default=0, ge=0)
+    acked: int = Field(default=0, ge=0)
+    skipped: int = Field(default=0, ge=0)
+    wire_bytes: int = Field(default=0, ge=0)
+    resent_chunks: int = Field(default=0, ge=0)
+    message: str = ""
+    time: float = 0.0
+
+
+class ModelRef(Message):
+    """What the edge needs to rebuild the head: architecture, cut and input geometry."""
+
+    arch: str
+    num_classes: int = Field(ge=1)
+    cut_layer: int = Field(ge=1)
+    image_size: int = Field(default=0, ge=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PrivacyParams(Message):
+    """How activations become bits: the local-DP mechanism both sides must agree on."""
+
+    epsilon: float = Field(gt=0)
+    bits: int = Field(default=1, ge=1, le=8)
+    thresholds: list[float] | None = None
+
+
+class HeadManifest(Message):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=1, le=C.MAX_HEAD_BYTES)
+    chunks: int = Field(ge=1)
+
+
+class JobState(StrEnum):
+    ACTIVE = "active"
+    CANCELLED = "cancelled"
+
+
+class JobAssignment(Message):
+    """Retained per node: everything an edge needs to run its part of a job."""
+
+    v: Literal[1] = C.PROTOCOL_VERSION
+    job: Name
+    node: Name
+    state: JobState = JobState.ACTIVE
+    model: ModelRef
+    privacy: PrivacyParams
+    dataset: str
+    batch_size: int = Field(ge=1, le=C.MAX_SAMPLES_PER_TRANSFER)
+    chunk_bytes: int = Field(default=C.DEFAULT_CHUNK_BYTES, ge=1024, le=C.MAX_CHUNK_BYTES)
+    window: int = Field(default=C.DEFAULT_WINDOW_CHUNKS, ge=1, le=1024)
+    head: HeadManifest
+    seed: int = 0
+
+
+class HeadChunk(Message):
+    v: Literal[1] = C.PROTOCOL_VERSION
+    job: Name
+    seq: int = Field(ge=0)
+    total: int = Field(ge=1)
+    payload: bytes
+
+
+class Chunk(Message):
+    """One piece of a feature transfer (a batch of samples), verified on its own and as a whole."""
+
+    v: Literal[1] = C.PROTOCOL_VERSION
+    job: Name
+    node: Name
+    transfer: int = Field(ge=0)
+    seq: int = Field(ge=0)
+    total: int = Field(ge=1, le=C.MAX_CHUNKS_PER_TRANSFER)
+    size: int = Field(ge=1, le=C.MAX_TRANSFER_BYTES)
+    sha256: Digest
+    transfer_sha256: Digest
+    payload: bytes = Field(max_length=C.MAX_CHUNK_BYTES)
+
+
+class AckKind(StrEnum):
+    CHUNK = "chunk"
+    REJECTED = "rejected"
+    RESUME = "resume"
+
+
+class Ack(Message):
+    """Cloud→edge: a chunk persisted, a chunk refused (resend it), or where to resume.
+
+    ``next_transfer`` is the count of transfers committed without gap; ``committed`` lists the
+    transfers committed beyond it, so a restarted edge resends nothing already stored.
+    """
+
+    v: Literal[1] = C.PROTOCOL_VERSION
+    job: Name
+    node: Name
+    kind: AckKind
+    transfer: int | None = Field(default=None, ge=0)
+    seq: int | None = Field(default=None, ge=0)
+    transfer_done: bool = False
+    next_transfer: int = Field(default=0, ge=0)
+    committed: list[int] = Field(default_factory=list, max_length=4096)
+    reason: str = ""
+
+
+class FeatureLayout(Message):
+    """Shape of one head output of one sample; every sample of a transfer shares the layout."""
+
+    layer: int = Field(ge=0)
+    shape: list[int] = Field(min_length=1, max_length=4)
+
+    def elements(self) -> int:
+        n = 1
+        for d in self.shape:
+            if d < 1:
+                raise ValueError(f"feature shape {self.shape} has a non-positive dimension")
+            n *= d
+            if n > C.MAX_FEATURE_ELEMENTS:
+                raise ValueError(f"feature shape {self.shape} exceeds {C.MAX_FEATURE_ELEMENTS} elements")
+        return n
+
+
+def packed_size(layout: list[FeatureLayout], bits: int) -> list[int]:
+    """Bytes of each head output of one sample: its activations' bits, padded to a whole byte."""
+    return [-(-f.elements() * bits // 8) for f in layout]
+
+
+class SkippedSample(Message):
+    id: int = Field(ge=0)
+    key: str = ""
+    reason: str
+
+
+class FeatureBatch(Message):
+    """The content of one transfer: a run of samples with their labels and packed feature bits.
+
+    ``data`` is the samples' packed features back to back (sample-major, then layout order), so
+    the only per-sample overhead on the wire is its id, key and label.
+    """
+
+    v: Literal[1] = C.PROTOCOL_VERSION
+    transfer: int = Field(ge=0)
+    bits: int = Field(ge=1, le=8)
+    layout: list[FeatureLayout] = Field(max_length=64)
+    ids: list[Annotated[int, Field(ge=0)]] = Field(max_length=C.MAX_SAMPLES_PER_TRANSFER)
+    keys: list[str] = Field(default_factory=list, max_length=C.MAX_SAMPLES_PER_TRANSFER)
+    labels: list[bytes] = Field(max_length=C.MAX_SAMPLES_PER_TRANSFER)
+    data: bytes
+    skipped: list[SkippedSample] = Field(default_factory=list, max_length=C.MAX_SAMPLES_PER_TRANSFER)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeatureBatch:
+        n = len(self.ids)
+        if len(self.labels) != n or (self.keys and len(self.keys) != n):
+            raise ValueError(f"{n} ids but {len(self.labels)} labels and {len(self.keys)} keys")
+        if n and not self.layout:
+            raise ValueError("samples without a feature layout")
+        if len(self.data) != n * self.sample_bytes:
+            raise ValueError(f"data is {len(self.data)} bytes, {n} samples of layout {self.layout} need "
+                             f"{n * self.sample_bytes}")
+        return self
+
+    @property
+    def sample_bytes(self) -> int:
+        return sum(packed_size(self.layout, self.bits))
+
+    def sample_data(self, index: int) -> bytes:
+        size = self.sample_bytes
+        return self.data[index * size : (index + 1) * size]
+
+
+class JobPhase(StrEnum):
+    PENDING = "pending"
+    COLLECTING = "collecting"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class EdgeProgress(Message):
+    state: str = "waiting"
+    samples: int = 0
+    skipped: int = 0
+    total: int | None = None
+    wire_bytes: int = 0
+    missing_reason: str = ""
+
+
+class JobStatus(Message):
+    """Retained on the job's status topic after every step of the cloud."""
+
+    v: Literal[1] = C.PROTOCOL_VERSION
+    job: Name
+    phase: JobPhase
+    edges: dict[str, EdgeProgress] = Field(default_factory=dict)
+    epoch: int = 0
+    epochs: int = 0
+    loss: float | None = None
+    losses: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    message: str = ""
+    time: float = 0.0
+
+
+class CheckpointAnnouncement(Message):
+    v: Literal[1] = C.PROTOCOL_VERSION
+    job: Name
+    epoch: int = Field(ge=0)
+    url: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    final: bool = False
+
+
+# Encoding --------------------------------------------------------------------------------------
+
+M = TypeVar("M", bound=Message)
+
+
+def to_json(message: Message) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def from_json(cls: type[M], payload: bytes) -> M:
+    if len(payload) > C.MAX_JSON_MESSAGE_BYTES:
+        raise ProtocolError(f"{cls.__name__}: {len(payload)} bytes exceeds {C.MAX_JSON_MESSAGE_BYTES}")
+    try:
+        return cls.model_validate_json(payload)
+    except ValidationError as exc:
+        raise ProtocolError(f"{cls.__name__}: {_first_error(exc)}") from None
+
+
+def to_msgpack(message: Message) -> bytes:
+    return bytes(msgpack.packb(message.model_dump(mode="python"), use_bin_type=True))
+
+
+def from_msgpack(cls: type[M], payload: bytes, max_bytes: int) -> M:
+    """Decode with msgpack limits set from the payload size, so a bomb cannot allocate."""
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"{cls.__name__}: {len(payload)} bytes exceeds {max_bytes}")
+    try:
+        raw = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=max_bytes,
+            max_str_len=min(max_bytes, 1 << 20),
+            max_array_len=min(len(payload), 1 << 20),
+            max_map_len=min(len(payload), 1 << 16),
+            max_ext_len=0,
+        )
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
+        raise ProtocolError(f"{cls.__name__}: not valid msgpack ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{cls.__name__}: expected a map, got {type(raw).__name__}")
+    try:
+        return cls.model_validate(raw, strict=True)
+    except ValidationError as exc:
+        raise ProtocolError(f"{cls.__name__}: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "message"
+    return f"{where}: {err['msg']} ({len(exc.errors())} problem(s))"
+
+
+def encode_chunk(chunk: Chunk) -> bytes:
+    return to_msgpack(chunk)
+
+
+def decode_chunk(payload: bytes) -> Chunk:
+    """Parse and verify a chunk's own digest."""
+    chunk = from_msgpack(Chunk, payload, C.MAX_CHUNK_BYTES + C.ENVELOPE_OVERHEAD_BYTES)
+    if chunk.seq >= chunk.total:
+        raise ProtocolError(f"chunk seq {chunk.seq} is not below total {chunk.total}")
+    if hashlib.sha256(chunk.payload).digest() != chunk.sha256:
+        raise ProtocolError(f"chunk {chunk.transfer}/{chunk.seq}: sha256 mismatch")
+    return chunk
+
+
+def split_transfer(job: str, node: str, transfer: int, blob: bytes, chunk_bytes: int) -> Iterator[Chunk]:
+    """Cut one transfer's bytes into verified chunks of at most ``chunk_bytes``."""
+    if not blob:
+        raise ProtocolError("a transfer cannot be empty")
+    if len(blob) > C.MAX_TRANSFER_BYTES:
+        raise ProtocolError(f"transfer of {len(blob)} bytes exceeds {C.MAX_TRANSFER_BYTES}")
+    digest = hashlib.sha256(blob).digest()
+    total = -(-len(blob) // chunk_bytes)
+    view = memoryview(blob)
+    for seq in range(total):
+        part = bytes(view[seq * chunk_bytes : (seq + 1) * chunk_bytes])
+        yield Chunk(
+            job=job,
+            node=node,
+            transfer=transfer,
+            seq=seq,
+            total=total,
+            size=len(blob),
+            sha256=hashlib.sha256(part).digest(),
+            transfer_sha256=digest,
+            payload=part,
+        )
+
+
+def join_transfer(payloads: list[bytes], size: int, digest: bytes) -> bytes:
+    """Reassemble a complete transfer (payloads in seq order) and verify its whole digest."""
+    blob = b"".join(payloads)
+    if len(blob) != size or hashlib.sha256(blob).digest() != digest:
+        raise ProtocolError("whole-transfer sha256 or size mismatch")
+    return blob
+
+
+def encode_batch(batch: FeatureBatch) -> bytes:
+    return to_msgpack(batch)
+
+
+def decode_batch(blob: bytes) -> FeatureBatch:
+    return from_msgpack(FeatureBatch, blob, C.MAX_TRANSFER_BYTES)
+
+
+class EdgeSummary(Message):
+    samples: int
+    skipped: int = 0
+    wire_bytes: int
+    missing_reason: str = ""
+
+
+class JobSummary(Message):
+    """What ``mistnet cloud --json`` and ``mistnet demo --json`` print: exactly one object."""
+
+    job: Name
+    phase: JobPhase
+    edges: dict[str, EdgeSummary]
+    metrics: dict[str, float]
+    checkpoint: str | None
+    duration_s: float

@@ -1,0 +1,314 @@
+"""The edge agent: waits for jobs addressed to its node and streams privatized features.
+
+Everything runs in one loop over the link's inbox; paho's thread only enqueues. A job runs as a
+:class:`JobRun` that interleaves extraction with acknowledgement handling, so memory stays bounded
+by the send window whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import constants as C
+from common.errors import DatasetError, MistnetError, ProtocolError
+from common.models.registry import build
+from common.privacy import BitEncoder
+from common.protocol import (
+    Ack,
+    AckKind,
+    HeadChunk,
+    JobAssignment,
+    JobState,
+    NodeState,
+    NodeStatus,
+    Topics,
+    encode_batch,
+    from_json,
+    from_msgpack,
+    split_transfer,
+    to_json,
+)
+from common.tasks import open_edge_dataset
+from common.transport import BrokerOptions, Inbound, LinkEvent, MqttLink
+from common.weights import join_head, load_head, unpack_state
+from edge_agent.extractor import Extractor
+from edge_agent.sender import SendWindow
+
+log = logging.getLogger("mistnet.edge")
+
+HELLO_EVERY_S = 3.0
+
+
+class JobCancelled(Exception):
+    """The cloud withdrew or cancelled the job while it ran."""
+
+
+@dataclass
+class JobRun:
+    """Progress of one job on this edge."""
+
+    job: JobAssignment
+    extractor: Extractor
+    window: SendWindow
+    resume: Ack | None = None
+    acked: set[int] = field(default_factory=set)
+    extracted: int = 0
+    skipped: int = 0
+
+    @property
+    def transfers(self) -> int:
+        return self.extractor.transfers
+
+    def already_committed(self) -> set[int]:
+        assert self.resume is not None
+        return set(range(self.resume.next_transfer)) | set(self.resume.committed)
+
+    def acked_samples(self) -> int:
+        return sum(len(self.extractor.sample_range(t)) for t in self.acked)
+
+    def complete(self) -> bool:
+        return self.window.pending == 0 and len(self.acked) >= self.transfers
+
+
+class EdgeAgent:
+    def __init__(self, node: str, broker: BrokerOptions, data: Path | None = None, device: str = "cpu",
+                 once: bool = False) -> None:
+        self.node = node
+        self.data = data
+        self.device = device
+        self.once = once
+        self.jobs: dict[str, JobAssignment] = {}
+        self.heads: dict[str, dict[int, bytes]] = {}
+        self.finished: set[str] = set()
+        self.rejected: Counter[str] = Counter()
+        self.run_: JobRun | None = None
+        self._last_status = 0.0
+        self.link = MqttLink(
+            broker,
+            client_id=f"mistnet-edge-{node}",
+            subscriptions=[Topics.node_jobs(node), Topics.node_heads(node), Topics.node_acks(node)],
+            will=(Topics.node_status(node), to_json(NodeStatus(node=node, state=NodeState.OFFLINE))),
+        )
+
+    # lifecycle ---------------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        self.link.connect()
+        log.info("edge %s connected to %s", self.node, self.link.options.url)
+        self.publish_status(NodeState.ONLINE, force=True)
+        try:
+            while not (self.once and self.finished):
+                self.pump(0.5)
+                job = self.next_runnable()
+                if job is not None:
+                    self.run_job(job)
+        finally:
+            offline = NodeStatus(node=self.node, state=NodeState.OFFLINE, time=time.time())
+            self.link.close(final=(Topics.node_status(self.node), to_json(offline)))
+        return 0
+
+    def next_runnable(self) -> JobAssignment | None:
+        for name, job in self.jobs.items():
+            if name not in self.finished and job.state == JobState.ACTIVE and len(self.heads.get(name, {})) == job.head.chunks:
+                return job
+        return None
+
+    # inbox -------------------------------------------------------------------------------------
+
+    def pump(self, timeout_s: float) -> None:
+        """Handle every queued message, waiting up to ``timeout_s`` for the first."""
+        try:
+            item = self.link.inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        while True:
+            self.dispatch(item)
+            try:
+                item = self.link.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def dispatch(self, item: Inbound | LinkEvent) -> None:
+        if isinstance(item, LinkEvent):
+            self.on_link_event(item)
+            return
+        try:
+            kind, ids = Topics.parse(item.topic)
+            if ids.get("node") != self.node:
+                raise ProtocolError(f"message for node {ids.get('node')!r} on {item.topic}")
+            if kind == "job_assignment":
+                self.on_job(ids["job"], item.payload)
+            elif kind == "head_chunk":
+                self.on_head_chunk(ids["job"], item.payload)
+            elif kind == "ack":
+                self.on_ack(from_json(Ack, item.payload))
+            else:
+                raise ProtocolError(f"unexpected {kind} message on {item.topic}")
+        except ProtocolError as exc:
+            self.rejected[type(exc).__name__] += 1
+            log.warning("rejected message on %s: %s", item.topic, exc)
+
+    def on_link_event(self, event: LinkEvent) -> None:
+        if event.connected:
+            log.info("connected")
+            self.publish_status(self.current_state(), force=True)
+            if self.run_ is not None:
+                self.run_.window.resend_all()
+        else:
+            log.warning("disconnected (%s); paho reconnects with backoff", event.reason)
+
+    def on_job(self, name: str, payload: bytes) -> None:
+        if not payload:
+            self.withdraw(name, "job withdrawn by the cloud")
+            return
+        job = from_json(JobAssignment, payload)
+        if job.job != name or job.node != self.node:
+            raise ProtocolError(f"job assignment for {job.job}/{job.node} on topic of {name}/{self.node}")
+        if job.state == JobState.CANCELLED:
+            self.withdraw(name, "job cancelled by the cloud")
+        known = self.jobs.get(name)
+        if known is not None and known.head != job.head:
+            self.heads.pop(name, None)
+        self.jobs[name] = job
+        log.info("job %s assigned (%s, cut %d, epsilon %g)", name, job.model.arch, job.model.cut_layer, job.privacy.epsilon)
+
+    def withdraw(self, name: str, reason: str) -> None:
+        self.jobs.pop(name, None)
+        self.heads.pop(name, None)
+        if self.run_ is not None and self.run_.job.job == name:
+            self.run_.job = self.run_.job.model_copy(update={"state": JobState.CANCELLED})
+            log.info("%s", reason)
+
+    def on_head_chunk(self, name: str, payload: bytes) -> None:
+        if not payload:
+            return
+        chunk = from_msgpack(HeadChunk, payload, C.MAX_CHUNK_BYTES + C.ENVELOPE_OVERHEAD_BYTES)
+        if chunk.job != name or chunk.seq >= chunk.total:
+            raise ProtocolError(f"head chunk {chunk.seq}/{chunk.total} of {chunk.job} on topic of {name}")
+        if chunk.total * C.MAX_CHUNK_BYTES > C.MAX_HEAD_BYTES * 2:
+            raise ProtocolError(f"head of {chunk.total} chunks exceeds the size limit")
+        self.heads.setdefault(name, {})[chunk.seq] = chunk.payload
+
+    def on_ack(self, ack: Ack) -> None:
+        run = self.run_
+        if run is None or ack.job != run.job.job or ack.node != self.node:
+            return
+        if ack.kind == AckKind.RESUME:
+            run.resume = ack
+        elif ack.kind == AckKind.REJECTED and ack.transfer is not None and ack.seq is not None:
+            log.info("cloud rejected chunk %d/%d (%s): resending", ack.transfer, ack.seq, ack.reason)
+            run.window.resend(ack.transfer, ack.seq)
+        elif ack.kind == AckKind.CHUNK and ack.transfer is not None:
+            if ack.seq is not None:
+                run.window.acknowledge(ack.transfer, ack.seq)
+            if ack.transfer_done:
+                run.window.forget_transfer(ack.transfer)
+                run.acked.add(ack.transfer)
+
+    # job ---------------------------------------------------------------------------------------
+
+    def run_job(self, job: JobAssignment) -> None:
+        try:
+            self.run_ = self.prepare(job)
+            self.stream(self.run_)
+            self.publish_status(NodeState.DONE, force=True)
+            log.info("job %s done: %d samples acknowledged, %d skipped, %d bytes, %d chunks resent",
+                     job.job, self.run_.acked_samples(), self.run_.skipped, self.run_.window.wire_bytes,
+                     self.run_.window.resent)
+        except JobCancelled:
+            self.publish_status(NodeState.CANCELLED, force=True)
+        except MistnetError as exc:
+            log.error("job %s failed: %s", job.job, exc)
+            self.publish_status(NodeState.ERROR, message=str(exc), job=job.job, force=True)
+        except Exception as exc:
+            log.exception("job %s failed on an internal error", job.job)
+            self.publish_status(NodeState.ERROR, message=f"internal error: {exc!r}", job=job.job, force=True)
+            raise
+        finally:
+            self.finished.add(job.job)
+            self.run_ = None
+
+    def prepare(self, job: JobAssignment) -> JobRun:
+        model = build(job.model.arch, job.model.num_classes)
+        load_head(model, unpack_state(join_head(job.head, self.heads[job.job])), job.model.cut_layer)
+        path = self.data or Path(job.dataset)
+        if not path.exists():
+            raise DatasetError(f"dataset {path} does not exist on node {self.node}")
+        dataset = open_edge_dataset(job.model.arch, path, job.model.image_size)
+        extractor = Extractor(model, job.model.cut_layer, BitEncoder(job.privacy.epsilon), dataset,
+                              job.batch_size, self.device)
+        topic = Topics.features(self.node, job.job)
+        window = SendWindow(lambda payload: self._publish_chunk(topic, payload), job.window)
+        return JobRun(job, extractor, window)
+
+    def _publish_chunk(self, topic: str, payload: bytes) -> None:
+        self.link.publish(topic, payload)
+
+    def stream(self, run: JobRun) -> None:
+        self.await_resume(run)
+        todo = [t for t in range(run.transfers) if t not in run.already_committed()]
+        run.acked |= run.already_committed() & set(range(run.transfers))
+        log.info("job %s: %d samples in %d transfers, %d already committed", run.job.job,
+                 len(run.extractor.dataset), run.transfers, run.transfers - len(todo))
+        for transfer in todo:
+            batch = run.extractor.extract(transfer)
+            run.extracted += len(batch.ids)
+            run.skipped += len(batch.skipped)
+            for chunk in split_transfer(run.job.job, self.node, transfer, encode_batch(batch), run.job.chunk_bytes):
+                self.wait_for_room(run)
+                run.window.send(chunk)
+            self.publish_status(NodeState.EXTRACTING)
+        while not run.complete():
+            self.tick(run)
+            if time.monotonic() - self._last_status > C.STATUS_INTERVAL_S:
+                self.publish_status(NodeState.EXTRACTING)
+
+    def await_resume(self, run: JobRun) -> None:
+        last_hello = 0.0
+        while run.resume is None:
+            if time.monotonic() - last_hello > HELLO_EVERY_S:
+                self.publish_status(NodeState.READY, force=True)
+                last_hello = time.monotonic()
+            self.tick(run)
+
+    def wait_for_room(self, run: JobRun) -> None:
+        while run.window.room <= 0:
+            self.tick(run)
+        self.pump(0)
+
+    def tick(self, run: JobRun) -> None:
+        self.pump(0.2)
+        if run.job.state == JobState.CANCELLED:
+            raise JobCancelled(run.job.job)
+        run.window.resend_overdue()
+
+    # status ------------------------------------------------------------------------------------
+
+    def current_state(self) -> NodeState:
+        return NodeState.EXTRACTING if self.run_ is not None else NodeState.ONLINE
+
+    def publish_status(self, state: NodeState, message: str = "", job: str | None = None, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_status < C.STATUS_INTERVAL_S:
+            return
+        self._last_status = now
+        run = self.run_
+        status = NodeStatus(
+            node=self.node,
+            state=state,
+            job=job or (run.job.job if run else None),
+            total=len(run.extractor.dataset) if run else None,
+            extracted=run.extracted if run else 0,
+            acked=run.acked_samples() if run else 0,
+            skipped=run.skipped if run else 0,
+            wire_bytes=run.window.wire_bytes if run else 0,
+            resent_chunks=run.window.resent if run else 0,
+            message=message,
+            time=time.time(),
+        )
+        self.link.publish(Topics.node_status(self.node), to_json(status), retain=True)

@@ -1,0 +1,30 @@
+"""``mistnet edge``: run an edge agent for one node."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from edge_agent.agent import EdgeAgent
+from mistnet.flags import add_broker_flags, broker_from_args
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "edge", help="run an edge agent: extract, privatize and stream features for jobs addressed to a node",
+        description="Connects to the broker, announces the node, waits for jobs addressed to it and streams "
+                    "bit-packed, randomized features of its local data to the cloud.")
+    p.add_argument("--node", required=True, help="this node's name, as in the job's nodeName")
+    p.add_argument("--data", type=Path, help="local dataset (default: the path the job names for this node)")
+    p.add_argument("--device", default="cpu", help="torch device for the head (cpu, cuda)")
+    p.add_argument("--once", action="store_true", help="exit after one job instead of waiting for more")
+    add_broker_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.protocol import check_name
+
+    agent = EdgeAgent(check_name("node", args.node), broker_from_args(args), args.data, args.device, args.once)
+    return agent.serve()

@@ -1,0 +1,110 @@
+"""``mistnet job validate FILE [--json]``: check a job file (native or Sedna) and show what each role runs.
+
+Prints the effective configuration per role — the cloud (epochs, batch size, learning rate, validation
+data, output, cut layer, model) and every edge (node, dataset, batch size, ε) — as tables, or as JSON
+with ``--json``; warnings go to stderr. Exit 0 when the file is valid; an invalid file raises
+SpecError, which ``mistnet.cli`` prints as one line before exiting non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "job",
+        help="check job files",
+        description="Work with job files: native MistNetJob YAML or KubeEdge Sedna manifests.",
+    )
+    actions = parser.add_subparsers(dest="job_command", required=True, metavar="ACTION")
+    validate = actions.add_parser(
+        "validate",
+        help="validate a job file and print its effective configuration",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    validate.add_argument("file", help="job file: a MistNetJob or Sedna manifests (multi-document YAML)")
+    validate.add_argument("--json", action="store_true", help="print the configuration as JSON")
+    validate.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.jobfile import describe, load_job_file
+
+    loaded = load_job_file(args.file)
+    for warning in loaded.warnings:
+        print(f"mistnet job: warning: {warning}", file=sys.stderr)
+    config = describe(loaded.spec)
+    if args.json:
+        out = {"source": loaded.source, "form": loaded.form, "warnings": loaded.warnings, **config}
+        print(json.dumps(out, indent=2))
+    else:
+        render(config, loaded.source, loaded.form)
+    return 0
+
+
+def _show(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    return str(value)
+
+
+def render(config: dict[str, Any], source: str, form: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=True)
+    model = config["model"]
+    transmitter = config["transmitter"]
+    if transmitter["kind"] == "s3":
+        via = f"s3 {transmitter['bucket_path']}"
+        if transmitter["endpoint_url"]:
+            via += f" at {transmitter['endpoint_url']}"
+        via += f" (credentials: {transmitter['credentials']})"
+    else:
+        via = "mqtt"
+    kind = "Sedna manifests" if form == "sedna" else "native job"
+    console.print(f"[bold]{config['job']}[/bold]  valid {kind}: {source}")
+    console.print(
+        f"model {model['arch']} ({_show(model['num_classes'] or 'classes from weights')} classes,"
+        f" image {model['image_size'] or 'default'}), pretrained {_show(model['pretrained'])};"
+        f" cut_layer {config['cut_layer']}; features via {via}"
+    )
+
+    cloud = config["cloud"]
+    table = Table(title="cloud", title_justify="left", show_header=False)
+    table.add_column("setting", style="bold")
+    table.add_column("value")
+    rows = [
+        ("node", cloud["node"]),
+        ("model", cloud["model"]),
+        ("cut_layer", f"{cloud['cut_layer']} (trains layers {cloud['layers']})"),
+        ("epochs", cloud["epochs"]),
+        ("batch_size", cloud["batch_size"]),
+        ("learning_rate", cloud["learning_rate"]),
+        ("validation", cloud["validation"]),
+        ("output", cloud["output"]),
+        ("collect", "min {min_edges} edge(s), timeout {timeout_s:g} s, then {on_timeout}".format(**config["collect"])),
+    ]
+    for key, value in rows:
+        table.add_row(key, _show(value))
+    console.print(table)
+
+    edges = Table(title="edges", title_justify="left")
+    for column in ("node", "dataset", "batch_size", "epsilon", "keep p", "layers"):
+        edges.add_column(column)
+    for edge in config["edges"]:
+        eps = f"{edge['epsilon']:g}" + (" (edge)" if edge["epsilon_from"] == "edge" else "")
+        edges.add_row(
+            edge["node"],
+            edge["dataset"],
+            str(edge["batch_size"]),
+            eps,
+            f"{edge['keep_probability']:.4f}",
+            edge["layers"],
+        )
+    console.print(edges)

@@ -1,0 +1,48 @@
+"""``mistnet monitor``: watch nodes and jobs from the status topics."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from mistnet.flags import add_broker_flags, broker_from_args
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "monitor", help="live view of nodes and jobs from the MQTT status topics",
+        description="Subscribes to the retained node and job status topics and shows progress bars, phases "
+                    "and metrics. With --json, prints one status object per line instead.")
+    p.add_argument("--job", help="only this job (and exit when it finishes)")
+    p.add_argument("--json", action="store_true", help="stream one status object per line")
+    p.add_argument("--timeout", type=float, default=0, help="stop after this many seconds (0: never)")
+    add_broker_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from mistnet.monitor import StatusBoard, drain, status_link
+
+    board = StatusBoard(args.job)
+    link = status_link(broker_from_args(args))
+    link.connect()
+    end = time.monotonic() + args.timeout if args.timeout else float("inf")
+    try:
+        if args.json:
+            while not board.finished() and time.monotonic() < end:
+                for status in drain(link, board, 0.5):
+                    sys.stdout.write(status.model_dump_json() + "\n")
+                    sys.stdout.flush()
+        else:
+            with Live(board.render(), console=Console(stderr=False), refresh_per_second=4) as live:
+                while not board.finished() and time.monotonic() < end:
+                    drain(link, board, 0.25)
+                    live.update(board.render())
+    finally:
+        link.close()
+    return 0
