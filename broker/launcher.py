@@ -53,7 +53,16 @@ class BrokerHandle(Protocol):
 
 
 def find_mosquitto() -> str | None:
-    """Path of the mosquitto binary (``PATH`` or ``/usr/sbin``), or None."""
+    """Path of the mosquitto binary (``PATH`` or ``/usr/sbin``), or None.
+
+    ``MISTNET_MOSQUITTO`` overrides the search: a path to a binary, or ``none`` to act as if
+    mosquitto were not installed (the amqtt fallback).
+    """
+    override = os.environ.get("MISTNET_MOSQUITTO")
+    if override is not None:
+        if override.strip().lower() in ("", "none", "0", "false"):
+            return None
+        return shutil.which(override)
     found = shutil.which("mosquitto")
     if found:
         return found
@@ -83,8 +92,12 @@ def free_port() -> int:
 
 
 def port_in_use(port: int, host: str = "") -> bool:
-    """True when something already listens on ``host:port`` ('' = every interface)."""
+    """True when something already listens on ``host:port`` ('' = every interface).
+
+    SO_REUSEADDR, as mosquitto sets it, so connections in TIME_WAIT do not count.
+    """
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -248,7 +261,8 @@ def rewrite_config(
         if not listeners:
             raise BrokerError("the config has no TCP listener whose port could be replaced")
         mapping.setdefault(listeners[0].port, port)
-    todo = dict(settings or {})
+    values = dict(settings or {})
+    todo = dict(values)
     out: list[str] = []
     for raw in text.splitlines():
         words = raw.split("#", 1)[0].split()
@@ -256,8 +270,8 @@ def rewrite_config(
             new = mapping.get(int(words[1]))
             if new is not None:
                 raw = " ".join([words[0], str(new), *words[2:]])
-        elif words and words[0] in (settings or {}):
-            raw = f"{words[0]} {settings[words[0]]}"  # type: ignore[index]
+        elif words and words[0] in values:
+            raw = f"{words[0]} {values[words[0]]}"
             todo.pop(words[0], None)
         out.append(raw)
     out.extend(f"{key} {value}" for key, value in todo.items())

@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -26,6 +27,7 @@ from .launcher import BrokerError
 SUCCESS = 0
 NOT_AUTHORIZED = 0x87
 BAD_USER_OR_PASSWORD = 0x86
+UNSPECIFIED_ERROR = 0x80
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Probe:
         cert_file: str | None = None,
         key_file: str | None = None,
         client_id: str | None = None,
+        will: tuple[str, bytes] | None = None,
     ) -> None:
         u = urlparse(url)
         if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
@@ -66,9 +69,12 @@ class Probe:
             CallbackAPIVersion.VERSION2,
             client_id=client_id or f"probe-{uuid.uuid4().hex[:8]}",
             protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
+            reconnect_on_failure=False,  # a probe reports a refusal; it never retries
         )
         if username is not None:
             self.client.username_pw_set(username, password)
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
         if self.tls:
             self.client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file,
                                 cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
@@ -77,6 +83,8 @@ class Probe:
         self.connack: int | None = None
         self.connack_properties: Properties | None = None
         self._connected = threading.Event()
+        self.disconnected = threading.Event()
+        self.disconnect_reason: int | None = None
         self._acks: dict[int, list[int]] = {}
         self._ack_event = threading.Condition()
         self.client.on_connect = self._on_connect
@@ -90,13 +98,13 @@ class Probe:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
         self.connack = _code(rc)
         self.connack_properties = props
-        if self.connack != SUCCESS:
-            client.disconnect()  # refused: no reconnect attempts, so close() returns at once
         self._connected.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
-        if self.connack is None:
-            self.connack = _code(rc) or BAD_USER_OR_PASSWORD
+        self.disconnect_reason = _code(rc)
+        self.disconnected.set()
+        if self.connack is None:  # dropped before CONNACK (e.g. TLS client certificate refused)
+            self.connack = _code(rc) or UNSPECIFIED_ERROR
         self._connected.set()
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any = None) -> None:
@@ -174,6 +182,16 @@ class Probe:
 
     def topics(self) -> set[str]:
         return {m.topic for m in self.drain()}
+
+    def drop(self) -> None:
+        """Leave so that the broker publishes the last will (v5 reason 0x04, or a bare socket close)."""
+        if self.v5:
+            self.client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=0x04))
+        else:
+            sock = self.client.socket()
+            if sock is not None:
+                sock.close()
+        self.client.loop_stop()
 
     def close(self) -> None:
         try:

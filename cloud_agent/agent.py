@@ -17,6 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cloud_agent.checkpoints import load_pretrained, save_model
+from cloud_agent.collector import Collector
+from cloud_agent.spool import Spool
+from cloud_agent.tasks import make_task
+from cloud_agent.trainer import EpochResult, History, SpoolFeatures, TrainConfig, Trainer
 from common import constants as C
 from common.errors import MistnetError, ProtocolError
 from common.models.registry import build, default_image_size, is_detector
@@ -44,11 +49,6 @@ from common.split import check_cut, head_state_dict, tail_inputs
 from common.storage import S3Options, put_object
 from common.transport import BrokerOptions, Inbound, LinkEvent, MqttLink
 from common.weights import head_chunks, pack_state
-from cloud_agent.checkpoints import load_pretrained, save_model
-from cloud_agent.collector import Collector
-from cloud_agent.spool import Spool
-from cloud_agent.tasks import make_task
-from cloud_agent.trainer import EpochResult, History, SpoolFeatures, TrainConfig, Trainer
 
 log = logging.getLogger("mistnet.cloud")
 
@@ -70,16 +70,17 @@ class CloudAgent:
         self.epoch = 0
         self.last_result: EpochResult | None = None
         self._last_status = 0.0
-        self.link = MqttLink(broker, client_id=f"mistnet-cloud-{spec.name}",
-                             subscriptions=[Topics.all_features(spec.name), Topics.all_node_status()])
+        self.link = MqttLink(
+            broker,
+            client_id=f"mistnet-cloud-{spec.name}",
+            subscriptions=[Topics.all_features(spec.name), Topics.all_node_status()],
+        )
         batch_sizes = {e.node: e.batch_size for e in spec.edges}
         self.collector = Collector(self.spool, spec.name, batch_sizes, self.send_ack)
 
     def build_model(self) -> nn.Module:
         m = self.spec.model
-        model = build(m.arch, m.num_classes)
-        if m.pretrained:
-            model = load_pretrained(m.pretrained, m.arch, m.num_classes, model)
+        model = load_pretrained(m.pretrained, m.arch, m.num_classes) if m.pretrained else build(m.arch, m.num_classes)
         check_cut(model, self.cut)
         tail_inputs(model, self.cut)
         return model
@@ -125,8 +126,9 @@ class CloudAgent:
         return JobAssignment(
             job=s.name,
             node=node,
-            model=ModelRef(arch=s.model.arch, num_classes=self.num_classes, cut_layer=self.cut,
-                           image_size=self.image_size),
+            model=ModelRef(
+                arch=s.model.arch, num_classes=self.num_classes, cut_layer=self.cut, image_size=self.image_size
+            ),
             privacy=PrivacyParams(epsilon=s.epsilon_for(node), bits=s.privacy.bits),
             dataset=s.edge(node).dataset,
             batch_size=s.edge(node).batch_size,
@@ -137,7 +139,8 @@ class CloudAgent:
     @property
     def num_classes(self) -> int:
         return int(getattr(self.model, "num_classes", 0) or self.spec.model.num_classes or 0) or (
-            80 if is_detector(self.spec.model.arch) else 10)
+            80 if is_detector(self.spec.model.arch) else 10
+        )
 
     @property
     def image_size(self) -> int:
@@ -151,10 +154,12 @@ class CloudAgent:
         _, chunks = head_chunks(self.spec.name, head, C.DEFAULT_CHUNK_BYTES)
         for edge in self.spec.edges:
             for chunk in chunks:
-                self.link.publish(Topics.head_chunk(edge.node, self.spec.name, chunk.seq), to_msgpack(chunk),
-                                  retain=True)
-            self.link.publish(Topics.job_assignment(edge.node, self.spec.name),
-                              to_json(self.assignment(edge.node, head)), retain=True)
+                self.link.publish(
+                    Topics.head_chunk(edge.node, self.spec.name, chunk.seq), to_msgpack(chunk), retain=True
+                )
+            self.link.publish(
+                Topics.job_assignment(edge.node, self.spec.name), to_json(self.assignment(edge.node, head)), retain=True
+            )
         self.set_phase(JobPhase.COLLECTING, f"waiting for {len(self.spec.edges)} edge(s)")
 
     def collect(self) -> None:
@@ -165,8 +170,11 @@ class CloudAgent:
             pending = [e.node for e in self.spec.edges if not self.spool.counts(e.node).complete]
             if not pending:
                 break
-            failed = {n: self.edge_state[n].message for n in pending
-                      if n in self.edge_state and self.edge_state[n].state == NodeState.ERROR}
+            failed = {
+                n: self.edge_state[n].message
+                for n in pending
+                if n in self.edge_state and self.edge_state[n].state == NodeState.ERROR
+            }
             if time.time() > deadline or len(failed) == len(pending):
                 self.give_up_on(pending, failed)
                 break
@@ -176,15 +184,19 @@ class CloudAgent:
         for node in pending:
             counts = self.spool.counts(node)
             self.missing[node] = failed.get(node) or (
-                f"no data within {self.spec.collect.timeout_s:.0f} s" if counts.samples == 0 else
-                f"incomplete: {counts.samples + counts.skipped} of {counts.total} samples within "
-                f"{self.spec.collect.timeout_s:.0f} s")
+                f"no data within {self.spec.collect.timeout_s:.0f} s"
+                if counts.samples == 0
+                else f"incomplete: {counts.samples + counts.skipped} of {counts.total} samples within "
+                f"{self.spec.collect.timeout_s:.0f} s"
+            )
         self.spool.set_meta("missing", json.dumps(self.missing))
         complete = len(self.spec.edges) - len(pending)
         detail = "; ".join(f"{n}: {r}" for n, r in self.missing.items())
         if self.spec.collect.on_timeout == OnTimeout.FAIL or complete < self.spec.collect.min_edges:
-            raise JobFailed(f"{complete} of {len(self.spec.edges)} edges delivered (need "
-                            f"{self.spec.collect.min_edges}, on_timeout={self.spec.collect.on_timeout.value}): {detail}")
+            raise JobFailed(
+                f"{complete} of {len(self.spec.edges)} edges delivered (need "
+                f"{self.spec.collect.min_edges}, on_timeout={self.spec.collect.on_timeout.value}): {detail}"
+            )
         log.warning("proceeding without %s", detail)
 
     def delivered(self) -> list[str]:
@@ -239,12 +251,18 @@ class CloudAgent:
 
     def train(self) -> None:
         spec = self.spec
-        task = make_task(spec.model.arch, Path(spec.cloud.validation) if spec.cloud.validation else None,
-                         self.image_size)
+        task = make_task(
+            spec.model.arch, Path(spec.cloud.validation) if spec.cloud.validation else None, self.image_size
+        )
         data = SpoolFeatures(self.spool, self.delivered())
-        config = TrainConfig(epochs=spec.cloud.epochs, batch_size=spec.cloud.batch_size,
-                             learning_rate=spec.cloud.learning_rate, eval_interval=spec.cloud.eval_interval,
-                             device=self.device, seed=spec.seed)
+        config = TrainConfig(
+            epochs=spec.cloud.epochs,
+            batch_size=spec.cloud.batch_size,
+            learning_rate=spec.cloud.learning_rate,
+            eval_interval=spec.cloud.eval_interval,
+            device=self.device,
+            seed=spec.seed,
+        )
         trainer = Trainer(self.model, self.cut, task, data, config, self.workdir / "state", self.privatize)
         history = History.from_json(self.spool.get_meta("history"))
         if not history.epochs and spec.cloud.epochs > 0:
@@ -256,9 +274,15 @@ class CloudAgent:
             self.epoch = result.epoch
             self.last_result = result
             self.spool.set_meta("history", history.to_json())
-            log.info("epoch %d/%d loss %s metrics %s (%.1f s, %.1f samples/s)", result.epoch, spec.cloud.epochs,
-                     {k: round(v, 4) for k, v in result.losses.items()}, result.metrics, result.seconds,
-                     result.images_per_s)
+            log.info(
+                "epoch %d/%d loss %s metrics %s (%.1f s, %.1f samples/s)",
+                result.epoch,
+                spec.cloud.epochs,
+                {k: round(v, 4) for k, v in result.losses.items()},
+                result.metrics,
+                result.seconds,
+                result.images_per_s,
+            )
             self.publish_status(force=True)
 
         trainer.fit(history, on_epoch)
@@ -281,26 +305,34 @@ class CloudAgent:
 
     def finish(self) -> None:
         url = self.checkpoint_url()
-        blob = save_model(self.model, self.spec, self.num_classes, self.image_size)
-        put_object(url, blob, self.s3_options())
+        blob = save_model(self.model, self.spec, self.num_classes, self.image_size, self.workdir / "final.safetensors")
+        if url != str(self.workdir / "final.safetensors"):
+            put_object(url, blob, self.s3_options())
         self.spool.set_meta("checkpoint", url)
         history = History.from_json(self.spool.get_meta("history"))
-        announcement = CheckpointAnnouncement(job=self.spec.name, epoch=len(history.epochs), url=url,
-                                              sha256=hashlib.sha256(blob).hexdigest(), size=len(blob),
-                                              metrics=self.metrics(), final=True)
+        announcement = CheckpointAnnouncement(
+            job=self.spec.name,
+            epoch=len(history.epochs),
+            url=url,
+            sha256=hashlib.sha256(blob).hexdigest(),
+            size=len(blob),
+            metrics=self.metrics(),
+            final=True,
+        )
         self.link.publish(Topics.checkpoint(self.spec.name), to_json(announcement), retain=True)
         self.withdraw_job()
         self.set_phase(JobPhase.DONE, f"checkpoint {url}")
 
     def checkpoint_url(self) -> str:
-        return self.spec.cloud.output or str(self.workdir / f"{self.spec.name}.safetensors")
+        return self.spec.cloud.output or str(self.workdir / "final.safetensors")
 
     def s3_options(self) -> S3Options | None:
         s3 = self.spec.transmitter.s3
         if s3 is None:
             return None
-        return S3Options(endpoint_url=s3.endpoint_url, access_key=s3.access_key, secret_key=s3.secret_key,
-                         region=s3.region)
+        return S3Options(
+            endpoint_url=s3.endpoint_url, access_key=s3.access_key, secret_key=s3.secret_key, region=s3.region
+        )
 
     def withdraw_job(self) -> None:
         """Clear the retained assignment and head so edges do not pick the job up again."""
@@ -316,8 +348,12 @@ class CloudAgent:
             seen = self.edge_state.get(edge.node)
             out[edge.node] = EdgeProgress(
                 state="complete" if counts.complete else (seen.state.value if seen else "waiting"),
-                samples=counts.samples, skipped=counts.skipped, total=counts.total, wire_bytes=counts.wire_bytes,
-                missing_reason=self.missing.get(edge.node, ""))
+                samples=counts.samples,
+                skipped=counts.skipped,
+                total=counts.total,
+                wire_bytes=counts.wire_bytes,
+                missing_reason=self.missing.get(edge.node, ""),
+            )
         return out
 
     def publish_status(self, message: str = "", force: bool = False) -> None:
@@ -326,19 +362,36 @@ class CloudAgent:
             return
         self._last_status = now
         r = self.last_result
-        status = JobStatus(job=self.spec.name, phase=self.phase, edges=self.edges_progress(),
-                           epoch=r.epoch if r else 0, epochs=self.spec.cloud.epochs,
-                           loss=sum(r.losses.values()) if r and r.losses else None,
-                           losses=r.losses if r else {}, metrics=self.metrics(),
-                           checkpoint=self.spool.get_meta("checkpoint"), message=message, time=time.time())
+        status = JobStatus(
+            job=self.spec.name,
+            phase=self.phase,
+            edges=self.edges_progress(),
+            epoch=r.epoch if r else 0,
+            epochs=self.spec.cloud.epochs,
+            loss=sum(r.losses.values()) if r and r.losses else None,
+            losses=r.losses if r else {},
+            metrics=self.metrics(),
+            checkpoint=self.spool.get_meta("checkpoint"),
+            message=message,
+            time=time.time(),
+        )
         self.link.publish(Topics.job_status(self.spec.name), to_json(status), retain=True)
 
     def summary(self, duration_s: float) -> JobSummary:
         edges = {}
         for edge in self.spec.edges:
             counts = self.spool.counts(edge.node)
-            edges[edge.node] = EdgeSummary(samples=counts.samples, skipped=counts.skipped,
-                                           wire_bytes=counts.wire_bytes,
-                                           missing_reason=self.missing.get(edge.node, ""))
-        return JobSummary(job=self.spec.name, phase=self.phase, edges=edges, metrics=self.metrics(),
-                          checkpoint=self.spool.get_meta("checkpoint"), duration_s=round(duration_s, 3))
+            edges[edge.node] = EdgeSummary(
+                samples=counts.samples,
+                skipped=counts.skipped,
+                wire_bytes=counts.wire_bytes,
+                missing_reason=self.missing.get(edge.node, ""),
+            )
+        return JobSummary(
+            job=self.spec.name,
+            phase=self.phase,
+            edges=edges,
+            metrics=self.metrics(),
+            checkpoint=self.spool.get_meta("checkpoint"),
+            duration_s=round(duration_s, 3),
+        )

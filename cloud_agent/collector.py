@@ -12,6 +12,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 
+from cloud_agent.spool import Spool
 from common import constants as C
 from common.errors import ProtocolError
 from common.protocol import (
@@ -25,7 +26,6 @@ from common.protocol import (
     from_msgpack,
     join_transfer,
 )
-from cloud_agent.spool import Spool
 
 log = logging.getLogger("mistnet.cloud.collector")
 
@@ -79,8 +79,11 @@ class Collector:
             self.rejected["corrupt transfer"] += 1
             self.spool.drop_chunks(node, last.transfer)
             for seq in range(last.total):
-                self.send_ack(Ack(job=self.job, node=node, kind=AckKind.REJECTED, transfer=last.transfer,
-                                  seq=seq, reason=str(exc)))
+                self.send_ack(
+                    Ack(
+                        job=self.job, node=node, kind=AckKind.REJECTED, transfer=last.transfer, seq=seq, reason=str(exc)
+                    )
+                )
             return
         self.spool.commit_transfer(node, batch)
         self._ack(last, done=True)
@@ -90,16 +93,34 @@ class Collector:
         allowed = range(batch.transfer * per, (batch.transfer + 1) * per)
         ids = batch.ids + [s.id for s in batch.skipped]
         if len(set(ids)) != len(ids) or any(i not in allowed for i in ids):
-            raise ProtocolError(f"transfer {batch.transfer} carries sample ids outside {allowed.start}..{allowed.stop - 1}")
+            raise ProtocolError(
+                f"transfer {batch.transfer} carries sample ids outside {allowed.start}..{allowed.stop - 1}"
+            )
 
     def _ack(self, chunk: Chunk, done: bool) -> None:
-        self.send_ack(Ack(job=self.job, node=chunk.node, kind=AckKind.CHUNK, transfer=chunk.transfer,
-                          seq=chunk.seq, transfer_done=done))
+        self.send_ack(
+            Ack(
+                job=self.job,
+                node=chunk.node,
+                kind=AckKind.CHUNK,
+                transfer=chunk.transfer,
+                seq=chunk.seq,
+                transfer_done=done,
+            )
+        )
 
     def _reject(self, chunk: Chunk, reason: str) -> None:
         self.rejected[reason] += 1
-        self.send_ack(Ack(job=self.job, node=chunk.node, kind=AckKind.REJECTED, transfer=chunk.transfer,
-                          seq=chunk.seq, reason=reason))
+        self.send_ack(
+            Ack(
+                job=self.job,
+                node=chunk.node,
+                kind=AckKind.REJECTED,
+                transfer=chunk.transfer,
+                seq=chunk.seq,
+                reason=reason,
+            )
+        )
 
     def _count_rejection(self, node: str, exc: ProtocolError) -> None:
         self.rejected[str(exc).split(":")[0]] += 1

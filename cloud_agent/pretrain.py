@@ -11,8 +11,15 @@ from torch import nn
 log = logging.getLogger("mistnet.cloud.pretrain")
 
 
-def pretrain_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int = 8,
-                        batch_size: int = 64, lr: float = 0.05, seed: int = 0) -> float:
+def pretrain_classifier(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int = 8,
+    batch_size: int = 64,
+    lr: float = 0.05,
+    seed: int = 0,
+) -> float:
     """Full-precision supervised training; returns the final epoch's training accuracy."""
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from common.protocol import Chunk, FeatureBatch, FeatureLayout
 
 SCHEMA = """
@@ -89,18 +88,28 @@ class Spool:
     def put_chunk(self, chunk: Chunk, wire_bytes: int) -> None:
         self.db.execute(
             "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (chunk.node, chunk.transfer, chunk.seq, chunk.total, chunk.size, chunk.transfer_sha256, wire_bytes,
-             chunk.payload),
+            (
+                chunk.node,
+                chunk.transfer,
+                chunk.seq,
+                chunk.total,
+                chunk.size,
+                chunk.transfer_sha256,
+                wire_bytes,
+                chunk.payload,
+            ),
         )
 
     def stored_chunks(self, node: str, transfer: int) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM chunks WHERE node=? AND transfer=?",
-                                   (node, transfer)).fetchone()[0])
+        return int(
+            self.db.execute("SELECT COUNT(*) FROM chunks WHERE node=? AND transfer=?", (node, transfer)).fetchone()[0]
+        )
 
     def assembled(self, node: str, transfer: int) -> tuple[list[bytes], int, bytes]:
         """Payloads in seq order, with the size and digest that chunk 0 claims for the whole."""
-        rows = self.db.execute("SELECT payload, size, digest FROM chunks WHERE node=? AND transfer=? ORDER BY seq",
-                               (node, transfer)).fetchall()
+        rows = self.db.execute(
+            "SELECT payload, size, digest FROM chunks WHERE node=? AND transfer=? ORDER BY seq", (node, transfer)
+        ).fetchall()
         return [bytes(r[0]) for r in rows], int(rows[0][1]), bytes(rows[0][2])
 
     def drop_chunks(self, node: str, transfer: int) -> None:
@@ -109,19 +118,26 @@ class Spool:
     def commit_transfer(self, node: str, batch: FeatureBatch) -> None:
         """Store a verified transfer's samples and forget its chunks, atomically."""
         with self.transaction() as db:
-            wire = db.execute("SELECT COALESCE(SUM(wire_bytes), 0) FROM chunks WHERE node=? AND transfer=?",
-                              (node, batch.transfer)).fetchone()[0]
+            wire = db.execute(
+                "SELECT COALESCE(SUM(wire_bytes), 0) FROM chunks WHERE node=? AND transfer=?", (node, batch.transfer)
+            ).fetchone()[0]
             layout = json.dumps([f.model_dump() for f in batch.layout])
             keys = batch.keys or [""] * len(batch.ids)
             db.executemany(
                 "INSERT OR IGNORE INTO samples VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(node, sid, key, batch.bits, layout, label, batch.sample_data(i))
-                 for i, (sid, key, label) in enumerate(zip(batch.ids, keys, batch.labels, strict=True))],
+                [
+                    (node, sid, key, batch.bits, layout, label, batch.sample_data(i))
+                    for i, (sid, key, label) in enumerate(zip(batch.ids, keys, batch.labels, strict=True))
+                ],
             )
-            db.executemany("INSERT OR IGNORE INTO skipped VALUES (?, ?, ?, ?)",
-                           [(node, s.id, s.key, s.reason) for s in batch.skipped])
-            db.execute("INSERT OR IGNORE INTO transfers VALUES (?, ?, ?, ?, ?)",
-                       (node, batch.transfer, len(batch.ids), len(batch.skipped), wire))
+            db.executemany(
+                "INSERT OR IGNORE INTO skipped VALUES (?, ?, ?, ?)",
+                [(node, s.id, s.key, s.reason) for s in batch.skipped],
+            )
+            db.execute(
+                "INSERT OR IGNORE INTO transfers VALUES (?, ?, ?, ?, ?)",
+                (node, batch.transfer, len(batch.ids), len(batch.skipped), wire),
+            )
             db.execute("DELETE FROM chunks WHERE node=? AND transfer=?", (node, batch.transfer))
 
     def committed_transfers(self, node: str) -> list[int]:
@@ -144,7 +160,9 @@ class Spool:
     def counts(self, node: str) -> NodeCounts:
         samples, skipped, wire = self.db.execute(
             "SELECT COALESCE(SUM(samples),0), COALESCE(SUM(skipped),0), COALESCE(SUM(wire_bytes),0) "
-            "FROM transfers WHERE node=?", (node,)).fetchone()
+            "FROM transfers WHERE node=?",
+            (node,),
+        ).fetchone()
         row = self.db.execute("SELECT total FROM nodes WHERE node=?", (node,)).fetchone()
         return NodeCounts(int(samples), int(skipped), int(wire), None if row is None else int(row[0]))
 
@@ -160,7 +178,8 @@ class Spool:
 
     def read(self, rowid: int) -> StoredSample:
         node, sid, bits, layout, label, features = self.db.execute(
-            "SELECT node, id, bits, layout, label, features FROM samples WHERE rowid=?", (rowid,)).fetchone()
+            "SELECT node, id, bits, layout, label, features FROM samples WHERE rowid=?", (rowid,)
+        ).fetchone()
         return StoredSample(node, int(sid), bytes(label), int(bits), _layout(layout), bytes(features))
 
     # state -----------------------------------------------------------------------------------

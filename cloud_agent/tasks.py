@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cloud_agent.spool import StoredSample
 from common.datasets.mnist import decode_label, load_tensors
 from common.errors import SpecError
 from common.privacy import decode_features
 from common.split import run_head, run_tail
-from cloud_agent.spool import StoredSample
 
 Privatize = Callable[[torch.Tensor], torch.Tensor]
 
@@ -39,7 +39,9 @@ class CloudTask(Protocol):
 
     def collate(self, samples: list[StoredSample]) -> Batch: ...
 
-    def loss(self, model: nn.Module, output: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss(
+        self, model: nn.Module, output: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
 
     def evaluate(self, model: nn.Module, cut: int, privatize: Privatize, device: str) -> dict[str, float]: ...
 
@@ -58,7 +60,9 @@ class Classification:
         labels = torch.tensor([decode_label(s.label) for s in samples], dtype=torch.long)
         return Batch(stack_features(samples), labels)
 
-    def loss(self, model: nn.Module, output: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, model: nn.Module, output: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         loss = F.cross_entropy(output, targets)
         return loss, {"ce": float(loss.detach())}
 

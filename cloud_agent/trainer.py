@@ -1,12 +1,25 @@
-"""Trains the tail on spooled features, one checkpoint per completed epoch so a crash resumes."""
+"""Trains the tail on spooled features, one checkpoint per completed epoch so a crash resumes.
+
+The recipe follows upstream YOLOv5's ``train.py`` where it applies to a tail fine-tune: SGD with
+Nesterov momentum 0.937, weight decay on convolution/linear weights only, a linear warmup of the
+learning rate (and of momentum, from 0.8) followed by a cosine decay to ``final_lr_ratio``, gradient
+clipping, and mixed precision on CUDA. The head stays frozen: its parameters are not optimized and
+never run here (features come from the spool, streamed batch by batch).
+
+Before the first epoch the tail's BatchNorm statistics are re-estimated on the training features
+(no gradient step): the pretrained statistics describe real-valued activations, not bits, and this
+alone recovers much of a pretrained detector's accuracy on binarized features
+(see ``shared/notes/mistnet-utility-measurements.md``).
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,12 +28,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from cloud_agent.spool import Spool, StoredSample
+from cloud_agent.tasks import Batch, CloudTask, Privatize
 from common.split import layers_of, run_tail
 from common.storage import write_atomic
-from cloud_agent.spool import Spool, StoredSample
-from cloud_agent.tasks import CloudTask, Privatize
 
 log = logging.getLogger("mistnet.cloud.trainer")
+
+WARMUP_MAX_STEPS = 300
+WARMUP_MAX_EPOCHS = 3
+WARMUP_MOMENTUM = 0.8
 
 
 class SpoolFeatures(Dataset[StoredSample]):
@@ -45,6 +62,12 @@ class TrainConfig:
     eval_interval: int = 1
     device: str = "cpu"
     seed: int = 0
+    momentum: float = 0.937
+    weight_decay: float = 5e-4
+    final_lr_ratio: float = 0.01  # upstream lrf: the last step runs at learning_rate * this
+    grad_clip: float = 10.0  # max gradient norm; 0 disables clipping
+    amp: bool = True  # float16 autocast + gradient scaling, only when the device is CUDA
+    recalibrate_bn: bool = True  # re-estimate the tail's BatchNorm statistics before epoch 1
 
 
 @dataclass
@@ -79,9 +102,46 @@ def freeze_head(model: nn.Module, cut: int) -> list[nn.Parameter]:
     return tail
 
 
+def param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict[str, object]]:
+    """Weight decay on convolution/linear weights only; BatchNorm weights and biases are not decayed."""
+    params = list(params)
+    decay = [p for p in params if p.dim() > 1]
+    plain = [p for p in params if p.dim() <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def warmup_steps(steps_per_epoch: int, epochs: int) -> int:
+    """Warmup length: a tenth of the job rounded to 1..3 epochs, at most 300 steps, and never more
+    than a third of all steps (a short job still trains mostly at full rate)."""
+    total = steps_per_epoch * epochs
+    warm_epochs = min(WARMUP_MAX_EPOCHS, max(1, round(epochs / 10)))
+    return max(1, min(WARMUP_MAX_STEPS, steps_per_epoch * warm_epochs, total // 3))
+
+
+def lr_factor(step: int, total: int, warmup: int, final: float) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based) of ``total``:
+    cosine from 1 to ``final`` over the job, ramped linearly from 0 during the warmup."""
+    progress = min(step, total) / max(total, 1)
+    cosine = final + (1 - final) * (1 + math.cos(math.pi * progress)) / 2
+    return cosine * min(1.0, (step + 1) / warmup)
+
+
+def batchnorm_layers(model: nn.Module, cut: int) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for i, layer in enumerate(layers_of(model)) if i >= cut for m in layer.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 class Trainer:
-    def __init__(self, model: nn.Module, cut: int, task: CloudTask, data: Dataset[StoredSample],
-                 config: TrainConfig, state_dir: Path, privatize: Privatize) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cut: int,
+        task: CloudTask,
+        data: SpoolFeatures,
+        config: TrainConfig,
+        state_dir: Path,
+        privatize: Privatize,
+    ) -> None:
         self.model = model.to(config.device)
         self.cut = cut
         self.task = task
@@ -89,14 +149,32 @@ class Trainer:
         self.config = config
         self.state_dir = state_dir
         self.privatize = privatize
-        self.optimizer = torch.optim.SGD(freeze_head(model, cut), lr=config.learning_rate, momentum=0.9,
-                                         nesterov=True, weight_decay=5e-4)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.params = freeze_head(model, cut)
+        self.optimizer = torch.optim.SGD(
+            param_groups(self.params, config.weight_decay), lr=config.learning_rate, momentum=config.momentum,
+            nesterov=True,
+        )
+        self.device_type = torch.device(config.device).type
+        self.amp = config.amp and self.device_type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.steps_per_epoch = math.ceil(len(data) / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.warmup = warmup_steps(self.steps_per_epoch, config.epochs)
+        self.step = 0
+        self.skipped_steps = 0
 
-    def _lr_factor(self, epoch: int) -> float:
-        """Cosine from 1 to 0.05 over the job's epochs."""
-        span = max(self.config.epochs - 1, 1)
-        return 0.05 + 0.95 * (1 + math.cos(math.pi * min(epoch, span) / span)) / 2
+    def set_schedule(self, step: int) -> None:
+        """Learning rate and momentum for optimizer step ``step``."""
+        factor = lr_factor(step, self.total_steps, self.warmup, self.config.final_lr_ratio)
+        ramp = min(1.0, step / self.warmup)
+        momentum = WARMUP_MOMENTUM + (self.config.momentum - WARMUP_MOMENTUM) * ramp
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.learning_rate * factor
+            group["momentum"] = min(momentum, self.config.momentum)
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
 
     # state -------------------------------------------------------------------------------------
 
@@ -111,14 +189,20 @@ class Trainer:
     def save_state(self, epoch: int) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self._weights_path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(tmp),
-                  metadata={"epoch": str(epoch)})
+        save_file(
+            {k: v.contiguous() for k, v in self.model.state_dict().items()}, str(tmp), metadata={"epoch": str(epoch)}
+        )
         tmp.replace(self._weights_path)
-        import io
-
         buf = io.BytesIO()
-        torch.save({"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-                    "epoch": epoch}, buf)
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "epoch": epoch,
+                "step": self.step,
+            },
+            buf,
+        )
         write_atomic(self._optim_path, buf.getvalue())
 
     def restore_state(self) -> int:
@@ -128,48 +212,105 @@ class Trainer:
         self.model.load_state_dict(load_file(str(self._weights_path), device=self.config.device))
         state = torch.load(self._optim_path, weights_only=True, map_location=self.config.device)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        log.info("resuming training after epoch %d", state["epoch"])
-        return int(state["epoch"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        epoch = int(state["epoch"])
+        self.step = int(state.get("step", epoch * self.steps_per_epoch))
+        log.info("resuming training after epoch %d (step %d)", epoch, self.step)
+        return epoch
 
     # loop --------------------------------------------------------------------------------------
 
-    def fit(self, history: History, on_epoch: Callable[[EpochResult], None],
-            on_step: Callable[[int, int, float], None] | None = None) -> History:
+    def loader(self, generator: torch.Generator | None, shuffle: bool = True) -> DataLoader[StoredSample]:
+        return DataLoader(
+            self.data,
+            batch_size=self.config.batch_size,
+            shuffle=shuffle,
+            collate_fn=self.task.collate,
+            generator=generator,
+            pin_memory=self.device_type == "cuda",
+        )
+
+    def fit(
+        self,
+        history: History,
+        on_epoch: Callable[[EpochResult], None],
+        on_step: Callable[[int, int, float], None] | None = None,
+    ) -> History:
         start = self.restore_state()
         history.epochs = [e for e in history.epochs if e.epoch <= start]
         generator = torch.Generator().manual_seed(self.config.seed)
+        for _ in range(start):  # the same shuffles as an uninterrupted run
+            torch.randperm(max(len(self.data), 1), generator=generator)
+        if start == 0 and self.config.recalibrate_bn and len(self.data):
+            self.recalibrate_batchnorm()
         for epoch in range(start + 1, self.config.epochs + 1):
-            loader = DataLoader(self.data, batch_size=self.config.batch_size, shuffle=True,
-                                collate_fn=self.task.collate, generator=generator)
             t0 = time.monotonic()
-            losses = self.train_epoch(loader, epoch, on_step)
+            losses = self.train_epoch(self.loader(generator), epoch, on_step)
             metrics: dict[str, float] = {}
             if epoch % self.config.eval_interval == 0 or epoch == self.config.epochs:
                 metrics = self.task.evaluate(self.model, self.cut, self.privatize, self.config.device)
             seconds = time.monotonic() - t0
             result = EpochResult(epoch, losses, metrics, seconds, len(self.data) / max(seconds, 1e-9))
-            self.schedule.step()
             history.epochs.append(result)
             self.save_state(epoch)
             on_epoch(result)
         return history
 
-    def train_epoch(self, loader: DataLoader[StoredSample], epoch: int,
-                    on_step: Callable[[int, int, float], None] | None) -> dict[str, float]:
+    def forward_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.autocast(self.device_type, dtype=torch.float16, enabled=self.amp):
+            output = run_tail(self.model, batch.features, self.cut)
+            return self.task.loss(self.model, output, batch.targets)
+
+    def train_epoch(
+        self, loader: DataLoader[StoredSample], epoch: int, on_step: Callable[[int, int, float], None] | None
+    ) -> dict[str, float]:
         self.model.train()
         totals: dict[str, float] = {}
         steps = 0
         for batch in loader:
             batch = batch.to(self.config.device)
-            output = run_tail(self.model, batch.features, self.cut)
-            loss, parts = self.task.loss(self.model, output, batch.targets)
+            self.set_schedule(self.step)
+            loss, parts = self.forward_loss(batch)
+            self.step += 1
+            if not torch.isfinite(loss.detach()):
+                self.skipped_steps += 1
+                log.warning("epoch %d: non-finite loss %s, batch skipped", epoch, parts)
+                continue
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()
+            if self.config.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             steps += 1
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v
             if on_step is not None:
                 on_step(epoch, steps, float(loss.detach()))
         return {k: v / max(steps, 1) for k, v in totals.items()}
+
+    @torch.no_grad()
+    def recalibrate_batchnorm(self) -> None:
+        """The tail's BatchNorm running statistics re-estimated as plain averages over one pass of the
+        training features (as ``torch.optim.swa_utils.update_bn``); no weight changes."""
+        layers = batchnorm_layers(self.model, self.cut)
+        if not layers:
+            return
+        t0 = time.monotonic()
+        momenta = [m.momentum for m in layers]
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+        self.model.train()
+        try:
+            for batch in self.loader(None, shuffle=False):
+                batch = batch.to(self.config.device)
+                with torch.autocast(self.device_type, dtype=torch.float16, enabled=self.amp):
+                    run_tail(self.model, batch.features, self.cut)
+        finally:
+            for m, momentum in zip(layers, momenta, strict=True):
+                m.momentum = momentum
+        log.info("re-estimated %d BatchNorm layers of the tail on %d samples (%.1f s)",
+                 len(layers), len(self.data), time.monotonic() - t0)

@@ -14,6 +14,7 @@ wrote is read back without any pickle at all.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -86,15 +87,6 @@ class StandIn:
         return self.__dict__.get("state", {})
 
 
-_STANDINS: dict[str, type[StandIn]] = {}
-
-
-def _standin(origin: str) -> type[StandIn]:
-    if origin not in _STANDINS:
-        _STANDINS[origin] = type(origin.rsplit(".", 1)[-1], (StandIn,), {"origin": origin})
-    return _STANDINS[origin]
-
-
 @dataclass(frozen=True)
 class _StorageType:
     dtype: torch.dtype
@@ -148,6 +140,13 @@ def _numpy_scalar(dtype: Any, data: Any = b"") -> Any:
     return np.frombuffer(data, dtype)[0].item()
 
 
+def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
+    """Pickle protocol 2 spells bytes as ``_codecs.encode(str, "latin1")``: allow exactly that."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise CheckpointError("malformed bytes record")
+    return text.encode("latin1")
+
+
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set,
@@ -158,6 +157,7 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("_codecs", "encode"): _latin1_bytes,
     ("numpy", "dtype"): _numpy_dtype,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
@@ -171,14 +171,21 @@ class SafeUnpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self._load_storage = load_storage
         self._storages: dict[str, _Storage] = {}
+        self._standins: dict[str, type[StandIn]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        # Fresh objects per file: a pickle can set attributes on what find_class returns (BUILD), and
+        # that must not leak into the next file this process reads.
         if (module, name) in _SAFE_GLOBALS:
-            return _SAFE_GLOBALS[(module, name)]
+            target = _SAFE_GLOBALS[(module, name)]
+            return target if isinstance(target, type) else functools.partial(target)
         if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
         if name.isidentifier() and (module in _STANDIN_MODULES or module.startswith("torch.nn.modules.")):
-            return _standin(f"{module}.{name}")
+            origin = f"{module}.{name}"
+            if origin not in self._standins:
+                self._standins[origin] = type(name, (StandIn,), {"origin": origin})
+            return self._standins[origin]
         raise CheckpointError(f"refused: the file references {module}.{name}, which is not on the allowlist "
                               "(a checkpoint only needs model classes and tensors)")
 
@@ -206,10 +213,12 @@ def _read_torch_zip(path: Path) -> Any:
             raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
 
         def load_storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-            raw = zf.read(f"{prefix}data/{key}")
-            itemsize = torch.empty(0, dtype=dtype).element_size()
-            if len(raw) != numel * itemsize:
-                raise CheckpointError(f"storage {key}: {len(raw)} bytes, expected {numel * itemsize}")
+            name = f"{prefix}data/{key}"
+            expected = numel * torch.empty(0, dtype=dtype).element_size()
+            size = zf.getinfo(name).file_size  # checked before reading: no decompression bombs
+            if size != expected:
+                raise CheckpointError(f"storage {key}: {size} bytes, expected {expected}")
+            raw = zf.read(name)
             return torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
 
         return SafeUnpickler(zf.read(pickles[0]), load_storage).load()
@@ -395,8 +404,8 @@ def load_weights(path: str | Path, arch: str | None = None, num_classes: int | N
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors")
     inferred_arch, inferred_nc = infer_arch(tensors)
-    claimed_arch = meta.get("arch", inferred_arch)
-    claimed_nc = meta.get("num_classes", inferred_nc)
+    claimed_arch = meta.get("arch") or inferred_arch
+    claimed_nc = meta.get("num_classes") or inferred_nc
     if (claimed_arch, claimed_nc) != (inferred_arch, inferred_nc):
         raise CheckpointError(f"{path}: metadata says {claimed_arch} with {claimed_nc} classes, "
                               f"but the tensors are {inferred_arch} with {inferred_nc}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 # Protocol ----------------------------------------------------------------------------------------
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Final = 1
 TOPIC_ROOT = "mistnet/v1"
 QOS = 1
 SESSION_EXPIRY_S = 3600

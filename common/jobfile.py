@@ -59,6 +59,7 @@ NATIVE_KIND = "MistNetJob"
 NATIVE_API_VERSION = "mistnet/v1"
 MAX_JOB_FILE_BYTES = 1024 * 1024
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+SECRET_FIELDS = ("access_key", "secret_key")
 
 
 class _Unset:
@@ -182,9 +183,10 @@ def read_documents(text: str, source: str = "<string>") -> list[Document]:
     """Every document of a YAML stream, empty ones included (``data`` None)."""
     if len(text) > MAX_JOB_FILE_BYTES:
         raise SpecError(f"{source}: too large for a job file (limit {MAX_JOB_FILE_BYTES} bytes)")
-    loader = yaml.SafeLoader(text)
     docs: list[Document] = []
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = yaml.SafeLoader(text)  # checks the characters first: may raise ReaderError
         while loader.check_node():
             node = loader.get_node()
             _check_duplicate_keys(node, source)
@@ -193,8 +195,11 @@ def read_documents(text: str, source: str = "<string>") -> list[Document]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        problem = " ".join(p for p in (exc.context, exc.problem) if p) or str(exc)
+        problem = "; ".join(p for p in (exc.context, exc.problem) if p) or str(exc)
         raise SpecError(f"{where}: YAML syntax error: {problem}") from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise SpecError(f"{source}:{line}: YAML error: character #x{exc.character:04x} is not allowed") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{source}: YAML error: {' '.join(str(exc).split())}") from None
     except RecursionError:
@@ -203,7 +208,8 @@ def read_documents(text: str, source: str = "<string>") -> list[Document]:
         # e.g. a timestamp like 2001-13-45, which the YAML resolver accepts but datetime rejects
         raise SpecError(f"{source}: unreadable YAML value: {exc}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return docs
 
 
@@ -308,7 +314,9 @@ def build_located(data: Mapping[str, Any], origin_for: OriginFor, layer_count: L
         messages = []
         for issue in exc.issues:
             origin = origin_for(issue.loc)
-            if origin.value is UNSET and issue.has_value:
+            if issue.loc and issue.loc[-1] in SECRET_FIELDS:
+                origin = replace(origin, value=UNSET)  # never echo a credential
+            elif origin.value is UNSET and issue.has_value:
                 origin = replace(origin, value=issue.value)
             messages.append(origin.message(issue.problem))
         raise SpecError(join_problems(messages)) from None

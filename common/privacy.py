@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,6 +94,27 @@ def decode_features(layout: list[FeatureLayout], data: bytes, bits: int = 1) -> 
         out[f.layer] = unpack_bits(data[offset : offset + size], f.shape)
         offset += size
     return out
+
+
+def feature_transform(
+    metadata: Mapping[str, Any], randomize: bool = False
+) -> Callable[[dict[int, torch.Tensor]], dict[int, torch.Tensor]]:
+    """The deployed path for a MistNet checkpoint: head outputs become the bits its tail was trained on.
+
+    Randomized response is off by default at inference: it protects data leaving an edge, and a
+    model evaluated where the image already is gains no privacy from it.
+    """
+    bits = int(metadata.get("bits", 1))
+    if bits != 1:
+        raise ProtocolError(f"{bits}-bit features are not supported by this build")
+    encoder = BitEncoder(float(metadata.get("epsilon", 100.0))) if randomize else None
+
+    def transform(outputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        if encoder is not None:
+            return {i: encoder.privatize(y).float() for i, y in outputs.items()}
+        return {i: binarize(y).float() for i, y in outputs.items()}
+
+    return transform
 
 
 def wire_bytes_per_sample(shapes: list[list[int]], bits: int = 1) -> int:

@@ -315,8 +315,9 @@ class FeatureBatch(Message):
         if n and not self.layout:
             raise ValueError("samples without a feature layout")
         if len(self.data) != n * self.sample_bytes:
-            raise ValueError(f"data is {len(self.data)} bytes, {n} samples of layout {self.layout} need "
-                             f"{n * self.sample_bytes}")
+            raise ValueError(
+                f"data is {len(self.data)} bytes, {n} samples of layout {self.layout} need {n * self.sample_bytes}"
+            )
         return self
 
     @property

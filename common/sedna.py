@@ -270,8 +270,10 @@ class _Translator:
                 raise origin(("kind",), value=kind).error(
                     f"is not supported: mistnet runs {JOB_KIND} jobs (with their Dataset, Model and Secret)"
                 )
+            name = data.get("metadata", {}).get("name") if isinstance(data.get("metadata"), Mapping) else None
+            label = f"{kind}/{name}" if isinstance(name, str) else kind
             self.warnings.append(
-                origin(("kind",)).message(f"{kind} ignored: mistnet reads only {', '.join(USED_KINDS)}")
+                origin((), label=label).message(f"ignored: mistnet reads only {', '.join(USED_KINDS)}")
             )
             return None
         if api != expected:

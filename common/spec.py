@@ -313,7 +313,7 @@ _PHRASES: dict[str, str] = {
     "model_attributes_type": "must be a mapping",
     "dict_type": "must be a mapping",
     "list_type": "must be a list",
-    "too_short": "must have at least {min_length} item(s)",
+    "too_short": "must have at least {min_length} items",
     "enum": "must be one of {expected}",
     "string_pattern_mismatch": "is not a valid name (" + NAME_RULE + ")",
 }
@@ -328,18 +328,28 @@ def issues_from(exc: ValidationError, model: type[BaseModel] = JobSpec) -> list[
         if kind == "extra_forbidden":
             issues.append(Issue(loc, _unknown_field(model, loc)))
             continue
-        if kind in _PHRASES:
+        if kind == "too_short" and ctx.get("min_length") == 1:
+            problem = "must not be empty"
+        elif kind in _PHRASES:
             try:
-                problem = _PHRASES[kind].format(**ctx)
+                problem = _PHRASES[kind].format(**{k: _plain(v) for k, v in ctx.items()})
             except (KeyError, IndexError):
                 problem = err["msg"]
         elif kind == "value_error":
             problem = str(ctx.get("error", err["msg"]))
         else:
             problem = err["msg"][:1].lower() + err["msg"][1:]
-        has_value = kind != "missing" and kind != "value_error" and "input" in err
-        issues.append(Issue(loc, problem, err.get("input"), has_value))
+        value = err.get("input")
+        has_value = kind != "missing" and "input" in err and (value is None or isinstance(value, str | int | float))
+        issues.append(Issue(loc, problem, value, has_value))
     return issues
+
+
+def _plain(value: Any) -> Any:
+    """``0.0`` → ``0`` in messages."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _unknown_field(model: type[BaseModel], loc: Loc) -> str:

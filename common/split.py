@@ -45,7 +45,7 @@ def check_cut(model: nn.Module, cut: int) -> None:
 def tail_inputs(model: nn.Module, cut: int) -> list[int]:
     """Indices of head outputs (all < cut) that tail layers read, in ascending order."""
     check_cut(model, cut)
-    needed = set()
+    needed: set[int] = set()
     for i, layer in enumerate(layers_of(model)):
         if i >= cut:
             needed.update(j for j in sources(layer, i) if j < cut)

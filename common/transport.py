@@ -6,6 +6,7 @@ the inbox in their own loop, so nothing slow ever blocks keepalive or acknowledg
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import ssl
@@ -128,6 +129,7 @@ class MqttLink:
         self.subscriptions = list(subscriptions)
         self.inbox: queue.Queue[Inbound | LinkEvent] = queue.Queue()
         self.max_packet_size: int | None = None
+        self._last: mqtt.MQTTMessageInfo | None = None
         self._connected = threading.Event()
         self._refused: str | None = None
         scheme, self._host, self._port, protocol = options.parsed
@@ -157,15 +159,21 @@ class MqttLink:
             if path and not Path(path).is_file():
                 raise TransportError(f"TLS {label} {path} does not exist")
         try:
-            self.client.tls_set(ca_certs=o.ca_file, certfile=o.cert_file, keyfile=o.key_file,
-                                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            self.client.tls_set(
+                ca_certs=o.ca_file,
+                certfile=o.cert_file,
+                keyfile=o.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
         except (ssl.SSLError, ValueError, OSError) as exc:
             raise TransportError(f"TLS setup failed: {exc}") from None
 
     # paho callbacks: record and enqueue only --------------------------------------------------
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
-                    properties: Properties | None) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
+    ) -> None:
         if reason.is_failure:
             self._refused = str(reason)
             return
@@ -176,8 +184,9 @@ class MqttLink:
         self._connected.set()
         self.inbox.put(LinkEvent(connected=True))
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
-                       properties: Properties | None) -> None:
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
+    ) -> None:
         self._connected.clear()
         self.inbox.put(LinkEvent(connected=False, reason=str(reason)))
 
@@ -216,18 +225,23 @@ class MqttLink:
         if self._v5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = C.SESSION_EXPIRY_S if self.persistent else 0
-            self.client.connect(self._host, self._port, keepalive=C.KEEPALIVE_S, clean_start=not self.persistent,
-                                properties=props)
+            self.client.connect(
+                self._host, self._port, keepalive=C.KEEPALIVE_S, clean_start=not self.persistent, properties=props
+            )
         else:
             self.client.connect(self._host, self._port, keepalive=C.KEEPALIVE_S)
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo:
-        return self.client.publish(topic, payload, qos=C.QOS, retain=retain)
+        self._last = self.client.publish(topic, payload, qos=C.QOS, retain=retain)
+        return self._last
 
     def close(self, final: tuple[str, bytes] | None = None) -> None:
         """Publish ``final`` (e.g. an offline status) and disconnect cleanly."""
         if final is not None and self.connected:
-            info = self.publish(final[0], final[1], retain=True)
-            info.wait_for_publish(timeout=5)
+            self.publish(final[0], final[1], retain=True)
+        if self._last is not None and self.connected:
+            # QoS 1 acknowledgements arrive in order: once the last is in, everything before it is too.
+            with contextlib.suppress(RuntimeError, ValueError):
+                self._last.wait_for_publish(timeout=5)
         self.client.disconnect()
         self.client.loop_stop()

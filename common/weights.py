@@ -56,5 +56,3 @@ def load_head(model: nn.Module, state: dict[str, torch.Tensor], cut: int) -> Non
         if v.shape != expected[k].shape:
             raise ProtocolError(f"head tensor {k} has shape {list(v.shape)}, expected {list(expected[k].shape)}")
     model.load_state_dict(state, strict=False)
-
-

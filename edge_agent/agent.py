@@ -76,9 +76,17 @@ class JobRun:
 
 
 class EdgeAgent:
-    def __init__(self, node: str, broker: BrokerOptions, data: Path | None = None, device: str = "cpu",
-                 once: bool = False) -> None:
+    def __init__(
+        self,
+        node: str,
+        broker: BrokerOptions,
+        data: Path | None = None,
+        device: str = "cpu",
+        once: bool = False,
+        rate_limit: float | None = None,
+    ) -> None:
         self.node = node
+        self.rate_limit = rate_limit
         self.data = data
         self.device = device
         self.once = once
@@ -88,6 +96,7 @@ class EdgeAgent:
         self.rejected: Counter[str] = Counter()
         self.run_: JobRun | None = None
         self._last_status = 0.0
+        self.last_status = NodeStatus(node=node, state=NodeState.OFFLINE)
         self.link = MqttLink(
             broker,
             client_id=f"mistnet-edge-{node}",
@@ -108,13 +117,17 @@ class EdgeAgent:
                 if job is not None:
                     self.run_job(job)
         finally:
-            offline = NodeStatus(node=self.node, state=NodeState.OFFLINE, time=time.time())
+            offline = self.last_status.model_copy(update={"state": NodeState.OFFLINE, "time": time.time()})
             self.link.close(final=(Topics.node_status(self.node), to_json(offline)))
         return 0
 
     def next_runnable(self) -> JobAssignment | None:
         for name, job in self.jobs.items():
-            if name not in self.finished and job.state == JobState.ACTIVE and len(self.heads.get(name, {})) == job.head.chunks:
+            if (
+                name not in self.finished
+                and job.state == JobState.ACTIVE
+                and len(self.heads.get(name, {})) == job.head.chunks
+            ):
                 return job
         return None
 
@@ -175,7 +188,9 @@ class EdgeAgent:
         if known is not None and known.head != job.head:
             self.heads.pop(name, None)
         self.jobs[name] = job
-        log.info("job %s assigned (%s, cut %d, epsilon %g)", name, job.model.arch, job.model.cut_layer, job.privacy.epsilon)
+        log.info(
+            "job %s assigned (%s, cut %d, epsilon %g)", name, job.model.arch, job.model.cut_layer, job.privacy.epsilon
+        )
 
     def withdraw(self, name: str, reason: str) -> None:
         self.jobs.pop(name, None)
@@ -217,9 +232,14 @@ class EdgeAgent:
             self.run_ = self.prepare(job)
             self.stream(self.run_)
             self.publish_status(NodeState.DONE, force=True)
-            log.info("job %s done: %d samples acknowledged, %d skipped, %d bytes, %d chunks resent",
-                     job.job, self.run_.acked_samples(), self.run_.skipped, self.run_.window.wire_bytes,
-                     self.run_.window.resent)
+            log.info(
+                "job %s done: %d samples acknowledged, %d skipped, %d bytes, %d chunks resent",
+                job.job,
+                self.run_.acked_samples(),
+                self.run_.skipped,
+                self.run_.window.wire_bytes,
+                self.run_.window.resent,
+            )
         except JobCancelled:
             self.publish_status(NodeState.CANCELLED, force=True)
         except MistnetError as exc:
@@ -240,10 +260,11 @@ class EdgeAgent:
         if not path.exists():
             raise DatasetError(f"dataset {path} does not exist on node {self.node}")
         dataset = open_edge_dataset(job.model.arch, path, job.model.image_size)
-        extractor = Extractor(model, job.model.cut_layer, BitEncoder(job.privacy.epsilon), dataset,
-                              job.batch_size, self.device)
+        extractor = Extractor(
+            model, job.model.cut_layer, BitEncoder(job.privacy.epsilon), dataset, job.batch_size, self.device
+        )
         topic = Topics.features(self.node, job.job)
-        window = SendWindow(lambda payload: self._publish_chunk(topic, payload), job.window)
+        window = SendWindow(lambda payload: self._publish_chunk(topic, payload), job.window, rate_limit=self.rate_limit)
         return JobRun(job, extractor, window)
 
     def _publish_chunk(self, topic: str, payload: bytes) -> None:
@@ -253,8 +274,13 @@ class EdgeAgent:
         self.await_resume(run)
         todo = [t for t in range(run.transfers) if t not in run.already_committed()]
         run.acked |= run.already_committed() & set(range(run.transfers))
-        log.info("job %s: %d samples in %d transfers, %d already committed", run.job.job,
-                 len(run.extractor.dataset), run.transfers, run.transfers - len(todo))
+        log.info(
+            "job %s: %d samples in %d transfers, %d already committed",
+            run.job.job,
+            len(run.extractor.dataset),
+            run.transfers,
+            run.transfers - len(todo),
+        )
         for transfer in todo:
             batch = run.extractor.extract(transfer)
             run.extracted += len(batch.ids)
@@ -279,7 +305,6 @@ class EdgeAgent:
     def wait_for_room(self, run: JobRun) -> None:
         while run.window.room <= 0:
             self.tick(run)
-        self.pump(0)
 
     def tick(self, run: JobRun) -> None:
         self.pump(0.2)
@@ -311,4 +336,5 @@ class EdgeAgent:
             message=message,
             time=time.time(),
         )
+        self.last_status = status
         self.link.publish(Topics.node_status(self.node), to_json(status), retain=True)

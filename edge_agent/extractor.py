@@ -14,8 +14,15 @@ from common.split import run_head
 class Extractor:
     """The frozen head: eval mode, no gradients, batch by batch."""
 
-    def __init__(self, model: nn.Module, cut: int, encoder: BitEncoder, dataset: EdgeDataset,
-                 batch_size: int, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cut: int,
+        encoder: BitEncoder,
+        dataset: EdgeDataset,
+        batch_size: int,
+        device: str = "cpu",
+    ) -> None:
         self.model = model.eval().to(device)
         self.cut = cut
         self.encoder = encoder
@@ -36,9 +43,16 @@ class Extractor:
         good = [s for s in loaded if s.image is not None]
         skipped = [SkippedSample(id=s.id, key=s.key, reason=s.error) for s in loaded if s.image is None]
         layout, packed = self._features(good) if good else ([], [])
-        return FeatureBatch(transfer=transfer, bits=1, layout=layout, ids=[s.id for s in good],
-                            keys=[s.key for s in good] if any(s.key for s in good) else [],
-                            labels=[s.label for s in good], data=b"".join(packed), skipped=skipped)
+        return FeatureBatch(
+            transfer=transfer,
+            bits=1,
+            layout=layout,
+            ids=[s.id for s in good],
+            keys=[s.key for s in good] if any(s.key for s in good) else [],
+            labels=[s.label for s in good],
+            data=b"".join(packed),
+            skipped=skipped,
+        )
 
     def _features(self, good: list[EdgeSample]) -> tuple[list[FeatureLayout], list[bytes]]:
         x = torch.stack([s.image for s in good if s.image is not None]).to(self.device)

@@ -22,17 +22,27 @@ class _InFlight:
 
 
 class SendWindow:
-    def __init__(self, publish: Callable[[bytes], None], window: int,
-                 retransmit_after_s: float = C.RETRANSMIT_AFTER_S) -> None:
+    def __init__(
+        self,
+        publish: Callable[[bytes], None],
+        window: int,
+        retransmit_after_s: float = C.RETRANSMIT_AFTER_S,
+        rate_limit: float | None = None,
+    ) -> None:
+        """``rate_limit`` caps the average bytes per second, for edges on metered or shared links."""
         self._publish = publish
         self.window = window
         self.retransmit_after_s = retransmit_after_s
+        self.rate_limit = rate_limit
+        self._started = time.monotonic()
         self._in_flight: dict[tuple[int, int], _InFlight] = {}
         self.wire_bytes = 0
         self.resent = 0
 
     @property
     def room(self) -> int:
+        if self.rate_limit and self.wire_bytes > self.rate_limit * (time.monotonic() - self._started):
+            return 0
         return self.window - len(self._in_flight)
 
     @property

@@ -12,12 +12,13 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 from rich.live import Live
-from safetensors.torch import save_file
 
 from broker.launcher import start_embedded_broker
 from cloud_agent.pretrain import pretrain_classifier
+from common.checkpoint import save_checkpoint
 from common.datasets.mnist import load_tensors, prepare_mnist
 from common.errors import MistnetError
+from common.jobfile import to_native
 from common.models.lenet import LeNet5
 from common.protocol import JobSummary
 from common.spec import CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec
@@ -36,8 +37,7 @@ class DemoOptions:
 
 
 def write_job(spec: JobSpec, path: Path) -> Path:
-    doc = {"kind": "MistNetJob", **spec.model_dump(mode="json", exclude_none=True)}
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    path.write_text(yaml.safe_dump(to_native(spec), sort_keys=False))
     return path
 
 
@@ -48,16 +48,20 @@ def prepare_mnist_job(opts: DemoOptions, root: Path) -> Path:
     model = LeNet5()
     pretrain_classifier(model, images, labels)
     weights = root / "lenet5-pretrained.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights),
-              metadata={"mistnet": '{"arch": "lenet5", "num_classes": 10}'})
+    save_checkpoint(weights, model.state_dict(), {"arch": "lenet5", "num_classes": 10})
     spec = JobSpec(
         name="mnist-demo",
         model=ModelSpec(arch="lenet5", num_classes=10, pretrained=str(weights)),
         cut_layer=opts.cut_layer,
         privacy=PrivacySpec(epsilon=opts.epsilon),
         edges=[EdgeSpec(node=f"edge{k}", dataset=str(p), batch_size=64) for k, p in enumerate(split.edges, 1)],
-        cloud=CloudSpec(epochs=opts.epochs, batch_size=64, learning_rate=0.02, validation=str(split.test),
-                        output=str(root / "mnist-demo.safetensors")),
+        cloud=CloudSpec(
+            epochs=opts.epochs,
+            batch_size=64,
+            learning_rate=0.02,
+            validation=str(split.test),
+            output=str(root / "mnist-demo.safetensors"),
+        ),
         collect=CollectSpec(timeout_s=120),
     )
     return write_job(spec, root / "job.yaml")
@@ -78,14 +82,20 @@ def run_demo(opts: DemoOptions) -> JobSummary:
         logs = root / "logs"
         logs.mkdir(exist_ok=True)
         procs = [
-            subprocess.Popen(mistnet_command("edge", "--node", f"edge{k}", "--broker", broker.url, "--once"),
-                             stdout=subprocess.DEVNULL, stderr=(logs / f"edge{k}.log").open("wb"))
+            subprocess.Popen(
+                mistnet_command("edge", "--node", f"edge{k}", "--broker", broker.url, "--once"),
+                stdout=subprocess.DEVNULL,
+                stderr=(logs / f"edge{k}.log").open("wb"),
+            )
             for k in range(1, opts.edges + 1)
         ]
         cloud = subprocess.Popen(
-            mistnet_command("cloud", "--job", str(job), "--broker", broker.url, "--workdir", str(root / "cloud"),
-                            "--json"),
-            stdout=subprocess.PIPE, stderr=(logs / "cloud.log").open("wb"))
+            mistnet_command(
+                "cloud", "--job", str(job), "--broker", broker.url, "--workdir", str(root / "cloud"), "--json"
+            ),
+            stdout=subprocess.PIPE,
+            stderr=(logs / "cloud.log").open("wb"),
+        )
         try:
             watch(BrokerOptions(url=broker.url), cloud, console)
             out, _ = cloud.communicate(timeout=60)
@@ -117,8 +127,10 @@ def watch(broker: BrokerOptions, cloud: subprocess.Popen[bytes], console: Consol
 
 
 def print_summary(summary: JobSummary, console: Console, started: float) -> None:
-    console.print(f"\n[bold]job {summary.job}: {summary.phase.value}[/] in {time.monotonic() - started:.1f} s "
-                  f"(cloud {summary.duration_s:.1f} s)")
+    console.print(
+        f"\n[bold]job {summary.job}: {summary.phase.value}[/] in {time.monotonic() - started:.1f} s "
+        f"(cloud {summary.duration_s:.1f} s)"
+    )
     for node, edge in summary.edges.items():
         per = edge.wire_bytes / edge.samples if edge.samples else 0
         console.print(f"  {node}: {edge.samples} samples, {edge.wire_bytes:,} bytes on the wire ({per:.1f} B/sample)")

@@ -10,17 +10,25 @@ from common.transport import BrokerOptions, broker_options
 
 def add_broker_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("broker (flags win over --credentials, which wins over MISTNET_* env)")
-    g.add_argument("--broker", metavar="URL", help="mqtt://host:port or mqtts://host:port (default from "
-                   "MISTNET_BROKER, else mqtt://127.0.0.1:1883)")
+    g.add_argument(
+        "--broker",
+        metavar="URL",
+        help="mqtt://host:port or mqtts://host:port (default from MISTNET_BROKER, else mqtt://127.0.0.1:1883)",
+    )
     g.add_argument("--username", help="MQTT user name (env MISTNET_USERNAME)")
     g.add_argument("--password", help="MQTT password (env MISTNET_PASSWORD; prefer --credentials)")
-    g.add_argument("--credentials", type=Path, metavar="FILE",
-                   help="KEY=VALUE file from `mistnet broker init-auth` (MISTNET_USERNAME, MISTNET_PASSWORD, ...)")
+    g.add_argument(
+        "--credentials",
+        type=Path,
+        metavar="FILE",
+        help="KEY=VALUE file from `mistnet broker init-auth` (MISTNET_USERNAME, MISTNET_PASSWORD, ...)",
+    )
     g.add_argument("--ca-file", metavar="FILE", help="CA certificate for mqtts:// (env MISTNET_CA_FILE)")
     g.add_argument("--cert-file", metavar="FILE", help="client certificate for mqtts://")
     g.add_argument("--key-file", metavar="FILE", help="client key for mqtts://")
 
 
 def broker_from_args(args: argparse.Namespace) -> BrokerOptions:
-    return broker_options(args.broker, args.username, args.password, args.credentials, args.ca_file,
-                          args.cert_file, args.key_file)
+    return broker_options(
+        args.broker, args.username, args.password, args.credentials, args.ca_file, args.cert_file, args.key_file
+    )

@@ -54,8 +54,16 @@ class StatusBoard:
             nodes.add_column(col)
         for n in sorted(self.nodes.values(), key=lambda s: s.node):
             total = n.total or 0
-            nodes.add_row(n.node, n.state.value, n.job or "", ProgressBar(total=max(total, 1), completed=n.acked, width=20),
-                          f"{n.acked}/{total}", str(n.skipped), f"{n.wire_bytes:,}", n.message)
+            nodes.add_row(
+                n.node,
+                n.state.value,
+                n.job or "",
+                ProgressBar(total=max(total, 1), completed=n.acked, width=20),
+                f"{n.acked}/{total}",
+                str(n.skipped),
+                f"{n.wire_bytes:,}",
+                n.message,
+            )
         jobs = Table(title="jobs", expand=True)
         for col in ("job", "phase", "epoch", "loss", "metrics", "edges", "message"):
             jobs.add_column(col)
@@ -68,8 +76,12 @@ class StatusBoard:
 
 
 def status_link(broker: BrokerOptions) -> MqttLink:
-    return MqttLink(broker, client_id=f"mistnet-monitor-{uuid.uuid4().hex[:8]}",
-                    subscriptions=[Topics.all_node_status(), Topics.all_job_status()], persistent=False)
+    return MqttLink(
+        broker,
+        client_id=f"mistnet-monitor-{uuid.uuid4().hex[:8]}",
+        subscriptions=[Topics.all_node_status(), Topics.all_job_status()],
+        persistent=False,
+    )
 
 
 def drain(link: MqttLink, board: StatusBoard, timeout_s: float) -> list[NodeStatus | JobStatus]:

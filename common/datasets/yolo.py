@@ -11,6 +11,7 @@ agrees on ids and a split by index is reproducible.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from common.datasets.base import EdgeSample
 from common.errors import DatasetError
@@ -26,17 +27,17 @@ from common.errors import DatasetError
 IMAGE_SUFFIXES = frozenset({".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp"})
 PAD_COLOR = 114
 LABEL_COLUMNS = 5
-_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
 class Letterbox:
-    """Where the original image sits inside the square input: ``x_in = x_orig * ratio + pad_x``."""
+    """Where the original image sits inside the input: ``x_in = x_orig * ratio + pad_x``."""
 
     ratio: float
     pad: tuple[float, float]  # (left, top), fractional as upstream returns it
     orig_hw: tuple[int, int]
-    size: int
+    shape: tuple[int, int]  # input (h, w): square unless rect batches asked for less padding
 
 
 @dataclass(frozen=True)
@@ -121,38 +122,55 @@ def read_labels(path: Path) -> np.ndarray:
     return labels[np.sort(first)]
 
 
-def verify_image(path: Path) -> None:
-    """Cheap header check (no full decode), like upstream's dataset cache scan."""
+def verify_image(path: Path) -> tuple[int, int]:
+    """Cheap header check (no full decode), like upstream's dataset scan; the upright (h, w)."""
     with Image.open(path) as im:
+        rotated = im.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
         im.verify()
-        if min(im.size) < 10:
-            raise ValueError(f"image size {im.size} is under 10 pixels")
+        w, h = im.size
+    if min(w, h) < 10:
+        raise ValueError(f"image size {w}x{h} is under 10 pixels")
+    return (w, h) if rotated else (h, w)
 
 
-def letterbox(image: Image.Image, size: int, color: int = PAD_COLOR) -> tuple[np.ndarray, Letterbox]:
-    """Resize keeping aspect ratio so the long side is ``size``, pad to a square: upstream
-    ``letterbox(auto=False)``. Downscaling averages pixel areas (val.py's cv2.INTER_AREA), upscaling
-    is bilinear (cv2.INTER_LINEAR); returns uint8 HWC RGB and the mapping back."""
+def letterbox(image: Image.Image, size: int, shape: tuple[int, int] | None = None,
+              color: int = PAD_COLOR) -> tuple[np.ndarray, Letterbox]:
+    """Resize keeping aspect ratio so the long side is ``size``, pad to ``shape`` (default a square):
+    upstream ``letterbox(auto=False)``. Downscaling averages pixel areas (val.py's cv2.INTER_AREA),
+    upscaling is bilinear (cv2.INTER_LINEAR); returns uint8 HWC RGB and the mapping back."""
     w0, h0 = image.size
     r = min(size / h0, size / w0)
     new_w, new_h = round(w0 * r), round(h0 * r)
     if (new_w, new_h) != (w0, h0):
         resample = Image.Resampling.BOX if r < 1 else Image.Resampling.BILINEAR
         image = image.resize((new_w, new_h), resample)
-    dw, dh = (size - new_w) / 2, (size - new_h) / 2
+    height, width = shape or (size, size)
+    if new_h > height or new_w > width:
+        raise ValueError(f"a {new_w}x{new_h} image does not fit a {width}x{height} input")
+    dw, dh = (width - new_w) / 2, (height - new_h) / 2
     top, left = round(dh - 0.1), round(dw - 0.1)
-    out = np.full((size, size, 3), color, np.uint8)
+    out = np.full((height, width, 3), color, np.uint8)
     out[top : top + new_h, left : left + new_w] = np.asarray(image, np.uint8)
-    return out, Letterbox(ratio=r, pad=(dw, dh), orig_hw=(h0, w0), size=size)
+    return out, Letterbox(ratio=r, pad=(dw, dh), orig_hw=(h0, w0), shape=(height, width))
+
+
+def rect_shape(aspects: Sequence[float], size: int, stride: int = 32, pad: float = 0.5) -> tuple[int, int]:
+    """Upstream val.py's "rect" input (h, w) for a batch of images with these h/w aspect ratios:
+    the long side stays ``size``, the short side shrinks to the widest image plus half a stride."""
+    lo, hi = min(aspects), max(aspects)
+    rel = (hi, 1.0) if hi < 1 else (1.0, 1 / lo) if lo > 1 else (1.0, 1.0)
+    h, w = (math.ceil(v * size / stride + pad) * stride for v in rel)
+    return h, w
 
 
 def labels_to_letterbox(labels: np.ndarray, box: Letterbox) -> np.ndarray:
     """Original-image normalized (cls, cx, cy, w, h) to the letterboxed image's normalized frame."""
     h0, w0 = box.orig_hw
+    height, width = box.shape
     out = labels.astype(np.float32, copy=True)
-    sx, sy = w0 * box.ratio / box.size, h0 * box.ratio / box.size
-    out[:, 1] = labels[:, 1] * sx + box.pad[0] / box.size
-    out[:, 2] = labels[:, 2] * sy + box.pad[1] / box.size
+    sx, sy = w0 * box.ratio / width, h0 * box.ratio / height
+    out[:, 1] = labels[:, 1] * sx + box.pad[0] / width
+    out[:, 2] = labels[:, 2] * sy + box.pad[1] / height
     out[:, 3] = labels[:, 3] * sx
     out[:, 4] = labels[:, 4] * sy
     return out
@@ -183,14 +201,16 @@ class YoloDataset:
             found = [found[i] for i in indices]
         self.paths = found
         self._labels: list[np.ndarray | None] = []
+        self._sizes: list[tuple[int, int]] = []
         self._errors: dict[int, str] = {}
         for i, path in enumerate(found):
             self._labels.append(self._scan(i, path))
 
     def _scan(self, index: int, path: Path) -> np.ndarray | None:
         try:
-            verify_image(path)
-        except _IMAGE_ERRORS as exc:
+            self._sizes.append(verify_image(path))
+        except Exception as exc:  # decoders of damaged files raise all sorts; the sample is just skipped
+            self._sizes.append((1, 1))
             self._errors[index] = f"unreadable image: {type(exc).__name__}: {exc}"
             return None
         try:
@@ -211,18 +231,23 @@ class YoloDataset:
     def usable(self) -> list[int]:
         return [i for i in range(len(self)) if i not in self._errors]
 
+    def aspect(self, index: int) -> float:
+        """Height / width of the upright image (1.0 for an unreadable one), without decoding it."""
+        h, w = self._sizes[index]
+        return h / w
+
     def source_labels(self, index: int) -> np.ndarray:
         labels = self._labels[index]
         return np.zeros((0, LABEL_COLUMNS), np.float32) if labels is None else labels
 
-    def load(self, index: int, imgsz: int | None = None) -> YoloSample:
+    def load(self, index: int, imgsz: int | None = None, shape: tuple[int, int] | None = None) -> YoloSample:
         """Letterboxed image and labels; on failure a sample with ``image`` None and ``error`` set."""
         path, labels = self.paths[index], self.source_labels(index)
         if index not in self._errors:
             try:
-                pixels, box = letterbox(decode_image(path), imgsz or self.imgsz)
+                pixels, box = letterbox(decode_image(path), imgsz or self.imgsz, shape)
                 return YoloSample(index, path, to_tensor(pixels), labels_to_letterbox(labels, box), labels, box)
-            except _IMAGE_ERRORS as exc:
+            except Exception as exc:  # as in _scan: a damaged file must not stop the run
                 self._errors[index] = f"unreadable image: {type(exc).__name__}: {exc}"
         return YoloSample(index, path, None, labels, labels, None, self._errors[index])
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,21 @@ from broker.launcher import (
     wait_for_port,
 )
 from broker.tls import tls_init
+from common.errors import MistnetError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mistnet.commands.broker ACTION ...``: this command alone, as ``mistnet broker``."""
+    parser = argparse.ArgumentParser(prog="mistnet")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["broker", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args))
+    except MistnetError as exc:
+        print(f"mistnet broker: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 def _csv(value: str) -> list[str]:
@@ -103,6 +120,13 @@ def run(args: argparse.Namespace) -> int:
             raise BrokerError("--config needs mosquitto, which is not installed (apt-get install mosquitto)")
         return _run_amqtt(args)
     workdir = Path(tempfile.mkdtemp(prefix="mistnet-broker-"))
+    try:
+        return _run_mosquitto(args, binary, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_mosquitto(args: argparse.Namespace, binary: str, workdir: Path) -> int:
     if args.config is not None:
         settings = {}
         if args.persistence is not None:
@@ -159,9 +183,9 @@ def _run_amqtt(args: argparse.Namespace) -> int:
     if port_in_use(port, args.bind):
         raise BrokerError(f"port {port} is already in use (another broker?); choose one with --port")
     broker = AmqttBroker(port=port, host=args.bind).start()
-    print(f"mosquitto is not installed: amqtt (MQTT 3.1.1 only, anonymous) running at {broker.url}; "
-          "Ctrl-C stops it", flush=True)
     try:
+        print(f"mosquitto is not installed: amqtt (MQTT 3.1.1 only, anonymous) running at {broker.url}; "
+              "Ctrl-C stops it", flush=True)
         while broker.running:
             time.sleep(0.5)
         return 1
@@ -195,3 +219,7 @@ def run_tls_init(args: argparse.Namespace) -> int:
     print(f"mosquitto listener snippet: {bundle.conf}  (or `broker init-auth --tls-dir {bundle.out}`)")
     print(f"clients: mqtts://{args.hosts[0]}:{args.port} --ca-file {bundle.ca_cert}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

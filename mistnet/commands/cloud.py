@@ -12,9 +12,11 @@ from mistnet.flags import add_broker_flags, broker_from_args
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "cloud", help="run a job: publish it, collect the edges' features, train the tail, report",
+        "cloud",
+        help="run a job: publish it, collect the edges' features, train the tail, report",
         description="Publishes the job and the head weights, collects every edge's features into an on-disk "
-                    "spool, trains the tail, evaluates on held-out data and writes the checkpoint.")
+        "spool, trains the tail, evaluates on held-out data and writes the checkpoint.",
+    )
     p.add_argument("--job", type=Path, required=True, help="job file (native YAML or Sedna manifest)")
     p.add_argument("--workdir", type=Path, help="state directory (spool, resume state); default ./runs/JOB")
     p.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")

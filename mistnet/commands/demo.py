@@ -11,9 +11,11 @@ from typing import Any
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "demo", help="run broker, cloud and edges locally on real data and print the summary",
+        "demo",
+        help="run broker, cloud and edges locally on real data and print the summary",
         description="Starts a broker, a cloud agent and edge agents as separate processes that talk only over "
-                    "MQTT, runs a MistNet job with live progress and prints the summary.")
+        "MQTT, runs a MistNet job with live progress and prints the summary.",
+    )
     p.add_argument("--scenario", choices=["mnist"], default="mnist", help="which job to run")
     p.add_argument("--edges", type=int, default=2, help="number of edge agents (default 2)")
     p.add_argument("--epsilon", type=float, default=100.0, help="LDP budget per bit (default 100)")
@@ -34,8 +36,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.epsilon > 0:
         raise SpecError(f"--epsilon must be > 0, got {args.epsilon}")
     started = time.monotonic()
-    summary = run_demo(DemoOptions(edges=args.edges, epsilon=args.epsilon, epochs=args.epochs,
-                                   workdir=args.workdir, json=args.json))
+    summary = run_demo(
+        DemoOptions(edges=args.edges, epsilon=args.epsilon, epochs=args.epochs, workdir=args.workdir, json=args.json)
+    )
     if args.json:
         sys.stdout.write(summary.model_dump_json() + "\n")
     else:

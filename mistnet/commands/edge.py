@@ -12,12 +12,17 @@ from mistnet.flags import add_broker_flags, broker_from_args
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "edge", help="run an edge agent: extract, privatize and stream features for jobs addressed to a node",
+        "edge",
+        help="run an edge agent: extract, privatize and stream features for jobs addressed to a node",
         description="Connects to the broker, announces the node, waits for jobs addressed to it and streams "
-                    "bit-packed, randomized features of its local data to the cloud.")
+        "bit-packed, randomized features of its local data to the cloud.",
+    )
     p.add_argument("--node", required=True, help="this node's name, as in the job's nodeName")
     p.add_argument("--data", type=Path, help="local dataset (default: the path the job names for this node)")
     p.add_argument("--device", default="cpu", help="torch device for the head (cpu, cuda)")
+    p.add_argument(
+        "--rate-limit", type=float, metavar="BYTES_PER_S", help="cap the average upload rate (metered or shared links)"
+    )
     p.add_argument("--once", action="store_true", help="exit after one job instead of waiting for more")
     add_broker_flags(p)
     p.set_defaults(func=run)
@@ -26,5 +31,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from common.protocol import check_name
 
-    agent = EdgeAgent(check_name("node", args.node), broker_from_args(args), args.data, args.device, args.once)
+    agent = EdgeAgent(
+        check_name("node", args.node), broker_from_args(args), args.data, args.device, args.once, args.rate_limit
+    )
     return agent.serve()

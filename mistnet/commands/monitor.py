@@ -12,9 +12,11 @@ from mistnet.flags import add_broker_flags, broker_from_args
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "monitor", help="live view of nodes and jobs from the MQTT status topics",
+        "monitor",
+        help="live view of nodes and jobs from the MQTT status topics",
         description="Subscribes to the retained node and job status topics and shows progress bars, phases "
-                    "and metrics. With --json, prints one status object per line instead.")
+        "and metrics. With --json, prints one status object per line instead.",
+    )
     p.add_argument("--job", help="only this job (and exit when it finishes)")
     p.add_argument("--json", action="store_true", help="stream one status object per line")
     p.add_argument("--timeout", type=float, default=0, help="stop after this many seconds (0: never)")

@@ -1,0 +1,76 @@
+"""Starting real agent processes for integration tests (the same CLI a user runs)."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mistnet.demo import DemoOptions, prepare_mnist_job
+
+
+def mistnet(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "mistnet.cli", *args], stdout=subprocess.PIPE, stderr=log.open("ab"))
+
+
+def start_edge(node: str, broker_url: str, tmp: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return mistnet("edge", "--node", node, "--broker", broker_url, "--once", *extra, log=tmp / f"{node}.log")
+
+
+def start_cloud(job: Path, broker_url: str, workdir: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return mistnet(
+        "cloud",
+        "--job",
+        str(job),
+        "--broker",
+        broker_url,
+        "--workdir",
+        str(workdir),
+        "--json",
+        *extra,
+        log=workdir.parent / f"cloud-{workdir.name}.log",
+    )
+
+
+def mnist_job(tmp: Path, edges: int = 2, epochs: int = 3, epsilon: float = 100.0) -> Path:
+    return prepare_mnist_job(DemoOptions(edges=edges, epochs=epochs, epsilon=epsilon), tmp)
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def spool_query(workdir: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
+    """Read the cloud's spool from outside (WAL mode lets readers in while it writes)."""
+    path = workdir / "spool.sqlite"
+    if not path.exists():
+        return []
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        return db.execute(sql, params).fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        db.close()
+
+
+def committed_transfers(workdir: Path, node: str) -> int:
+    rows = spool_query(workdir, "SELECT COUNT(*) FROM transfers WHERE node=?", node)
+    return int(rows[0][0]) if rows else 0  # type: ignore[call-overload]
+
+
+def finish(proc: subprocess.Popen[bytes], timeout_s: float) -> bytes:
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return out
