@@ -239,13 +239,12 @@ class Trainer:
     ) -> History:
         start = self.restore_state()
         history.epochs = [e for e in history.epochs if e.epoch <= start]
-        generator = torch.Generator().manual_seed(self.config.seed)
-        for _ in range(start):  # the same shuffles as an uninterrupted run
-            torch.randperm(max(len(self.data), 1), generator=generator)
         if start == 0 and self.config.recalibrate_bn and len(self.data):
             self.recalibrate_batchnorm()
         for epoch in range(start + 1, self.config.epochs + 1):
             t0 = time.monotonic()
+            # One seed per epoch: a resumed job shuffles exactly as an uninterrupted one would.
+            generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
             losses = self.train_epoch(self.loader(generator), epoch, on_step)
             metrics: dict[str, float] = {}
             if epoch % self.config.eval_interval == 0 or epoch == self.config.epochs:

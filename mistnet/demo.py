@@ -1,7 +1,18 @@
-"""``mistnet demo``: broker, cloud and edges as separate processes on this machine, over MQTT only."""
+"""``mistnet demo``: broker, cloud and edges as separate processes on this machine, over MQTT only.
+
+Two scenarios:
+
+- ``mnist`` (default): LeNet-5 pretrained on a public slice of MNIST, edges holding private slices.
+- ``coco128``: the pretrained YOLOv5 checkpoint (default ``../shared/weights/yolov5n.pt``) on COCO128
+  (default ``../shared/data/coco128``). The images are split deterministically into one folder per
+  edge and a held-out folder the cloud evaluates on; the folders hold symlinks to the original
+  images and labels, so no data is copied.
+"""
 
 from __future__ import annotations
 
+import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,32 +23,56 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 from rich.live import Live
+from safetensors.torch import save_file
 
 from broker.launcher import start_embedded_broker
 from cloud_agent.pretrain import pretrain_classifier
-from common.checkpoint import save_checkpoint
 from common.datasets.mnist import load_tensors, prepare_mnist
-from common.errors import MistnetError
-from common.jobfile import to_native
+from common.datasets.yolo import discover_images, img2label_path
+from common.errors import DatasetError, MistnetError, SpecError
 from common.models.lenet import LeNet5
 from common.protocol import JobSummary
 from common.spec import CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec
 from common.transport import BrokerOptions
 from mistnet.monitor import StatusBoard, drain, status_link
 
+SCENARIOS = ("mnist", "coco128")
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DEFAULT_COCO128 = SHARED / "data" / "coco128"
+DEFAULT_YOLO_WEIGHTS = SHARED / "weights" / "yolov5n.pt"
+
+MNIST_EPOCHS = 6
+MNIST_CUT = 2
+COCO_EPOCHS = 30
+COCO_CUT = 4  # edges run layers 0-3, as the reference example
+COCO_IMAGE_SIZE = 320
+COCO_HELD_OUT = 32
+COCO_BATCH_SIZE = 16
+COCO_LEARNING_RATE = 0.01
+COCO_TRANSFER_SAMPLES = 16
+
 
 @dataclass(frozen=True)
 class DemoOptions:
     edges: int = 2
     epsilon: float = 100.0
-    epochs: int = 6
-    cut_layer: int = 2
+    epochs: int | None = None  # None: the scenario's default
+    cut_layer: int | None = None  # None: the scenario's default
     workdir: Path | None = None
     json: bool = False
+    scenario: str = "mnist"
+    data: Path | None = None  # coco128: the YOLO-format dataset to split
+    model: Path | None = None  # coco128: the pretrained YOLOv5 checkpoint
+    image_size: int = COCO_IMAGE_SIZE
+    per_edge: int | None = None  # coco128: images per edge; None: all that the held-out split leaves
+    held_out: int = COCO_HELD_OUT  # coco128: images the cloud keeps for evaluation
+    learning_rate: float | None = None
 
 
 def write_job(spec: JobSpec, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(to_native(spec), sort_keys=False))
+    doc = {"kind": "MistNetJob", **spec.model_dump(mode="json", exclude_none=True)}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
@@ -48,23 +83,115 @@ def prepare_mnist_job(opts: DemoOptions, root: Path) -> Path:
     model = LeNet5()
     pretrain_classifier(model, images, labels)
     weights = root / "lenet5-pretrained.safetensors"
-    save_checkpoint(weights, model.state_dict(), {"arch": "lenet5", "num_classes": 10})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(weights),
+        metadata={"mistnet": '{"arch": "lenet5", "num_classes": 10}'},
+    )
     spec = JobSpec(
         name="mnist-demo",
         model=ModelSpec(arch="lenet5", num_classes=10, pretrained=str(weights)),
-        cut_layer=opts.cut_layer,
+        cut_layer=opts.cut_layer or MNIST_CUT,
         privacy=PrivacySpec(epsilon=opts.epsilon),
         edges=[EdgeSpec(node=f"edge{k}", dataset=str(p), batch_size=64) for k, p in enumerate(split.edges, 1)],
         cloud=CloudSpec(
-            epochs=opts.epochs,
+            epochs=MNIST_EPOCHS if opts.epochs is None else opts.epochs,
             batch_size=64,
-            learning_rate=0.02,
+            learning_rate=opts.learning_rate or 0.02,
             validation=str(split.test),
             output=str(root / "mnist-demo.safetensors"),
         ),
         collect=CollectSpec(timeout_s=120),
     )
     return write_job(spec, root / "job.yaml")
+
+
+# coco128 -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    edges: list[list[Path]]
+    held_out: list[Path]
+
+
+def split_images(images: list[Path], edges: int, per_edge: int | None, held_out: int, seed: int = 0) -> ImageSplit:
+    """A seeded shuffle of the (sorted) images: ``held_out`` for the cloud, then ``per_edge`` per edge
+    (default: the rest, shared equally). The same inputs always give the same split."""
+    if edges < 1 or held_out < 1:
+        raise SpecError(f"need at least one edge and one held-out image, got {edges} and {held_out}")
+    order = sorted(images, key=lambda p: p.as_posix())
+    random.Random(seed).shuffle(order)
+    per = (len(order) - held_out) // edges if per_edge is None else per_edge
+    if per < 1 or held_out + edges * per > len(order):
+        raise DatasetError(f"{len(order)} images cannot give {held_out} held-out images and "
+                           f"{edges} edge(s) x {per if per > 0 else 'at least 1'} images")
+    rest = order[held_out:]
+    return ImageSplit([rest[k * per : (k + 1) * per] for k in range(edges)], order[:held_out])
+
+
+def link_yolo_folder(images: list[Path], dest: Path) -> Path:
+    """``dest/images/*`` and ``dest/labels/*.txt`` as symlinks to the originals (YOLO layout)."""
+    if dest.exists():
+        shutil.rmtree(dest)  # only symlinks of an earlier run: the originals are untouched
+    (dest / "images").mkdir(parents=True)
+    (dest / "labels").mkdir()
+    for image in images:
+        link = dest / "images" / image.name
+        if link.exists():
+            raise DatasetError(f"two images named {image.name}: cannot link both into {dest}")
+        link.symlink_to(image.resolve())
+        label = img2label_path(image)
+        if label.is_file():
+            (dest / "labels" / label.name).symlink_to(label.resolve())
+    return dest
+
+
+def prepare_coco128_job(opts: DemoOptions, root: Path) -> Path:
+    """Per-role dataset folders (symlinks) and the job file for the pretrained YOLOv5 checkpoint."""
+    from common.checkpoint import load_weights
+
+    data = opts.data or DEFAULT_COCO128
+    weights = opts.model or DEFAULT_YOLO_WEIGHTS
+    if not data.exists():
+        raise DatasetError(f"COCO128 not found at {data}: pass --data DIR (YOLO layout: images/ and labels/)")
+    if not weights.is_file():
+        raise MistnetError(f"pretrained YOLOv5 weights not found at {weights}: pass --model PATH")
+    split = split_images(discover_images(data), opts.edges, opts.per_edge, opts.held_out)
+    folders = root / "data"
+    edge_dirs = [link_yolo_folder(imgs, folders / f"edge{k}") for k, imgs in enumerate(split.edges, 1)]
+    validation = link_yolo_folder(split.held_out, folders / "held-out")
+    loaded = load_weights(weights)
+    spec = JobSpec(
+        name="coco128-demo",
+        model=ModelSpec(arch=loaded.arch, num_classes=loaded.num_classes, pretrained=str(weights.resolve()),
+                        image_size=opts.image_size),
+        cut_layer=opts.cut_layer or COCO_CUT,
+        privacy=PrivacySpec(epsilon=opts.epsilon),
+        edges=[EdgeSpec(node=f"edge{k}", dataset=str(d), batch_size=COCO_TRANSFER_SAMPLES)
+               for k, d in enumerate(edge_dirs, 1)],
+        cloud=CloudSpec(
+            epochs=COCO_EPOCHS if opts.epochs is None else opts.epochs,
+            batch_size=COCO_BATCH_SIZE,
+            learning_rate=opts.learning_rate or COCO_LEARNING_RATE,
+            validation=str(validation),
+            output=str(root / "coco128-demo.safetensors"),
+        ),
+        collect=CollectSpec(timeout_s=300),
+    )
+    return write_job(spec, root / "job.yaml")
+
+
+# running -----------------------------------------------------------------------------------------
+
+
+def prepare_job(opts: DemoOptions, root: Path) -> tuple[Path, str]:
+    """The scenario's job file and the job's name."""
+    if opts.scenario == "mnist":
+        return prepare_mnist_job(opts, root), "mnist-demo"
+    if opts.scenario == "coco128":
+        return prepare_coco128_job(opts, root), "coco128-demo"
+    raise SpecError(f"unknown demo scenario {opts.scenario!r}; choose one of {', '.join(SCENARIOS)}")
 
 
 def mistnet_command(*args: str) -> list[str]:
@@ -75,8 +202,10 @@ def run_demo(opts: DemoOptions) -> JobSummary:
     root = opts.workdir or Path(tempfile.mkdtemp(prefix="mistnet-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
-    console.print(f"[bold]MistNet demo[/]: MNIST, {opts.edges} edges, epsilon {opts.epsilon:g}, workdir {root}")
-    job = prepare_mnist_job(opts, root)
+    console.print(
+        f"[bold]MistNet demo[/]: {opts.scenario}, {opts.edges} edges, epsilon {opts.epsilon:g}, workdir {root}"
+    )
+    job, name = prepare_job(opts, root)
     with start_embedded_broker(root / "broker") as broker:
         console.print(f"broker: {broker.kind} at {broker.url}")
         logs = root / "logs"
@@ -97,7 +226,7 @@ def run_demo(opts: DemoOptions) -> JobSummary:
             stderr=(logs / "cloud.log").open("wb"),
         )
         try:
-            watch(BrokerOptions(url=broker.url), cloud, console)
+            watch(BrokerOptions(url=broker.url), cloud, console, name)
             out, _ = cloud.communicate(timeout=60)
         finally:
             for p in [*procs, cloud]:
@@ -110,9 +239,9 @@ def run_demo(opts: DemoOptions) -> JobSummary:
     return JobSummary.model_validate_json(out)
 
 
-def watch(broker: BrokerOptions, cloud: subprocess.Popen[bytes], console: Console) -> None:
+def watch(broker: BrokerOptions, cloud: subprocess.Popen[bytes], console: Console, job: str = "mnist-demo") -> None:
     """Live progress from the status topics until the cloud process ends."""
-    board = StatusBoard("mnist-demo")
+    board = StatusBoard(job)
     link = status_link(broker)
     link.connect()
     try:
@@ -134,6 +263,11 @@ def print_summary(summary: JobSummary, console: Console, started: float) -> None
     for node, edge in summary.edges.items():
         per = edge.wire_bytes / edge.samples if edge.samples else 0
         console.print(f"  {node}: {edge.samples} samples, {edge.wire_bytes:,} bytes on the wire ({per:.1f} B/sample)")
-    for key, value in summary.metrics.items():
-        console.print(f"  {key}: {value:.4f}")
+    metrics = summary.metrics
+    for key, value in metrics.items():
+        if key.endswith("_before"):
+            continue
+        before = metrics.get(f"{key}_before")
+        shown = f"{before:.4f} before training -> {value:.4f} after" if before is not None else f"{value:.4f}"
+        console.print(f"  held-out {key}: {shown}")
     console.print(f"  checkpoint: {summary.checkpoint}")

@@ -18,14 +18,13 @@ from broker.tls import TlsBundle, tls_init
 #                    .url, .credentials[name] -> Path of the NAME.env file, .passwords[name]
 # tls_broker         tls-init output run by a TLS-only mosquitto (anonymous, server auth only):
 #                    .url (mqtts://127.0.0.1:PORT), .tls.ca_cert, .tls.clients["client"]
-# All skip when mosquitto is not installed.
+# All fail (never skip) when mosquitto is not installed: `make test` installs it.
 
-needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
 
 
 def _require_mosquitto() -> None:
     if find_mosquitto() is None:
-        pytest.skip("mosquitto is not installed")
+        pytest.fail("mosquitto is not installed")
 
 
 @pytest.fixture

@@ -142,7 +142,7 @@ def test_wrong_password_and_unknown_user_refused(secured_broker) -> None:
 @pytest.mark.parametrize("hasher", ["python", "mosquitto_passwd"])
 def test_both_hashers_accepted_by_mosquitto(tmp_path: Path, hasher: str) -> None:
     if hasher == "mosquitto_passwd" and not shutil.which("mosquitto_passwd"):
-        pytest.skip("mosquitto_passwd is not installed")
+        pytest.fail("mosquitto_passwd is not installed")
     bundle = init_auth(tmp_path / "a", ["edge1"], hasher=hasher)  # type: ignore[arg-type]
     assert bundle.hasher == hasher
     with mosquitto_from_config(bundle.config, port=free_port(), workdir=tmp_path / "run").start() as m:

@@ -86,7 +86,7 @@ def _interrupt(proc: subprocess.Popen[str], port: int) -> None:
 @pytest.mark.integration
 def test_run_mosquitto_foreground(tmp_path: Path) -> None:
     if find_mosquitto() is None:
-        pytest.skip("mosquitto is not installed")
+        pytest.fail("mosquitto is not installed")
     port = free_port()
     proc = _start("run", "--port", str(port), "--persistence", str(tmp_path / "data"))
     try:
@@ -102,7 +102,7 @@ def test_run_mosquitto_foreground(tmp_path: Path) -> None:
 @pytest.mark.security
 def test_run_init_auth_config_on_another_port(tmp_path: Path) -> None:
     if find_mosquitto() is None:
-        pytest.skip("mosquitto is not installed")
+        pytest.fail("mosquitto is not installed")
     assert main(["init-auth", "--nodes", "edge1", "--out", str(tmp_path / "auth")]) == 0
     port = free_port()
     # run as root, the system mosquitto user could not enter pytest's private tmp dir

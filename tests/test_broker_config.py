@@ -93,10 +93,11 @@ def test_production_config_starts_and_enforces_limits(tmp_path: Path) -> None:
             assert edge1.publish(Topics.features("edge1", "j1"), encode_chunk(chunk)) == SUCCESS
             got = cloud.wait_message(Topics.features("edge1", "j1"))
             assert got is not None and decode_chunk(got.payload).payload == payload
-            # a packet over the limit is refused loudly: the client is disconnected (0x95)
+            # a packet over the limit is refused loudly: the client is disconnected, with 0x95 (packet too
+            # large) when paho reads mosquitto's DISCONNECT before the socket closes, 0x80 when the close wins
             edge1.client.publish(Topics.features("edge1", "j1"), bytes(MAX_PACKET_BYTES + 1), qos=1)
             assert edge1.disconnected.wait(3)
-            assert edge1.disconnect_reason == 0x95
+            assert edge1.disconnect_reason in (0x95, 0x80)
         assert "Config loaded" in broker.log_text() or "running" in broker.log_text()
 
 

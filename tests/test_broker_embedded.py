@@ -24,7 +24,7 @@ def roundtrip(url: str, topic: str = "t/x", payload: bytes = b"hello", retain: b
 
 def test_embedded_prefers_mosquitto(tmp_path: Path) -> None:
     if launcher.find_mosquitto() is None:
-        pytest.skip("mosquitto is not installed")
+        pytest.fail("mosquitto is not installed")
     handle = start_embedded_broker(tmp_path)
     try:
         assert (handle.kind, handle.protocol) == ("mosquitto", "mqttv5")
@@ -67,7 +67,7 @@ def test_amqtt_port_in_use_is_reported(tmp_path: Path) -> None:
 
 def test_local_mosquitto_persists_retained_messages(tmp_path: Path) -> None:
     if launcher.find_mosquitto() is None:
-        pytest.skip("mosquitto is not installed")
+        pytest.fail("mosquitto is not installed")
     with local_mosquitto(tmp_path, persistence=True).start() as first:
         port = first.port
         with Probe(first.url) as p:

@@ -20,7 +20,6 @@ from common.models.yolo import build_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WEIGHTS = SHARED / "weights" / "yolov5n.pt"
-needs_weights = pytest.mark.skipif(not WEIGHTS.is_file(), reason="shared/weights is not beside the checkout")
 
 torch.set_num_threads(2)
 
@@ -40,9 +39,6 @@ def _torch_zip(path: Path, payload: bytes) -> Path:
         zf.writestr("archive/data.pkl", payload)
         zf.writestr("archive/version", "3\n")
     return path
-
-
-@needs_weights
 def test_official_checkpoint_loads_as_float32_yolov5n() -> None:
     w = load_weights(WEIGHTS)
     assert (w.arch, w.num_classes) == ("yolov5n", 80)
@@ -83,9 +79,6 @@ def test_bare_pickle_is_refused_unread(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="bare pickle"):
         load_weights(path)
     assert not marker.exists()
-
-
-@needs_weights
 @pytest.mark.parametrize("keep", [0.5, 0.999])
 def test_truncated_checkpoint_is_refused(tmp_path: Path, keep: float) -> None:
     data = WEIGHTS.read_bytes()

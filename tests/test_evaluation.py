@@ -16,14 +16,11 @@ import torch
 from common.checkpoint import load_model, save_checkpoint
 from common.datasets.yolo import YoloDataset
 from common.detection import non_max_suppression, scale_boxes, xywh2xyxy, xyxy2xywh
-from common.errors import CheckpointError
 from common.evaluation import evaluate_detections, evaluate_model, model_predict_fn, split_predict_fn
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WEIGHTS = SHARED / "weights" / "yolov5n.pt"
 COCO128 = SHARED / "data" / "coco128"
-needs_shared = pytest.mark.skipif(not WEIGHTS.is_file() or not COCO128.is_dir(),
-                                  reason="shared/ (weights, data) is not beside the checkout")
 
 torch.set_num_threads(2)
 
@@ -80,7 +77,7 @@ def test_perfect_detections_score_one_and_none_score_zero() -> None:
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     if not WEIGHTS.is_file():
-        pytest.skip("shared/weights is not beside the checkout")
+        pytest.fail("shared/weights is not beside the checkout")
     return load_model(WEIGHTS)[0].eval()
 
 
@@ -88,7 +85,7 @@ def model() -> torch.nn.Module:
 def small_data(tmp_path: Path) -> Path:
     """Four COCO128 images plus one damaged file, in the COCO128 layout."""
     if not COCO128.is_dir():
-        pytest.skip("shared/data is not beside the checkout")
+        pytest.fail("shared/data is not beside the checkout")
     for sub in ("images", "labels"):
         shutil.copytree(COCO128 / sub / "train2017", tmp_path / sub / "train2017",
                         ignore=lambda _d, names: sorted(names)[4:])
@@ -122,7 +119,6 @@ def _reference_table() -> dict[int, tuple[float, float]]:
 
 
 @pytest.mark.slow
-@needs_shared
 def test_coco128_map_matches_upstream(model: torch.nn.Module) -> None:
     reference = _reference_table()
     data = YoloDataset(COCO128)
@@ -142,9 +138,6 @@ def test_coco128_map_matches_upstream(model: torch.nn.Module) -> None:
 def _args(model: Path, data: Path, **kw: object) -> Namespace:
     return Namespace(model=model, data=data, imgsz=kw.get("imgsz", 256), batch_size=4, square=False,
                      device="cpu", json=kw.get("json", True))
-
-
-@needs_shared
 def test_eval_command_prints_one_json_object(small_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from mistnet.commands.eval import run
 
@@ -154,9 +147,6 @@ def test_eval_command_prints_one_json_object(small_data: Path, capsys: pytest.Ca
     assert out["images"] == 4 and out["imgsz"] == 256 and out["model"] == str(WEIGHTS)
     assert run(_args(WEIGHTS, small_data, json=False)) == 0
     assert "mAP@0.5:0.95" in capsys.readouterr().out
-
-
-@needs_shared
 def test_eval_command_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from mistnet import cli
@@ -167,9 +157,6 @@ def test_eval_command_user_errors_are_one_line(tmp_path: Path, capsys: pytest.Ca
     assert err == [f"mistnet eval: error: model file {tmp_path / 'none.pt'} does not exist"]
     with pytest.raises(SystemExit):
         cli.main(["eval", "--model", str(WEIGHTS), "--data", str(COCO128), "--imgsz", "300"])
-
-
-@needs_shared
 def test_mistnet_checkpoint_is_evaluated_through_its_bits(model: torch.nn.Module, small_data: Path,
                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Metadata with cut_layer makes `mistnet eval` run head -> bits -> tail, not the plain model."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -263,11 +262,6 @@ def test_describe_never_shows_secrets():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    from mistnet.cli import COMMANDS
-
-    missing = [c for c in COMMANDS if importlib.util.find_spec(f"mistnet.commands.{c}") is None]
-    if missing:
-        pytest.skip(f"mistnet.cli cannot start yet: no mistnet.commands.{', '.join(missing)}")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "mistnet.cli", "job", "validate", *args],

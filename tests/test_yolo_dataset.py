@@ -25,7 +25,6 @@ from common.errors import DatasetError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 COCO128 = SHARED / "data" / "coco128"
-needs_coco = pytest.mark.skipif(not COCO128.is_dir(), reason="shared/data is not beside the checkout")
 
 
 def _image(path: Path, w: int = 64, h: int = 48, colour: tuple[int, int, int] = (200, 10, 10)) -> Path:
@@ -38,9 +37,6 @@ def _label(image: Path, text: str) -> None:
     path = img2label_path(image)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-
-
-@needs_coco
 def test_coco128_layout() -> None:
     data = YoloDataset(COCO128)
     assert len(data) == 128 and not data.skipped
@@ -49,9 +45,6 @@ def test_coco128_layout() -> None:
     first = data.paths[0]
     expected = np.loadtxt(COCO128 / "labels" / "train2017" / (first.stem + ".txt"), ndmin=2, dtype=np.float32)
     np.testing.assert_array_equal(data.source_labels(0), expected)
-
-
-@needs_coco
 def test_sedna_layout_finds_the_nested_coco128(tmp_path: Path) -> None:
     root = tmp_path / "data" / "1" / "COCO"
     for sub in ("images", "labels"):

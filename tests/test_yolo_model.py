@@ -20,7 +20,6 @@ WEIGHTS = SHARED / "weights" / "yolov5n.pt"
 COCO128 = SHARED / "data" / "coco128"
 REFERENCE = SHARED / "reference" / "yolov5n_layers.json"
 
-pytestmark = pytest.mark.skipif(not WEIGHTS.is_file(), reason="shared/ (weights, data) is not beside the checkout")
 
 torch.set_num_threads(2)
 

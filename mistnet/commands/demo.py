@@ -14,12 +14,27 @@ def register(sub: Any) -> None:
         "demo",
         help="run broker, cloud and edges locally on real data and print the summary",
         description="Starts a broker, a cloud agent and edge agents as separate processes that talk only over "
-        "MQTT, runs a MistNet job with live progress and prints the summary.",
+        "MQTT, runs a MistNet job with live progress and prints the summary. Scenarios: mnist (LeNet-5 on MNIST "
+        "digits) and coco128 (a pretrained YOLOv5 on COCO128, split between the edges and a held-out set the "
+        "cloud reports mAP on, before and after training).",
     )
-    p.add_argument("--scenario", choices=["mnist"], default="mnist", help="which job to run")
+    p.add_argument("--scenario", choices=["mnist", "coco128"], default="mnist", help="which job to run (default mnist)")
     p.add_argument("--edges", type=int, default=2, help="number of edge agents (default 2)")
     p.add_argument("--epsilon", type=float, default=100.0, help="LDP budget per bit (default 100)")
-    p.add_argument("--epochs", type=int, default=6, help="cloud training epochs")
+    p.add_argument("--epochs", type=int, help="cloud training epochs (default: mnist 6, coco128 30)")
+    p.add_argument("--cut-layer", type=int, help="edges run layers [0, N) (default: mnist 2, coco128 4)")
+    p.add_argument("--learning-rate", type=float, help="cloud learning rate (default: mnist 0.02, coco128 0.01)")
+    p.add_argument(
+        "--data", type=Path,
+        help="coco128: YOLO-format dataset to split (default ../shared/data/coco128 beside the checkout)",
+    )
+    p.add_argument(
+        "--model", type=Path,
+        help="coco128: pretrained YOLOv5 checkpoint (default ../shared/weights/yolov5n.pt beside the checkout)",
+    )
+    p.add_argument("--imgsz", type=int, default=320, help="coco128: input size in pixels (default 320)")
+    p.add_argument("--held-out", type=int, default=32, help="coco128: images kept for the cloud's evaluation")
+    p.add_argument("--per-edge", type=int, help="coco128: images per edge (default: the rest, shared equally)")
     p.add_argument("--workdir", type=Path, help="keep data, logs and checkpoint here (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON summary object on stdout")
     p.set_defaults(func=run)
@@ -35,9 +50,27 @@ def run(args: argparse.Namespace) -> int:
         raise SpecError(f"--edges must be at least 1, got {args.edges}")
     if not args.epsilon > 0:
         raise SpecError(f"--epsilon must be > 0, got {args.epsilon}")
+    if args.epochs is not None and args.epochs < 0:
+        raise SpecError(f"--epochs must be >= 0, got {args.epochs}")
+    if args.imgsz < 32 or args.imgsz % 32:
+        raise SpecError(f"--imgsz must be a positive multiple of 32, got {args.imgsz}")
     started = time.monotonic()
     summary = run_demo(
-        DemoOptions(edges=args.edges, epsilon=args.epsilon, epochs=args.epochs, workdir=args.workdir, json=args.json)
+        DemoOptions(
+            edges=args.edges,
+            epsilon=args.epsilon,
+            epochs=args.epochs,
+            cut_layer=args.cut_layer,
+            learning_rate=args.learning_rate,
+            workdir=args.workdir,
+            json=args.json,
+            scenario=args.scenario,
+            data=args.data,
+            model=args.model,
+            image_size=args.imgsz,
+            held_out=args.held_out,
+            per_edge=args.per_edge,
+        )
     )
     if args.json:
         sys.stdout.write(summary.model_dump_json() + "\n")
