@@ -29,10 +29,13 @@ from common.privacy import binarize
 from common.protocol import (
     Ack,
     CheckpointAnnouncement,
+    Control,
+    ControlAction,
     EdgeProgress,
     EdgeSummary,
     JobAssignment,
     JobPhase,
+    JobState,
     JobStatus,
     JobSummary,
     ModelRef,
@@ -57,6 +60,10 @@ class JobFailed(MistnetError):
     """The job cannot finish (e.g. too few edges delivered before the timeout)."""
 
 
+class JobCancelled(MistnetError):
+    """An operator cancelled the job (``mistnet job cancel``)."""
+
+
 class CloudAgent:
     def __init__(self, spec: JobSpec, broker: BrokerOptions, workdir: Path, device: str = "cpu") -> None:
         self.spec = spec
@@ -73,7 +80,7 @@ class CloudAgent:
         self.link = MqttLink(
             broker,
             client_id=f"mistnet-cloud-{spec.name}",
-            subscriptions=[Topics.all_features(spec.name), Topics.all_node_status()],
+            subscriptions=[Topics.all_features(spec.name), Topics.all_node_status(), Topics.control(spec.name)],
         )
         batch_sizes = {e.node: e.batch_size for e in spec.edges}
         self.collector = Collector(self.spool, spec.name, batch_sizes, self.send_ack)
@@ -101,6 +108,8 @@ class CloudAgent:
         self.spool.set_meta("started", str(started))
         self.link.connect()
         try:
+            if self.phase == JobPhase.CANCELLED:
+                raise JobCancelled("cancelled earlier")
             if self.phase in (JobPhase.PENDING, JobPhase.COLLECTING):
                 self.offer_job()
                 self.collect()
@@ -112,6 +121,9 @@ class CloudAgent:
             self.set_phase(JobPhase.FAILED, str(exc))
             self.withdraw_job()
             raise
+        except JobCancelled as exc:
+            self.cancel_assignments()
+            self.set_phase(JobPhase.CANCELLED, str(exc))
         finally:
             summary = self.summary(time.time() - started)
             self.link.close()
@@ -232,6 +244,10 @@ class CloudAgent:
                 if status.node != ids["node"]:
                     raise ProtocolError(f"status of {status.node!r} on the topic of {ids['node']!r}")
                 self.on_node_status(status)
+            elif kind == "control" and item.payload:
+                control = from_json(Control, item.payload)
+                if control.job == self.spec.name and control.action == ControlAction.CANCEL:
+                    raise JobCancelled(control.reason or "cancelled by an operator")
         except ProtocolError as exc:
             self.collector.rejected[str(exc).split(":")[0]] += 1
             log.warning("rejected message on %s: %s", item.topic, exc)
@@ -285,7 +301,11 @@ class CloudAgent:
             )
             self.publish_status(force=True)
 
-        trainer.fit(history, on_epoch)
+        def on_step(epoch: int, step: int, loss: float) -> None:
+            self.pump(0)  # operator commands (cancel) are honoured mid-epoch
+            self.publish_status()
+
+        trainer.fit(history, on_epoch, on_step)
         self.spool.set_meta("history", history.to_json())
         self.set_phase(JobPhase.EVALUATING)
 
@@ -333,6 +353,14 @@ class CloudAgent:
         return S3Options(
             endpoint_url=s3.endpoint_url, access_key=s3.access_key, secret_key=s3.secret_key, region=s3.region
         )
+
+    def cancel_assignments(self) -> None:
+        """Retained cancelled assignments: a running edge stops, a restarting one does not begin."""
+        head = pack_state(head_state_dict(self.model, self.cut))
+        for edge in self.spec.edges:
+            cancelled = self.assignment(edge.node, head).model_copy(update={"state": JobState.CANCELLED})
+            self.link.publish(Topics.job_assignment(edge.node, self.spec.name), to_json(cancelled), retain=True)
+        self.link.publish(Topics.control(self.spec.name), b"", retain=True)
 
     def withdraw_job(self) -> None:
         """Clear the retained assignment and head so edges do not pick the job up again."""

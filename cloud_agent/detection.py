@@ -42,8 +42,10 @@ class Detection:
 
     def __init__(self, validation: Path | None, image_size: int) -> None:
         if validation is None:
-            raise SpecError("cloud.validation: a detection job needs a held-out image folder (YOLO layout: "
-                            "images/*.jpg with labels/*.txt) to report mAP; set cloud.validation")
+            raise SpecError(
+                "cloud.validation: a detection job needs a held-out image folder (YOLO layout: "
+                "images/*.jpg with labels/*.txt) to report mAP; set cloud.validation"
+            )
         self.image_size = image_size
         self.validation = YoloDataset(validation, image_size)
         self._loss: YoloLoss | None = None
@@ -65,8 +67,14 @@ class Detection:
 
         was_training = model.training
         try:
-            result = evaluate_model(split_predict_fn(model, cut, transform), self.validation, self.image_size,
-                                    EVAL_BATCH_SIZE, rect=False, device=device)
+            result = evaluate_model(
+                split_predict_fn(model, cut, transform),
+                self.validation,
+                self.image_size,
+                EVAL_BATCH_SIZE,
+                rect=False,
+                device=device,
+            )
         finally:
             model.train(was_training)
         return {"map50": float(result["map50"]), "map50_95": float(result["map50_95"])}

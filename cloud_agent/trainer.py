@@ -127,8 +127,13 @@ def lr_factor(step: int, total: int, warmup: int, final: float) -> float:
 
 
 def batchnorm_layers(model: nn.Module, cut: int) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for i, layer in enumerate(layers_of(model)) if i >= cut for m in layer.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    return [
+        m
+        for i, layer in enumerate(layers_of(model))
+        if i >= cut
+        for m in layer.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
 
 
 class Trainer:
@@ -151,7 +156,9 @@ class Trainer:
         self.privatize = privatize
         self.params = freeze_head(model, cut)
         self.optimizer = torch.optim.SGD(
-            param_groups(self.params, config.weight_decay), lr=config.learning_rate, momentum=config.momentum,
+            param_groups(self.params, config.weight_decay),
+            lr=config.learning_rate,
+            momentum=config.momentum,
             nesterov=True,
         )
         self.device_type = torch.device(config.device).type
@@ -311,5 +318,9 @@ class Trainer:
         finally:
             for m, momentum in zip(layers, momenta, strict=True):
                 m.momentum = momentum
-        log.info("re-estimated %d BatchNorm layers of the tail on %d samples (%.1f s)",
-                 len(layers), len(self.data), time.monotonic() - t0)
+        log.info(
+            "re-estimated %d BatchNorm layers of the tail on %d samples (%.1f s)",
+            len(layers),
+            len(self.data),
+            time.monotonic() - t0,
+        )

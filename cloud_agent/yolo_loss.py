@@ -116,8 +116,9 @@ class YoloLoss:
         if len(maps) != self.nl:
             raise ValueError(f"expected {self.nl} detection levels, got {len(maps)} (is the model in training mode?)")
         if targets.dim() != 2 or targets.shape[1] != TARGET_COLUMNS:
-            raise ValueError(f"targets must be [n, {TARGET_COLUMNS}] (image, cls, cx, cy, w, h), got "
-                             f"{list(targets.shape)}")
+            raise ValueError(
+                f"targets must be [n, {TARGET_COLUMNS}] (image, cls, cx, cy, w, h), got {list(targets.shape)}"
+            )
         gains = self.gains.scaled(self.nl, self.nc, self.image_size(maps))
         device = maps[0].device
         targets = self.known_classes(targets.to(device=device, dtype=torch.float32))
@@ -177,8 +178,9 @@ class YoloLoss:
             inverse = scale - gxy
             near_low = (gxy % 1 < bias) & (gxy > 1)
             near_high = (inverse % 1 < bias) & (inverse > 1)
-            use = torch.stack((torch.ones_like(near_low[:, 0]), near_low[:, 0], near_low[:, 1],
-                               near_high[:, 0], near_high[:, 1]))  # [5, m]
+            use = torch.stack(
+                (torch.ones_like(near_low[:, 0]), near_low[:, 0], near_low[:, 1], near_high[:, 0], near_high[:, 1])
+            )  # [5, m]
             which, row = use.nonzero(as_tuple=True)
             cell_xy = gxy[row] - offsets[which]
             gx = cell_xy[:, 0].long().clamp_(0, nx - 1)
@@ -186,13 +188,15 @@ class YoloLoss:
             cells = torch.stack((gx, gy), 1).to(gxy.dtype)
             t = target_idx[row]
             a = anchor_idx[row]
-            out.append(LevelTargets(
-                image=targets[t, 0].long(),
-                anchor=a,
-                gy=gy,
-                gx=gx,
-                box=torch.cat((gxy[row] - cells, gwh[row]), 1),
-                anchor_wh=anchors[a],
-                cls=targets[t, 1].long(),
-            ))
+            out.append(
+                LevelTargets(
+                    image=targets[t, 0].long(),
+                    anchor=a,
+                    gy=gy,
+                    gx=gx,
+                    box=torch.cat((gxy[row] - cells, gwh[row]), 1),
+                    anchor_wh=anchors[a],
+                    cls=targets[t, 1].long(),
+                )
+            )
         return out

@@ -13,6 +13,7 @@ topic                                            direction  format  meaning
 ``{root}/node/{node}/ack/{job}``                 cloud→edge JSON    acknowledgements and resume points
 ``{root}/job/{job}/status``                      cloud→all  JSON    retained job status
 ``{root}/job/{job}/checkpoint``                  cloud→all  JSON    retained checkpoint announcement
+``{root}/job/{job}/control``                     ops→cloud  JSON    operator commands (cancel)
 ===============================================  =========  ======  =====================================
 
 Feature chunks are msgpack envelopes carrying raw bytes; nothing on the wire is ever pickled.
@@ -107,6 +108,10 @@ class Topics:
         return f"{cls.root}/job/{job}/checkpoint"
 
     @classmethod
+    def control(cls, job: str) -> str:
+        return f"{cls.root}/job/{job}/control"
+
+    @classmethod
     def parse(cls, topic: str) -> tuple[str, dict[str, str]]:
         """(kind, ids) of a topic of the tree; ProtocolError for anything else."""
         parts = topic.split("/")
@@ -129,6 +134,8 @@ class Topics:
                 return "job_status", {"job": job}
             case ["job", job, "checkpoint"]:
                 return "checkpoint", {"job": job}
+            case ["job", job, "control"]:
+                return "control", {"job": job}
         raise ProtocolError(f"topic {topic!r} is not part of the protocol")
 
 
@@ -363,6 +370,19 @@ class JobStatus(Message):
     checkpoint: str | None = None
     message: str = ""
     time: float = 0.0
+
+
+class ControlAction(StrEnum):
+    CANCEL = "cancel"
+
+
+class Control(Message):
+    """An operator's command to a job's cloud agent (``mistnet job cancel``)."""
+
+    v: Literal[1] = C.PROTOCOL_VERSION
+    job: Name
+    action: ControlAction
+    reason: str = Field(default="", max_length=500)
 
 
 class CheckpointAnnouncement(Message):

@@ -2,6 +2,8 @@
 
 import json
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -52,3 +54,37 @@ def test_killed_edge_resumes_after_last_acknowledged_transfer(tmp_path, mosquitt
     resumed = [line for line in log.splitlines() if "already committed" in line][-1]
     already = int(resumed.split(",")[-1].split()[0])
     assert already >= before, resumed
+
+
+def test_cancel_stops_cloud_and_edges(tmp_path, mosquitto):
+    job = mnist_job(tmp_path, epochs=1)
+    cloud = start_cloud(job, mosquitto.url, tmp_path / "cloud")
+    slow = start_edge("edge1", mosquitto.url, tmp_path, "--rate-limit", "5000")
+    wait_for(lambda: committed_transfers(tmp_path / "cloud", "edge1") >= 2, 60, "edge1 to start delivering")
+    cancel = subprocess.run([sys.executable, "-m", "mistnet.cli", "job", "cancel", str(job), "--broker", mosquitto.url,
+                             "--reason", "test says stop"], capture_output=True, text=True, timeout=60)
+    assert cancel.returncode == 0, cancel.stderr
+    assert "cancelled" in cancel.stdout
+    summary = json.loads(finish(cloud, 60))
+    assert summary["phase"] == "cancelled" and cloud.returncode == 1
+    assert slow.wait(30) == 0
+    assert committed_transfers(tmp_path / "cloud", "edge1") < 24
+    assert "cancelled" in (tmp_path / "edge1.log").read_text()
+
+
+def test_monitor_json_streams_status_objects(tmp_path, mosquitto):
+    job = mnist_job(tmp_path, epochs=1)
+    monitor = subprocess.Popen([sys.executable, "-m", "mistnet.cli", "monitor", "--job", "mnist-demo", "--json",
+                                "--broker", mosquitto.url, "--timeout", "120"], stdout=subprocess.PIPE, text=True)
+    edges = [start_edge(f"edge{k}", mosquitto.url, tmp_path) for k in (1, 2)]
+    cloud = start_cloud(job, mosquitto.url, tmp_path / "cloud")
+    finish(cloud, 180)
+    out, _ = monitor.communicate(timeout=30)
+    for e in edges:
+        e.wait(30)
+    lines = [json.loads(line) for line in out.splitlines()]
+    phases = [m["phase"] for m in lines if "phase" in m]
+    node_states = {m["state"] for m in lines if "node" in m}
+    assert phases[-1] == "done" and "training" in phases and "collecting" in phases
+    assert {"extracting", "done"} <= node_states
+    assert monitor.returncode == 0

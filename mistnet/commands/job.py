@@ -1,4 +1,5 @@
-"""``mistnet job validate FILE [--json]``: check a job file (native or Sedna) and show what each role runs.
+"""``mistnet job validate FILE``: check a job file (native or Sedna) and show what each role runs;
+``mistnet job cancel FILE``: ask the job's cloud agent to cancel it.
 
 Prints the effective configuration per role — the cloud (epochs, batch size, learning rate, validation
 data, output, cut layer, model) and every edge (node, dataset, batch size, ε) — as tables, or as JSON
@@ -30,6 +31,7 @@ def register(subparsers: Any) -> None:
     validate.add_argument("file", help="job file: a MistNetJob or Sedna manifests (multi-document YAML)")
     validate.add_argument("--json", action="store_true", help="print the configuration as JSON")
     validate.set_defaults(func=run)
+    add_cancel(actions)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,3 +110,60 @@ def render(config: dict[str, Any], source: str, form: str) -> None:
             edge["layers"],
         )
     console.print(edges)
+
+
+def add_cancel(actions: Any) -> None:
+    from mistnet.flags import add_broker_flags
+
+    cancel = actions.add_parser(
+        "cancel",
+        help="cancel a running job",
+        description="Asks the job's cloud agent to cancel it: the cloud marks every edge's assignment cancelled "
+        "(running edges stop, restarting edges do not begin) and ends in phase 'cancelled'.",
+    )
+    cancel.add_argument("file", help="the job file (its name identifies the job)")
+    cancel.add_argument("--reason", default="", help="shown in the job's status")
+    cancel.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the cloud to confirm")
+    add_broker_flags(cancel)
+    cancel.set_defaults(func=run_cancel)
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    import queue
+    import time
+    import uuid
+
+    from common.errors import TransportError
+    from common.jobfile import load_job
+    from common.protocol import Control, ControlAction, JobPhase, JobStatus, Topics, from_json, to_json
+    from common.transport import Inbound, MqttLink
+    from mistnet.flags import broker_from_args
+
+    spec = load_job(args.file)
+    link = MqttLink(
+        broker_from_args(args),
+        client_id=f"mistnet-ops-{uuid.uuid4().hex[:8]}",
+        subscriptions=[Topics.job_status(spec.name)],
+        persistent=False,
+    )
+    link.connect()
+    try:
+        message = Control(job=spec.name, action=ControlAction.CANCEL, reason=args.reason)
+        link.publish(Topics.control(spec.name), to_json(message), retain=True)
+        deadline = time.monotonic() + args.wait
+        while time.monotonic() < deadline:
+            try:
+                item = link.inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if isinstance(item, Inbound) and item.payload:
+                status = from_json(JobStatus, item.payload)
+                if status.phase in (JobPhase.CANCELLED, JobPhase.DONE, JobPhase.FAILED):
+                    print(f"job {spec.name}: {status.phase.value} {status.message}")
+                    return 0 if status.phase == JobPhase.CANCELLED else 1
+    finally:
+        link.close()
+    raise TransportError(
+        f"no cloud agent confirmed the cancellation of {spec.name} within {args.wait:.0f} s; "
+        "the request stays retained and is honoured when it starts"
+    )

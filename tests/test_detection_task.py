@@ -1,0 +1,179 @@
+"""The cloud's detection task (collate, loss, held-out mAP) and the trainer driving it from a spool."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cloud_agent.detection import Detection, targets_of
+from cloud_agent.spool import Spool, StoredSample
+from cloud_agent.tasks import make_task
+from cloud_agent.trainer import History, SpoolFeatures, TrainConfig, Trainer, lr_factor, warmup_steps
+from common.datasets.yolo import YoloEdgeDataset, encode_labels
+from common.errors import DatasetError, SpecError
+from common.models.yolo import build_model
+from common.privacy import BitEncoder, binarize
+from common.protocol import FeatureBatch
+from common.split import run_head, run_tail
+
+torch.set_num_threads(2)
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+WEIGHTS = SHARED / "weights" / "yolov5n.pt"
+COCO128 = SHARED / "data" / "coco128"
+needs_shared = pytest.mark.skipif(not WEIGHTS.is_file() or not COCO128.is_dir(),
+                                  reason="shared/ (weights, data) is not beside the checkout")
+SIZE = 64
+CUT = 4
+
+
+def _folder(root: Path, count: int = 4) -> Path:
+    """A tiny YOLO-layout folder: coloured rectangles with their boxes as labels."""
+    rng = np.random.default_rng(0)
+    for k in range(count):
+        pixels = np.full((48, 64, 3), 114, np.uint8)
+        x0, y0, w, h = 8 + 4 * k, 10, 20, 16
+        pixels[y0 : y0 + h, x0 : x0 + w] = rng.integers(0, 255, 3)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "labels").mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(root / "images" / f"im{k}.jpg", quality=95)
+        cx, cy = (x0 + w / 2) / 64, (y0 + h / 2) / 48
+        (root / "labels" / f"im{k}.txt").write_text(f"{k % 2} {cx:.4f} {cy:.4f} {w / 64:.4f} {h / 48:.4f}\n")
+    return root
+
+
+def _samples(model: torch.nn.Module, folder: Path, node: str = "edge1") -> list[StoredSample]:
+    """What the cloud's spool holds for these images: bits of the head outputs plus encoded labels."""
+    data = YoloEdgeDataset(folder, SIZE)
+    loaded = [data.load(i) for i in range(len(data))]
+    x = torch.stack([s.image for s in loaded if s.image is not None])
+    with torch.no_grad():
+        layout, packed = BitEncoder(100.0, seed=0).encode(run_head(model.eval(), x, CUT))
+    return [StoredSample(node, s.id, s.label, 1, layout, p) for s, p in zip(loaded, packed, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("yolov5n", num_classes=2)
+
+
+def test_needs_a_validation_folder(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="cloud.validation"):
+        Detection(None, SIZE)
+    with pytest.raises(DatasetError):
+        Detection(tmp_path / "missing", SIZE)
+    assert isinstance(make_task("yolov5n", _folder(tmp_path / "v"), SIZE), Detection)
+
+
+def test_targets_carry_the_image_index() -> None:
+    t = targets_of([torch.tensor([[3.0, 0.5, 0.5, 0.2, 0.2]]), torch.zeros((0, 5)),
+                    torch.tensor([[1.0, 0.1, 0.2, 0.3, 0.4], [2.0, 0.5, 0.6, 0.7, 0.8]])])
+    assert t[:, 0].tolist() == [0, 2, 2] and t[:, 1].tolist() == [3, 1, 2]
+    assert targets_of([]).shape == (0, 6)
+
+
+def test_collate_decodes_bits_and_boxes(tmp_path: Path, model: torch.nn.Module) -> None:
+    folder = _folder(tmp_path / "data")
+    samples = _samples(model, folder)
+    task = Detection(folder, SIZE)
+    batch = task.collate(samples)
+    assert list(batch.features) == [3]  # cut 4: the tail reads only layer 3
+    assert batch.features[3].shape == (4, 64, SIZE // 8, SIZE // 8)
+    assert set(batch.features[3].unique().tolist()) <= {0.0, 1.0}
+    assert batch.targets.shape == (4, 6)
+    assert batch.targets[:, 0].tolist() == [0, 1, 2, 3] and batch.targets[:, 1].tolist() == [0, 1, 0, 1]
+    # Labels are normalized to the square letterbox: a 64x48 image is padded 8 px top and bottom.
+    assert batch.targets[0, 3].item() == pytest.approx((18 * 48 / 64 + 8) / 64, abs=1e-3)
+    with torch.no_grad():
+        model.train()
+        output = run_tail(model, batch.features, CUT)
+    loss, parts = task.loss(model, output, batch.targets)
+    assert math.isfinite(float(loss)) and set(parts) == {"box", "obj", "cls"}
+
+
+def test_evaluate_reports_finite_map_on_a_tiny_folder(tmp_path: Path, model: torch.nn.Module) -> None:
+    task = Detection(_folder(tmp_path / "val"), SIZE)
+    model.train()
+    metrics = task.evaluate(model, CUT, binarize, "cpu")
+    assert set(metrics) == {"map50", "map50_95"}
+    assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in metrics.values())
+    assert model.training  # the trainer's mode is restored
+
+
+@needs_shared
+def test_evaluate_follows_the_split_path_with_pretrained_weights(tmp_path: Path) -> None:
+    from common.checkpoint import load_model
+    from mistnet.demo import link_yolo_folder
+
+    images = sorted((COCO128 / "images" / "train2017").glob("*.jpg"))[:6]
+    task = Detection(link_yolo_folder(images, tmp_path / "val"), 320)
+    pretrained, _ = load_model(WEIGHTS)
+    real = task.evaluate(pretrained, CUT, lambda y: y, "cpu")  # no privacy: the plain model
+    bits = task.evaluate(pretrained, CUT, binarize, "cpu")
+    assert real["map50"] > 0.3
+    assert bits["map50"] < real["map50"] / 2  # the pretrained tail does not understand bits
+
+
+def test_warmup_and_cosine_schedule() -> None:
+    assert warmup_steps(47, 3) == 47  # MNIST test job: one epoch
+    assert warmup_steps(6, 30) == 18  # coco128 demo: three epochs of six steps
+    assert warmup_steps(1000, 50) == 300  # never more than 300 steps
+    assert warmup_steps(2, 2) == 1  # never more than a third of the job
+    total, warm = 100, 10
+    factors = [lr_factor(s, total, warm, 0.01) for s in range(total)]
+    assert factors[0] == pytest.approx(0.1, rel=0.01) and factors[9] == pytest.approx(1.0, abs=0.03)
+    assert all(b <= a for a, b in zip(factors[9:], factors[10:], strict=False))
+    assert factors[-1] == pytest.approx(0.01, abs=0.002)
+
+
+def _spool(tmp_path: Path, samples: list[StoredSample]) -> Spool:
+    spool = Spool(tmp_path / "spool.sqlite")
+    layout = samples[0].layout
+    batch = FeatureBatch(transfer=0, bits=1, layout=layout, ids=[s.id for s in samples],
+                         labels=[s.label for s in samples], data=b"".join(s.features for s in samples))
+    spool.commit_transfer("edge1", batch)
+    return spool
+
+
+def test_trainer_fits_detection_from_the_spool_and_resumes(tmp_path: Path) -> None:
+    folder = _folder(tmp_path / "data", count=6)
+    torch.manual_seed(0)
+    net = build_model("yolov5n", num_classes=2)
+    spool = _spool(tmp_path, _samples(net, folder))
+    task = Detection(folder, SIZE)
+    config = TrainConfig(epochs=3, batch_size=3, learning_rate=0.01, eval_interval=2)
+    head_before = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("model.0.")}
+    trainer = Trainer(net, CUT, task, SpoolFeatures(spool, ["edge1"]), config, tmp_path / "state", binarize)
+    seen: list[int] = []
+    history = trainer.fit(History(), lambda r: seen.append(r.epoch))
+    assert seen == [1, 2, 3] and trainer.step == 6
+    assert all(math.isfinite(v) for e in history.epochs for v in e.losses.values())
+    assert set(history.epochs[1].metrics) == {"map50", "map50_95"} and not history.epochs[0].metrics
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in head_before.items())  # the head is frozen
+    # A new trainer on the same state directory has nothing left to do.
+    again = Trainer(net, CUT, task, SpoolFeatures(spool, ["edge1"]), config, tmp_path / "state", binarize)
+    assert again.fit(History.from_json(history.to_json()), lambda r: seen.append(r.epoch)).epochs[-1].epoch == 3
+    assert seen == [1, 2, 3] and again.step == 6
+    assert json.loads(history.to_json())[0]["epoch"] == 1
+    # Resuming after epoch 1 replays epochs 2-3 only, at the same schedule position.
+    config5 = TrainConfig(epochs=5, batch_size=3, learning_rate=0.01)
+    more = Trainer(net, CUT, task, SpoolFeatures(spool, ["edge1"]), config5, tmp_path / "state", binarize)
+    more.fit(History.from_json(history.to_json()), lambda r: seen.append(r.epoch))
+    assert seen[3:] == [4, 5] and more.step == 10
+    spool.close()
+
+
+def test_encode_labels_round_trip_through_collate(tmp_path: Path, model: torch.nn.Module) -> None:
+    folder = _folder(tmp_path / "data", count=2)
+    samples = _samples(model, folder)
+    empty = StoredSample("edge1", 9, encode_labels(np.zeros((0, 5), np.float32)), 1, samples[0].layout,
+                         samples[0].features)
+    batch = Detection(folder, SIZE).collate([samples[0], empty, samples[1]])
+    assert batch.targets[:, 0].tolist() == [0, 2]
