@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import queue
 import time
 from pathlib import Path
 
@@ -220,16 +219,7 @@ class CloudAgent:
     # inbox -------------------------------------------------------------------------------------
 
     def pump(self, timeout_s: float) -> None:
-        try:
-            item = self.link.inbox.get(timeout=timeout_s)
-        except queue.Empty:
-            return
-        while True:
-            self.dispatch(item)
-            try:
-                item = self.link.inbox.get_nowait()
-            except queue.Empty:
-                return
+        self.link.drain(self.dispatch, timeout_s)
 
     def dispatch(self, item: Inbound | LinkEvent) -> None:
         if isinstance(item, LinkEvent):

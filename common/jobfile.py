@@ -35,7 +35,6 @@ document (``Kind/name`` or ``document #N``), the field path and the problem, e.g
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -325,13 +324,10 @@ def build_located(data: Mapping[str, Any], origin_for: OriginFor, layer_count: L
 # Effective configuration -------------------------------------------------------------------------------
 
 
-def keep_probability(epsilon: float) -> float:
-    """Randomized response's truthful-bit probability (``common.privacy``'s formula, torch-free)."""
-    return 1.0 / (1.0 + math.exp(-epsilon / 2.0))
-
-
 def describe(spec: JobSpec) -> dict[str, Any]:
     """The configuration each role will run with, defaults filled in; secrets are never included."""
+    from common.privacy import keep_probability
+
     cut = spec.cut_layer
     s3 = spec.transmitter.s3
     transmitter: dict[str, Any]

@@ -12,6 +12,7 @@ import queue
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,19 @@ class MqttLink:
             )
         else:
             self.client.connect(self._host, self._port, keepalive=C.KEEPALIVE_S)
+
+    def drain(self, handle: Callable[[Inbound | LinkEvent], None], timeout_s: float) -> None:
+        """Hand every queued item to ``handle``, waiting up to ``timeout_s`` for the first."""
+        try:
+            item = self.inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return
+        while True:
+            handle(item)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo:
         self._last = self.client.publish(topic, payload, qos=C.QOS, retain=retain)

@@ -8,7 +8,6 @@ by the send window whatever the dataset size.
 from __future__ import annotations
 
 import logging
-import queue
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -135,16 +134,7 @@ class EdgeAgent:
 
     def pump(self, timeout_s: float) -> None:
         """Handle every queued message, waiting up to ``timeout_s`` for the first."""
-        try:
-            item = self.link.inbox.get(timeout=timeout_s)
-        except queue.Empty:
-            return
-        while True:
-            self.dispatch(item)
-            try:
-                item = self.link.inbox.get_nowait()
-            except queue.Empty:
-                return
+        self.link.drain(self.dispatch, timeout_s)
 
     def dispatch(self, item: Inbound | LinkEvent) -> None:
         if isinstance(item, LinkEvent):
