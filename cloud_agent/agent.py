@@ -14,15 +14,18 @@ import time
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
+from cloud_agent import report
 from cloud_agent.checkpoints import load_pretrained, save_model
 from cloud_agent.collector import Collector
 from cloud_agent.spool import Spool
 from cloud_agent.tasks import make_task
 from cloud_agent.trainer import EpochResult, History, SpoolFeatures, TrainConfig, Trainer
 from common import constants as C
-from common.errors import MistnetError, ProtocolError
+from common import metrics
+from common.errors import MistnetError, ProtocolError, SpecError, TransportError
 from common.models.registry import build, default_image_size, is_detector
 from common.privacy import binarize
 from common.protocol import (
@@ -32,6 +35,7 @@ from common.protocol import (
     ControlAction,
     EdgeProgress,
     EdgeSummary,
+    FeatureObject,
     JobAssignment,
     JobPhase,
     JobState,
@@ -40,6 +44,7 @@ from common.protocol import (
     ModelRef,
     NodeState,
     NodeStatus,
+    ObjectStoreRef,
     PrivacyParams,
     Topics,
     from_json,
@@ -48,7 +53,7 @@ from common.protocol import (
 )
 from common.spec import JobSpec, OnTimeout
 from common.split import check_cut, head_state_dict, tail_inputs
-from common.storage import S3Options, put_object
+from common.storage import ObjectStore, S3Options, put_object, s3_options, split_s3
 from common.transport import BrokerOptions, Inbound, LinkEvent, MqttLink
 from common.weights import head_chunks, pack_state
 
@@ -82,7 +87,38 @@ class CloudAgent:
             subscriptions=[Topics.all_features(spec.name), Topics.all_node_status(), Topics.control(spec.name)],
         )
         batch_sizes = {e.node: e.batch_size for e in spec.edges}
-        self.collector = Collector(self.spool, spec.name, batch_sizes, self.send_ack)
+        self.store_ref, self.store = self.object_store()
+        ref = self.store_ref
+        self.collector = Collector(
+            self.spool,
+            spec.name,
+            batch_sizes,
+            self.send_ack,
+            fetch=self.fetch_object if self.store else None,
+            object_prefix=(lambda node: ref.object_prefix(spec.name, node)) if ref else None,
+        )
+
+    def object_store(self) -> tuple[ObjectStoreRef | None, ObjectStore | None]:
+        """The S3 transmitter, when the job names one: what edges are told, and the cloud's client."""
+        s3 = self.spec.transmitter.s3
+        if s3 is None:
+            return None, None
+        bucket, prefix = split_s3(s3.bucket_path)
+        try:
+            ref = ObjectStoreRef(
+                bucket=bucket, prefix=prefix.strip("/"), endpoint_url=s3.endpoint_url, region=s3.region
+            )
+        except ValidationError as exc:
+            raise SpecError(
+                f"transmitter.s3: {s3.bucket_path!r} is not a usable bucket/prefix ({exc.errors()[0]['msg']})"
+            ) from None
+        options = self.s3_options()
+        assert options is not None
+        return ref, ObjectStore(bucket, options)
+
+    def fetch_object(self, claim: FeatureObject) -> bytes:
+        assert self.store is not None
+        return self.store.get(claim.key, claim.size)
 
     def build_model(self) -> nn.Module:
         m = self.spec.model
@@ -117,13 +153,19 @@ class CloudAgent:
             if self.phase == JobPhase.EVALUATING:
                 self.finish()
         except JobFailed as exc:
+            # Reported, not raised: the retained status and the summary name the missing edges and why.
+            log.error("job %s failed: %s", self.spec.name, exc)
+            self.spool.set_meta("message", str(exc))
             self.set_phase(JobPhase.FAILED, str(exc))
             self.withdraw_job()
-            raise
         except JobCancelled as exc:
+            self.spool.set_meta("message", str(exc))
             self.cancel_assignments()
             self.set_phase(JobPhase.CANCELLED, str(exc))
         finally:
+            log.info("job %s: %s", self.spec.name, self.collector.summary())
+            if self.phase in (JobPhase.DONE, JobPhase.FAILED, JobPhase.CANCELLED):
+                self.clean_up_objects()
             summary = self.summary(time.time() - started)
             self.link.close()
             self.spool.close()
@@ -145,6 +187,7 @@ class CloudAgent:
             batch_size=s.edge(node).batch_size,
             head=manifest,
             seed=s.seed,
+            store=self.store_ref,
         )
 
     @property
@@ -177,7 +220,7 @@ class CloudAgent:
         deadline = float(self.spool.get_meta("collect_started") or time.time()) + self.spec.collect.timeout_s
         while True:
             self.pump(0.5)
-            self.publish_status()
+            self.publish_status(message=self.collector.store_error)
             pending = [e.node for e in self.spec.edges if not self.spool.counts(e.node).complete]
             if not pending:
                 break
@@ -189,17 +232,12 @@ class CloudAgent:
             if time.time() > deadline or len(failed) == len(pending):
                 self.give_up_on(pending, failed)
                 break
+        log.info("job %s collected: %s", self.spec.name, self.collector.summary())
         self.set_phase(JobPhase.TRAINING, f"{self.training_samples()} samples from {len(self.delivered())} edge(s)")
 
     def give_up_on(self, pending: list[str], failed: dict[str, str]) -> None:
         for node in pending:
-            counts = self.spool.counts(node)
-            self.missing[node] = failed.get(node) or (
-                f"no data within {self.spec.collect.timeout_s:.0f} s"
-                if counts.samples == 0
-                else f"incomplete: {counts.samples + counts.skipped} of {counts.total} samples within "
-                f"{self.spec.collect.timeout_s:.0f} s"
-            )
+            self.missing[node] = failed.get(node) or self.missing_reason(node)
         self.spool.set_meta("missing", json.dumps(self.missing))
         complete = len(self.spec.edges) - len(pending)
         detail = "; ".join(f"{n}: {r}" for n, r in self.missing.items())
@@ -209,6 +247,24 @@ class CloudAgent:
                 f"{self.spec.collect.min_edges}, on_timeout={self.spec.collect.on_timeout.value}): {detail}"
             )
         log.warning("proceeding without %s", detail)
+
+    def missing_reason(self, node: str) -> str:
+        """Why an edge did not deliver by the timeout, with the last thing it said about itself."""
+        counts = self.spool.counts(node)
+        timeout = f"{self.spec.collect.timeout_s:.0f} s"
+        if counts.samples + counts.skipped == 0:
+            reason = f"no data within {timeout}"
+        else:
+            reason = f"incomplete: {counts.samples + counts.skipped} of {counts.total} samples within {timeout}"
+        seen = self.edge_state.get(node)
+        if seen is None:
+            return reason + "; never seen on the broker"
+        ago = max(0.0, time.time() - seen.time) if seen.time else None
+        when = f" {ago:.0f} s ago" if ago is not None else ""
+        said = f" ({seen.message})" if seen.message else ""
+        if seen.state == NodeState.OFFLINE:
+            return reason + f"; went offline{when}{said}"
+        return reason + f"; last status {seen.state.value}{when}{said}"
 
     def delivered(self) -> list[str]:
         return [e.node for e in self.spec.edges if self.spool.counts(e.node).samples > 0]
@@ -225,6 +281,7 @@ class CloudAgent:
         if isinstance(item, LinkEvent):
             log.info("broker %s", "connected" if item.connected else f"disconnected ({item.reason})")
             return
+        kind = "topic"
         try:
             kind, ids = Topics.parse(item.topic)
             if kind == "features":
@@ -239,8 +296,7 @@ class CloudAgent:
                 if control.job == self.spec.name and control.action == ControlAction.CANCEL:
                     raise JobCancelled(control.reason or "cancelled by an operator")
         except ProtocolError as exc:
-            self.collector.rejected[str(exc).split(":")[0]] += 1
-            log.warning("rejected message on %s: %s", item.topic, exc)
+            self.collector.reject(kind, item.topic, exc)
 
     def on_node_status(self, status: NodeStatus) -> None:
         if status.node not in {e.node for e in self.spec.edges}:
@@ -271,6 +327,10 @@ class CloudAgent:
         )
         trainer = Trainer(self.model, self.cut, task, data, config, self.workdir / "state", self.privatize)
         history = History.from_json(self.spool.get_meta("history"))
+        if history.epochs:
+            # A restart: the trainer reloads workdir/state (model, optimizer, step) of the last epoch.
+            self.last_result = history.epochs[-1]
+            self.epoch = self.last_result.epoch
         if not history.epochs and spec.cloud.epochs > 0:
             before = task.evaluate(self.model, self.cut, self.privatize, self.device)
             self.spool.set_meta("metrics_before", json.dumps(before))
@@ -291,7 +351,14 @@ class CloudAgent:
             )
             self.publish_status(force=True)
 
+        started: list[int] = []
+
         def on_step(epoch: int, step: int, loss: float) -> None:
+            if not started:
+                started.append(epoch)
+                if epoch > 1:
+                    log.info("job %s: resumed training after epoch %d of %d", spec.name, epoch - 1, spec.cloud.epochs)
+                    self.publish_status(message=f"resumed training after epoch {epoch - 1}", force=True)
             self.pump(0)  # operator commands (cancel) are honoured mid-epoch
             self.publish_status()
 
@@ -332,17 +399,32 @@ class CloudAgent:
         self.link.publish(Topics.checkpoint(self.spec.name), to_json(announcement), retain=True)
         self.withdraw_job()
         self.set_phase(JobPhase.DONE, f"checkpoint {url}")
+        report.plot_workdir(self.workdir, self.spool, self.spec.name)
 
     def checkpoint_url(self) -> str:
         return self.spec.cloud.output or str(self.workdir / "final.safetensors")
 
     def s3_options(self) -> S3Options | None:
+        """The job's S3 settings (its Sedna Secret's keys) over the MISTNET_S3_* environment."""
         s3 = self.spec.transmitter.s3
         if s3 is None:
             return None
-        return S3Options(
+        return s3_options(
             endpoint_url=s3.endpoint_url, access_key=s3.access_key, secret_key=s3.secret_key, region=s3.region
         )
+
+    def clean_up_objects(self) -> None:
+        """Delete the job's feature objects (``transmitter.s3.cleanup``), whatever became of the job."""
+        s3 = self.spec.transmitter.s3
+        if self.store is None or self.store_ref is None or s3 is None or not s3.cleanup:
+            return
+        prefix = self.store_ref.job_prefix(self.spec.name)
+        try:
+            deleted = self.store.delete_prefix(prefix)
+        except TransportError as exc:
+            log.warning("feature objects under s3://%s/%s are left behind: %s", self.store.bucket, prefix, exc)
+            return
+        log.info("deleted %d feature object(s) under s3://%s/%s", deleted, self.store.bucket, prefix)
 
     def cancel_assignments(self) -> None:
         """Retained cancelled assignments: a running edge stops, a restarting one does not begin."""
@@ -371,6 +453,7 @@ class CloudAgent:
                 total=counts.total,
                 wire_bytes=counts.wire_bytes,
                 missing_reason=self.missing.get(edge.node, ""),
+                message=seen.message[:500] if seen else "",
             )
         return out
 
@@ -393,6 +476,7 @@ class CloudAgent:
             message=message,
             time=time.time(),
         )
+        metrics.observe_job(status, self.collector.rejected)
         self.link.publish(Topics.job_status(self.spec.name), to_json(status), retain=True)
 
     def summary(self, duration_s: float) -> JobSummary:
@@ -412,4 +496,5 @@ class CloudAgent:
             metrics=self.metrics(),
             checkpoint=self.spool.get_meta("checkpoint"),
             duration_s=round(duration_s, 3),
+            message=self.spool.get_meta("message") or "",
         )

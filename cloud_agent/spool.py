@@ -115,12 +115,16 @@ class Spool:
     def drop_chunks(self, node: str, transfer: int) -> None:
         self.db.execute("DELETE FROM chunks WHERE node=? AND transfer=?", (node, transfer))
 
-    def commit_transfer(self, node: str, batch: FeatureBatch) -> None:
-        """Store a verified transfer's samples and forget its chunks, atomically."""
+    def commit_transfer(self, node: str, batch: FeatureBatch, wire_bytes: int | None = None) -> None:
+        """Store a verified transfer's samples and forget its chunks, atomically. ``wire_bytes``: what
+        the transfer cost (default: the sum over its stored chunks)."""
         with self.transaction() as db:
-            wire = db.execute(
-                "SELECT COALESCE(SUM(wire_bytes), 0) FROM chunks WHERE node=? AND transfer=?", (node, batch.transfer)
-            ).fetchone()[0]
+            wire = wire_bytes
+            if wire is None:
+                wire = db.execute(
+                    "SELECT COALESCE(SUM(wire_bytes), 0) FROM chunks WHERE node=? AND transfer=?",
+                    (node, batch.transfer),
+                ).fetchone()[0]
             layout = json.dumps([f.model_dump() for f in batch.layout])
             keys = batch.keys or [""] * len(batch.ids)
             db.executemany(
@@ -172,8 +176,10 @@ class Spool:
     # training --------------------------------------------------------------------------------
 
     def rowids(self, nodes: list[str]) -> list[int]:
+        """Samples in (node, id) order, not arrival order: retransmissions, reordering and restarts
+        change when a transfer arrives, never what the trainer sees (same data + seed = same model)."""
         marks = ",".join("?" * len(nodes))
-        rows = self.db.execute(f"SELECT rowid FROM samples WHERE node IN ({marks}) ORDER BY rowid", nodes)
+        rows = self.db.execute(f"SELECT rowid FROM samples WHERE node IN ({marks}) ORDER BY node, id", nodes)
         return [int(r[0]) for r in rows]
 
     def read(self, rowid: int) -> StoredSample:

@@ -16,11 +16,18 @@ RECONNECT_MAX_DELAY_S = 16
 # Chunks stay far below mosquitto 2.1's default 2,000,000-byte max_packet_size.
 DEFAULT_CHUNK_BYTES = 256 * 1024
 MAX_CHUNK_BYTES = 1024 * 1024
+# The smallest chunk size a job may set: a transfer of N bytes has at most ceil(N / this) chunks.
+MIN_CHUNK_BYTES = 1024
 ENVELOPE_OVERHEAD_BYTES = 512
 # Application-level window: chunks sent but not yet acknowledged by the cloud.
 DEFAULT_WINDOW_CHUNKS = 16
 # Resend a chunk whose acknowledgement has not arrived after this long.
 RETRANSMIT_AFTER_S = 10.0
+# Retrying a failed object-store upload: first delay, doubled up to the maximum.
+STORE_RETRY_MIN_S = 1.0
+STORE_RETRY_MAX_S = 30.0
+# Objects at least this large are uploaded in parts of this size (S3 multipart upload; minimum 5 MiB).
+MULTIPART_BYTES = 8 * 1024 * 1024
 # Upper bounds checked before anything is allocated.
 MAX_TRANSFER_BYTES = 256 * 1024 * 1024
 MAX_CHUNKS_PER_TRANSFER = MAX_TRANSFER_BYTES // 1024
@@ -28,6 +35,10 @@ MAX_SAMPLES_PER_TRANSFER = 4096
 MAX_FEATURE_ELEMENTS = 64 * 1024 * 1024
 MAX_JSON_MESSAGE_BYTES = 1024 * 1024
 MAX_HEAD_BYTES = 512 * 1024 * 1024
+# Head chunks an edge buffers for jobs it has no assignment for yet (retained order is not guaranteed).
+MAX_UNASSIGNED_HEAD_BYTES = 64 * 1024 * 1024
+# Object keys of the S3 transmitter (claim-check): at most this long.
+MAX_OBJECT_KEY_CHARS = 1024
 
 # Jobs --------------------------------------------------------------------------------------------
 DEFAULT_EPSILON = 100.0

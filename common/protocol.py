@@ -9,14 +9,16 @@ topic                                            direction  format  meaning
 ``{root}/node/{node}/status``                    edge→all   JSON    retained birth / progress / last will
 ``{root}/node/{node}/jobs/{job}``                cloud→edge JSON    retained job assignment (empty = withdrawn)
 ``{root}/node/{node}/head/{job}/{seq}``          cloud→edge msgpack retained head-weight chunks
-``{root}/node/{node}/features/{job}``            edge→cloud msgpack feature chunks
+``{root}/node/{node}/features/{job}``            edge→cloud msgpack feature chunks, or object claims (S3)
 ``{root}/node/{node}/ack/{job}``                 cloud→edge JSON    acknowledgements and resume points
 ``{root}/job/{job}/status``                      cloud→all  JSON    retained job status
 ``{root}/job/{job}/checkpoint``                  cloud→all  JSON    retained checkpoint announcement
 ``{root}/job/{job}/control``                     ops→cloud  JSON    operator commands (cancel)
 ===============================================  =========  ======  =====================================
 
-Feature chunks are msgpack envelopes carrying raw bytes; nothing on the wire is ever pickled.
+Feature chunks are msgpack envelopes carrying raw bytes; nothing on the wire is ever pickled. With
+the S3 transmitter a transfer's bytes go to an object store and the features topic carries only a
+:class:`FeatureObject` claim (key, size, sha256).
 Status, acknowledgement and checkpoint messages are JSON so any MQTT tool can read them.
 """
 
@@ -171,6 +173,7 @@ class NodeStatus(Message):
     skipped: int = Field(default=0, ge=0)
     wire_bytes: int = Field(default=0, ge=0)
     resent_chunks: int = Field(default=0, ge=0)
+    resent_bytes: int = Field(default=0, ge=0)
     message: str = ""
     time: float = 0.0
 
@@ -204,6 +207,26 @@ class JobState(StrEnum):
     CANCELLED = "cancelled"
 
 
+class ObjectStoreRef(Message):
+    """Where an edge puts its transfers when the job uses the S3 transmitter (claim-check).
+
+    Never credentials: an edge signs its uploads with keys from its own environment or
+    credentials file, so no secret ever crosses the broker.
+    """
+
+    bucket: str = Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.-]+[a-z0-9]$")
+    prefix: str = Field(default="", max_length=256, pattern=r"^[A-Za-z0-9_.\-/]*$")
+    endpoint_url: str | None = Field(default=None, max_length=512)
+    region: str | None = Field(default=None, max_length=64)
+
+    def object_prefix(self, job: str, node: str) -> str:
+        """Every object of one edge for one job lives under this key prefix."""
+        return "/".join(p for p in (self.prefix.strip("/"), job, node) if p) + "/"
+
+    def job_prefix(self, job: str) -> str:
+        return "/".join(p for p in (self.prefix.strip("/"), job) if p) + "/"
+
+
 class JobAssignment(Message):
     """Retained per node: everything an edge needs to run its part of a job."""
 
@@ -215,18 +238,28 @@ class JobAssignment(Message):
     privacy: PrivacyParams
     dataset: str
     batch_size: int = Field(ge=1, le=C.MAX_SAMPLES_PER_TRANSFER)
-    chunk_bytes: int = Field(default=C.DEFAULT_CHUNK_BYTES, ge=1024, le=C.MAX_CHUNK_BYTES)
+    chunk_bytes: int = Field(default=C.DEFAULT_CHUNK_BYTES, ge=C.MIN_CHUNK_BYTES, le=C.MAX_CHUNK_BYTES)
     window: int = Field(default=C.DEFAULT_WINDOW_CHUNKS, ge=1, le=1024)
     head: HeadManifest
     seed: int = 0
+    store: ObjectStoreRef | None = None
 
 
 class HeadChunk(Message):
+    """One piece of the head's weights; its own digest lets an edge refuse a damaged piece at once."""
+
     v: Literal[1] = C.PROTOCOL_VERSION
     job: Name
     seq: int = Field(ge=0)
-    total: int = Field(ge=1)
-    payload: bytes
+    total: int = Field(ge=1, le=-(-C.MAX_HEAD_BYTES // C.MIN_CHUNK_BYTES))
+    sha256: Digest
+    payload: bytes = Field(max_length=C.MAX_CHUNK_BYTES)
+
+    @model_validator(mode="after")
+    def _in_range(self) -> HeadChunk:
+        if self.seq >= self.total:
+            raise ValueError(f"seq {self.seq} is not below total {self.total}")
+        return self
 
 
 class Chunk(Message):
@@ -242,6 +275,34 @@ class Chunk(Message):
     sha256: Digest
     transfer_sha256: Digest
     payload: bytes = Field(max_length=C.MAX_CHUNK_BYTES)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Chunk:
+        # A transfer's chunk count is bounded by its claimed size (and MAX_CHUNKS_PER_TRANSFER).
+        if self.seq >= self.total:
+            raise ValueError(f"seq {self.seq} is not below total {self.total}")
+        if self.total > self.size:
+            raise ValueError(f"{self.total} chunks for a transfer of {self.size} bytes")
+        if not 0 < len(self.payload) <= self.size:
+            raise ValueError(f"a {len(self.payload)}-byte chunk of a {self.size}-byte transfer")
+        return self
+
+
+class FeatureObject(Message):
+    """A claim check: one transfer's bytes (a msgpack FeatureBatch) wait in the object store.
+
+    Sent on the features topic instead of chunks when the job uses the S3 transmitter; the cloud
+    downloads the object, checks its size and sha256, commits and acknowledges it as chunk 0 of 1.
+    """
+
+    v: Literal[1] = C.PROTOCOL_VERSION
+    kind: Literal["object"] = "object"
+    job: Name
+    node: Name
+    transfer: int = Field(ge=0)
+    key: str = Field(min_length=1, max_length=C.MAX_OBJECT_KEY_CHARS, pattern=r"^[A-Za-z0-9_.\-/]+$")
+    size: int = Field(ge=1, le=C.MAX_TRANSFER_BYTES)
+    sha256: Digest
 
 
 class AckKind(StrEnum):
@@ -353,6 +414,7 @@ class EdgeProgress(Message):
     total: int | None = None
     wire_bytes: int = 0
     missing_reason: str = ""
+    message: str = ""  # the edge's own last word (e.g. an object-store error it keeps retrying)
 
 
 class JobStatus(Message):
@@ -420,8 +482,12 @@ def to_msgpack(message: Message) -> bytes:
 
 def from_msgpack(cls: type[M], payload: bytes, max_bytes: int) -> M:
     """Decode with msgpack limits set from the payload size, so a bomb cannot allocate."""
+    return _validate(cls, _unpack(cls.__name__, payload, max_bytes))
+
+
+def _unpack(what: str, payload: bytes, max_bytes: int) -> dict[str, Any]:
     if len(payload) > max_bytes:
-        raise ProtocolError(f"{cls.__name__}: {len(payload)} bytes exceeds {max_bytes}")
+        raise ProtocolError(f"{what}: {len(payload)} bytes exceeds {max_bytes}")
     try:
         raw = msgpack.unpackb(
             payload,
@@ -434,9 +500,13 @@ def from_msgpack(cls: type[M], payload: bytes, max_bytes: int) -> M:
             max_ext_len=0,
         )
     except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
-        raise ProtocolError(f"{cls.__name__}: not valid msgpack ({exc})") from None
+        raise ProtocolError(f"{what}: not valid msgpack ({exc})") from None
     if not isinstance(raw, dict):
-        raise ProtocolError(f"{cls.__name__}: expected a map, got {type(raw).__name__}")
+        raise ProtocolError(f"{what}: expected a map, got {type(raw).__name__}")
+    return raw
+
+
+def _validate(cls: type[M], raw: dict[str, Any]) -> M:
     try:
         return cls.model_validate(raw, strict=True)
     except ValidationError as exc:
@@ -456,10 +526,32 @@ def encode_chunk(chunk: Chunk) -> bytes:
 def decode_chunk(payload: bytes) -> Chunk:
     """Parse and verify a chunk's own digest."""
     chunk = from_msgpack(Chunk, payload, C.MAX_CHUNK_BYTES + C.ENVELOPE_OVERHEAD_BYTES)
-    if chunk.seq >= chunk.total:
-        raise ProtocolError(f"chunk seq {chunk.seq} is not below total {chunk.total}")
     if hashlib.sha256(chunk.payload).digest() != chunk.sha256:
         raise ProtocolError(f"chunk {chunk.transfer}/{chunk.seq}: sha256 mismatch")
+    return chunk
+
+
+def decode_features(payload: bytes) -> Chunk | FeatureObject:
+    """A message of the features topic: a chunk, or (``kind: object``) an object claim.
+
+    Only the structure is checked here; the collector verifies digests so it can answer a damaged
+    chunk with a ``rejected`` acknowledgement.
+    """
+    raw = _unpack("features message", payload, C.MAX_CHUNK_BYTES + C.ENVELOPE_OVERHEAD_BYTES)
+    if raw.get("kind") == "object":
+        return _validate(FeatureObject, raw)
+    return _validate(Chunk, raw)
+
+
+def encode_head_chunk(chunk: HeadChunk) -> bytes:
+    return to_msgpack(chunk)
+
+
+def decode_head_chunk(payload: bytes) -> HeadChunk:
+    """Parse a head chunk and verify its own digest."""
+    chunk = from_msgpack(HeadChunk, payload, C.MAX_CHUNK_BYTES + C.ENVELOPE_OVERHEAD_BYTES)
+    if hashlib.sha256(chunk.payload).digest() != chunk.sha256:
+        raise ProtocolError(f"head chunk {chunk.seq}: sha256 mismatch")
     return chunk
 
 
@@ -519,3 +611,4 @@ class JobSummary(Message):
     metrics: dict[str, float]
     checkpoint: str | None
     duration_s: float
+    message: str = ""  # why the job failed or was cancelled

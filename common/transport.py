@@ -12,6 +12,7 @@ import queue
 import ssl
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,45 @@ def broker_options(
         cert_file=cert_file or env.get("MISTNET_CERT_FILE"),
         key_file=key_file or env.get("MISTNET_KEY_FILE"),
     )
+
+
+class Rejections:
+    """Counts refused inbound messages by kind and logs why, without letting a flood fill the log.
+
+    ``counts`` (a Counter keyed by a bounded label: the message kind, never free text) is what
+    metrics and summaries report; each rejection is logged with its reason, at most ``burst`` per
+    ``interval_s``, after which one line says how many more were refused.
+    """
+
+    def __init__(self, logger: logging.Logger, counts: Counter[str], burst: int = 20, interval_s: float = 10.0) -> None:
+        self.log = logger
+        self.counts = counts
+        self.burst = burst
+        self.interval_s = interval_s
+        self._window_start = 0.0
+        self._logged = 0
+        self._suppressed = 0
+        self.unlogged = 0
+
+    def __call__(self, kind: str, topic: str, reason: object) -> None:
+        self.counts[kind] += 1
+        now = time.monotonic()
+        if now - self._window_start > self.interval_s:
+            if self._suppressed:
+                self.log.warning("%d more malformed messages rejected (not logged one by one)", self._suppressed)
+            self._window_start, self._logged, self._suppressed = now, 0, 0
+        if self._logged < self.burst:
+            self._logged += 1
+            self.log.warning("rejected %s message on %s: %s", kind, topic[:200], str(reason)[:300])
+        else:
+            self._suppressed += 1
+            self.unlogged += 1
+
+    def summary(self) -> str:
+        total = sum(self.counts.values())
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
+        text = f"rejected {total} malformed message(s)" + (f" ({detail})" if detail else "")
+        return text + (f", {self.unlogged} of them not logged one by one" if self.unlogged else "")
 
 
 @dataclass(frozen=True)

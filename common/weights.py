@@ -29,9 +29,10 @@ def unpack_state(blob: bytes) -> dict[str, torch.Tensor]:
 def head_chunks(job: str, blob: bytes, chunk_bytes: int) -> tuple[HeadManifest, list[HeadChunk]]:
     total = -(-len(blob) // chunk_bytes)
     manifest = HeadManifest(sha256=hashlib.sha256(blob).hexdigest(), size=len(blob), chunks=total)
+    pieces = [blob[i * chunk_bytes : (i + 1) * chunk_bytes] for i in range(total)]
     parts = [
-        HeadChunk(job=job, seq=i, total=total, payload=blob[i * chunk_bytes : (i + 1) * chunk_bytes])
-        for i in range(total)
+        HeadChunk(job=job, seq=i, total=total, sha256=hashlib.sha256(piece).digest(), payload=piece)
+        for i, piece in enumerate(pieces)
     ]
     return manifest, parts
 

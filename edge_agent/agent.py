@@ -7,6 +7,7 @@ by the send window whatever the dataset size.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -14,26 +15,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import constants as C
-from common.errors import DatasetError, MistnetError, ProtocolError
+from common import metrics
+from common.errors import DatasetError, MistnetError, ProtocolError, TransportError
 from common.models.registry import build
 from common.privacy import BitEncoder
 from common.protocol import (
     Ack,
     AckKind,
-    HeadChunk,
+    FeatureObject,
     JobAssignment,
     JobState,
     NodeState,
     NodeStatus,
     Topics,
+    decode_head_chunk,
     encode_batch,
     from_json,
-    from_msgpack,
     split_transfer,
     to_json,
 )
+from common.storage import ObjectStore, S3Options, s3_options
 from common.tasks import open_edge_dataset
-from common.transport import BrokerOptions, Inbound, LinkEvent, MqttLink
+from common.transport import BrokerOptions, Inbound, LinkEvent, MqttLink, Rejections
 from common.weights import join_head, load_head, unpack_state
 from edge_agent.extractor import Extractor
 from edge_agent.sender import SendWindow
@@ -58,6 +61,10 @@ class JobRun:
     acked: set[int] = field(default_factory=set)
     extracted: int = 0
     skipped: int = 0
+    store: ObjectStore | None = None  # the S3 transmitter: transfers go up as objects
+    objects: dict[int, tuple[FeatureObject, bytes]] = field(default_factory=dict)  # claims not yet acknowledged
+    reupload: dict[int, float] = field(default_factory=dict)  # rejected claims: transfer -> next attempt
+    store_delay: float = C.STORE_RETRY_MIN_S
 
     @property
     def transfers(self) -> int:
@@ -83,8 +90,12 @@ class EdgeAgent:
         device: str = "cpu",
         once: bool = False,
         rate_limit: float | None = None,
+        s3_credentials: Path | None = None,
     ) -> None:
+        """``s3_credentials``: a KEY=VALUE file with MISTNET_S3_* values (else the environment) for jobs
+        with the S3 transmitter; S3 credentials never come over MQTT."""
         self.node = node
+        self.s3_credentials = s3_credentials
         self.rate_limit = rate_limit
         self.data = data
         self.device = device
@@ -93,6 +104,7 @@ class EdgeAgent:
         self.heads: dict[str, dict[int, bytes]] = {}
         self.finished: set[str] = set()
         self.rejected: Counter[str] = Counter()
+        self.reject = Rejections(log, self.rejected)
         self.run_: JobRun | None = None
         self._last_status = 0.0
         self.last_status = NodeStatus(node=node, state=NodeState.OFFLINE)
@@ -116,18 +128,21 @@ class EdgeAgent:
                 if job is not None:
                     self.run_job(job)
         finally:
+            log.info("edge %s stops: %s", self.node, self.reject.summary())
             offline = self.last_status.model_copy(update={"state": NodeState.OFFLINE, "time": time.time()})
             self.link.close(final=(Topics.node_status(self.node), to_json(offline)))
         return 0
 
     def next_runnable(self) -> JobAssignment | None:
         for name, job in self.jobs.items():
-            if (
-                name not in self.finished
-                and job.state == JobState.ACTIVE
-                and len(self.heads.get(name, {})) == job.head.chunks
-            ):
-                return job
+            parts = self.heads.get(name, {})
+            if name in self.finished or job.state != JobState.ACTIVE or len(parts) != job.head.chunks:
+                continue
+            try:
+                join_head(job.head, parts)
+            except ProtocolError:
+                continue  # pieces of an older head: the cloud's republished chunks replace them
+            return job
         return None
 
     # inbox -------------------------------------------------------------------------------------
@@ -140,6 +155,7 @@ class EdgeAgent:
         if isinstance(item, LinkEvent):
             self.on_link_event(item)
             return
+        kind = "topic"
         try:
             kind, ids = Topics.parse(item.topic)
             if ids.get("node") != self.node:
@@ -153,15 +169,16 @@ class EdgeAgent:
             else:
                 raise ProtocolError(f"unexpected {kind} message on {item.topic}")
         except ProtocolError as exc:
-            self.rejected[type(exc).__name__] += 1
-            log.warning("rejected message on %s: %s", item.topic, exc)
+            self.reject(kind, item.topic, exc)
 
     def on_link_event(self, event: LinkEvent) -> None:
         if event.connected:
             log.info("connected")
             self.publish_status(self.current_state(), force=True)
             if self.run_ is not None:
-                self.run_.window.resend_all()
+                # paho resends what the broker never acknowledged; what it did acknowledge and then
+                # lost (a broker restart without persistence) goes again if no ack comes soon.
+                self.run_.window.expedite()
         else:
             log.warning("disconnected (%s); paho reconnects with backoff", event.reason)
 
@@ -174,9 +191,9 @@ class EdgeAgent:
             raise ProtocolError(f"job assignment for {job.job}/{job.node} on topic of {name}/{self.node}")
         if job.state == JobState.CANCELLED:
             self.withdraw(name, "job cancelled by the cloud")
-        known = self.jobs.get(name)
-        if known is not None and known.head != job.head:
-            self.heads.pop(name, None)
+        parts = self.heads.get(name, {})
+        for seq in [s for s in parts if s >= job.head.chunks]:
+            del parts[seq]  # a new head with fewer pieces; the others are overwritten as they arrive
         self.jobs[name] = job
         log.info(
             "job %s assigned (%s, cut %d, epsilon %g)", name, job.model.arch, job.model.cut_layer, job.privacy.epsilon
@@ -192,28 +209,62 @@ class EdgeAgent:
     def on_head_chunk(self, name: str, payload: bytes) -> None:
         if not payload:
             return
-        chunk = from_msgpack(HeadChunk, payload, C.MAX_CHUNK_BYTES + C.ENVELOPE_OVERHEAD_BYTES)
-        if chunk.job != name or chunk.seq >= chunk.total:
+        chunk = decode_head_chunk(payload)
+        if chunk.job != name:
             raise ProtocolError(f"head chunk {chunk.seq}/{chunk.total} of {chunk.job} on topic of {name}")
-        if chunk.total * C.MAX_CHUNK_BYTES > C.MAX_HEAD_BYTES * 2:
-            raise ProtocolError(f"head of {chunk.total} chunks exceeds the size limit")
-        self.heads.setdefault(name, {})[chunk.seq] = chunk.payload
+        parts = self.heads.setdefault(name, {})
+        held = sum(len(p) for seq, p in parts.items() if seq != chunk.seq)
+        if held + len(chunk.payload) > C.MAX_HEAD_BYTES:
+            raise ProtocolError(f"head chunk {chunk.seq} of {name}: more than {C.MAX_HEAD_BYTES} bytes of head")
+        if name not in self.jobs and self.unassigned_head_bytes() + len(chunk.payload) > C.MAX_UNASSIGNED_HEAD_BYTES:
+            raise ProtocolError(f"head chunk of unassigned job {name}: the buffer for unassigned heads is full")
+        parts[chunk.seq] = chunk.payload
+
+    def unassigned_head_bytes(self) -> int:
+        return sum(len(p) for name, parts in self.heads.items() if name not in self.jobs for p in parts.values())
 
     def on_ack(self, ack: Ack) -> None:
         run = self.run_
         if run is None or ack.job != run.job.job or ack.node != self.node:
             return
         if ack.kind == AckKind.RESUME:
+            streaming = run.resume is not None
             run.resume = ack
+            if streaming:
+                self.on_cloud_restart(run)
         elif ack.kind == AckKind.REJECTED and ack.transfer is not None and ack.seq is not None:
-            log.info("cloud rejected chunk %d/%d (%s): resending", ack.transfer, ack.seq, ack.reason)
-            run.window.resend(ack.transfer, ack.seq)
+            if ack.transfer in run.objects and run.window.in_flight(ack.transfer, ack.seq):
+                log.warning("cloud rejected object of transfer %d (%s): uploading it again", ack.transfer, ack.reason)
+                run.reupload.setdefault(ack.transfer, 0.0)
+            else:
+                log.info("cloud rejected chunk %d/%d (%s): resending", ack.transfer, ack.seq, ack.reason)
+                run.window.resend(ack.transfer, ack.seq)
         elif ack.kind == AckKind.CHUNK and ack.transfer is not None:
             if ack.seq is not None:
                 run.window.acknowledge(ack.transfer, ack.seq)
             if ack.transfer_done:
                 run.window.forget_transfer(ack.transfer)
                 run.acked.add(ack.transfer)
+                run.objects.pop(ack.transfer, None)
+                run.reupload.pop(ack.transfer, None)
+
+    def on_cloud_restart(self, run: JobRun) -> None:
+        """A resume point in mid-stream: the cloud (re)started. Whatever it lists is stored; the rest
+        still in flight goes again soon (the broker may have queued it for the cloud, or not)."""
+        stored = run.already_committed() & set(range(run.transfers))
+        for transfer in stored - run.acked:
+            run.window.forget_transfer(transfer)
+            run.objects.pop(transfer, None)
+            run.reupload.pop(transfer, None)
+        run.acked |= stored
+        run.window.expedite()
+        log.info(
+            "cloud resumed job %s holding %d of %d transfers; %d chunk(s) in flight will be resent if not acknowledged",
+            run.job.job,
+            len(stored),
+            run.transfers,
+            run.window.pending,
+        )
 
     # job ---------------------------------------------------------------------------------------
 
@@ -223,12 +274,13 @@ class EdgeAgent:
             self.stream(self.run_)
             self.publish_status(NodeState.DONE, force=True)
             log.info(
-                "job %s done: %d samples acknowledged, %d skipped, %d bytes, %d chunks resent",
+                "job %s done: %d samples acknowledged, %d skipped, %d bytes, %d chunks resent (%d bytes)",
                 job.job,
                 self.run_.acked_samples(),
                 self.run_.skipped,
                 self.run_.window.wire_bytes,
                 self.run_.window.resent,
+                self.run_.window.resent_bytes,
             )
         except JobCancelled:
             self.publish_status(NodeState.CANCELLED, force=True)
@@ -254,8 +306,25 @@ class EdgeAgent:
             model, job.model.cut_layer, BitEncoder(job.privacy.epsilon), dataset, job.batch_size, self.device
         )
         topic = Topics.features(self.node, job.job)
-        window = SendWindow(lambda payload: self._publish_chunk(topic, payload), job.window, rate_limit=self.rate_limit)
-        return JobRun(job, extractor, window)
+        window = SendWindow(
+            lambda payload: self._publish_chunk(topic, payload),
+            job.window,
+            rate_limit=self.rate_limit,
+            connected=lambda: self.link.connected,
+        )
+        store = None
+        if job.store is not None:
+            local = s3_options(credentials=self.s3_credentials)
+            options = S3Options(
+                endpoint_url=local.endpoint_url or job.store.endpoint_url,
+                access_key=local.access_key,
+                secret_key=local.secret_key,
+                region=local.region or job.store.region,
+            )
+            store = ObjectStore(job.store.bucket, options, attempts=2)
+            where = f"s3://{job.store.bucket}/{job.store.object_prefix(job.job, self.node)}"
+            log.info("job %s: transfers go to %s", job.job, where)
+        return JobRun(job, extractor, window, store=store)
 
     def _publish_chunk(self, topic: str, payload: bytes) -> None:
         self.link.publish(topic, payload)
@@ -275,9 +344,13 @@ class EdgeAgent:
             batch = run.extractor.extract(transfer)
             run.extracted += len(batch.ids)
             run.skipped += len(batch.skipped)
-            for chunk in split_transfer(run.job.job, self.node, transfer, encode_batch(batch), run.job.chunk_bytes):
+            if run.store is not None:
                 self.wait_for_room(run)
-                run.window.send(chunk)
+                run.window.send_object(self.upload(run, transfer, encode_batch(batch)))
+            else:
+                for chunk in split_transfer(run.job.job, self.node, transfer, encode_batch(batch), run.job.chunk_bytes):
+                    self.wait_for_room(run)
+                    run.window.send(chunk)
             self.publish_status(NodeState.EXTRACTING)
         while not run.complete():
             self.tick(run)
@@ -301,6 +374,59 @@ class EdgeAgent:
         if run.job.state == JobState.CANCELLED:
             raise JobCancelled(run.job.job)
         run.window.resend_overdue()
+        self.retry_rejected_objects(run)
+
+    # S3 transmitter ----------------------------------------------------------------------------
+
+    def upload(self, run: JobRun, transfer: int, blob: bytes) -> FeatureObject:
+        """Put one transfer in the object store, retrying with backoff (reported in the node's
+        status) until it succeeds or the job is cancelled; there is no fallback to MQTT chunks."""
+        assert run.store is not None and run.job.store is not None
+        digest = hashlib.sha256(blob).digest()
+        key = f"{run.job.store.object_prefix(run.job.job, self.node)}{transfer:06d}-{digest.hex()[:16]}.msgpack"
+        claim = FeatureObject(
+            job=run.job.job, node=self.node, transfer=transfer, key=key, size=len(blob), sha256=digest
+        )
+        while (delay := self.try_upload(run, claim, blob)) is not None:
+            self.wait(run, delay)
+        run.objects[transfer] = (claim, blob)
+        return claim
+
+    def try_upload(self, run: JobRun, claim: FeatureObject, blob: bytes) -> float | None:
+        """None when the object is stored, else how long to wait before the next attempt."""
+        assert run.store is not None
+        try:
+            run.store.put(claim.key, blob)
+        except TransportError as exc:
+            delay = run.store_delay
+            message = f"{exc}; retrying in {delay:.0f} s"
+            log.warning("job %s: %s", run.job.job, message)
+            self.publish_status(NodeState.EXTRACTING, message=message, force=True)
+            run.store_delay = min(delay * 2, C.STORE_RETRY_MAX_S)
+            return delay
+        if run.store_delay > C.STORE_RETRY_MIN_S:
+            log.info("job %s: object store reachable again", run.job.job)
+            run.store_delay = C.STORE_RETRY_MIN_S
+            self.publish_status(NodeState.EXTRACTING, force=True)
+        return None
+
+    def retry_rejected_objects(self, run: JobRun) -> None:
+        now = time.monotonic()
+        for transfer, due in list(run.reupload.items()):
+            if due > now or transfer not in run.objects:
+                continue
+            claim, blob = run.objects[transfer]
+            delay = self.try_upload(run, claim, blob)
+            if delay is None:
+                del run.reupload[transfer]
+                run.window.resend(transfer, 0)
+            else:
+                run.reupload[transfer] = now + delay
+
+    def wait(self, run: JobRun, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.tick(run)
 
     # status ------------------------------------------------------------------------------------
 
@@ -323,8 +449,10 @@ class EdgeAgent:
             skipped=run.skipped if run else 0,
             wire_bytes=run.window.wire_bytes if run else 0,
             resent_chunks=run.window.resent if run else 0,
+            resent_bytes=run.window.resent_bytes if run else 0,
             message=message,
             time=time.time(),
         )
         self.last_status = status
+        metrics.observe_node(status, self.rejected)
         self.link.publish(Topics.node_status(self.node), to_json(status), retain=True)

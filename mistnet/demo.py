@@ -44,12 +44,14 @@ DEFAULT_YOLO_WEIGHTS = SHARED / "weights" / "yolov5n.pt"
 
 MNIST_EPOCHS = 6
 MNIST_CUT = 2
-COCO_EPOCHS = 30
+COCO_EPOCHS = 10
 COCO_CUT = 4  # edges run layers 0-3, as the reference example
 COCO_IMAGE_SIZE = 320
 COCO_HELD_OUT = 32
 COCO_BATCH_SIZE = 16
-COCO_LEARNING_RATE = 0.01
+# Fine-tuning on ~100 images memorises them: at 0.01 held-out mAP collapses within a few epochs
+# (see shared/notes/mistnet-utility-measurements.md); 0.001, the Sedna example's rate, keeps it.
+COCO_LEARNING_RATE = 0.001
 COCO_TRANSFER_SAMPLES = 16
 
 
@@ -68,6 +70,7 @@ class DemoOptions:
     per_edge: int | None = None  # coco128: images per edge; None: all that the held-out split leaves
     held_out: int = COCO_HELD_OUT  # coco128: images the cloud keeps for evaluation
     learning_rate: float | None = None
+    batch_size: int | None = None  # cloud training batch; None: the scenario's default
 
 
 def write_job(spec: JobSpec, path: Path) -> Path:
@@ -96,7 +99,7 @@ def prepare_mnist_job(opts: DemoOptions, root: Path) -> Path:
         edges=[EdgeSpec(node=f"edge{k}", dataset=str(p), batch_size=64) for k, p in enumerate(split.edges, 1)],
         cloud=CloudSpec(
             epochs=MNIST_EPOCHS if opts.epochs is None else opts.epochs,
-            batch_size=64,
+            batch_size=opts.batch_size or 64,
             learning_rate=opts.learning_rate or 0.02,
             validation=str(split.test),
             output=str(root / "mnist-demo.safetensors"),
@@ -124,8 +127,10 @@ def split_images(images: list[Path], edges: int, per_edge: int | None, held_out:
     random.Random(seed).shuffle(order)
     per = (len(order) - held_out) // edges if per_edge is None else per_edge
     if per < 1 or held_out + edges * per > len(order):
-        raise DatasetError(f"{len(order)} images cannot give {held_out} held-out images and "
-                           f"{edges} edge(s) x {per if per > 0 else 'at least 1'} images")
+        raise DatasetError(
+            f"{len(order)} images cannot give {held_out} held-out images and "
+            f"{edges} edge(s) x {per if per > 0 else 'at least 1'} images"
+        )
     rest = order[held_out:]
     return ImageSplit([rest[k * per : (k + 1) * per] for k in range(edges)], order[:held_out])
 
@@ -164,15 +169,21 @@ def prepare_coco128_job(opts: DemoOptions, root: Path) -> Path:
     loaded = load_weights(weights)
     spec = JobSpec(
         name="coco128-demo",
-        model=ModelSpec(arch=loaded.arch, num_classes=loaded.num_classes, pretrained=str(weights.resolve()),
-                        image_size=opts.image_size),
+        model=ModelSpec(
+            arch=loaded.arch,
+            num_classes=loaded.num_classes,
+            pretrained=str(weights.resolve()),
+            image_size=opts.image_size,
+        ),
         cut_layer=opts.cut_layer or COCO_CUT,
         privacy=PrivacySpec(epsilon=opts.epsilon),
-        edges=[EdgeSpec(node=f"edge{k}", dataset=str(d), batch_size=COCO_TRANSFER_SAMPLES)
-               for k, d in enumerate(edge_dirs, 1)],
+        edges=[
+            EdgeSpec(node=f"edge{k}", dataset=str(d), batch_size=COCO_TRANSFER_SAMPLES)
+            for k, d in enumerate(edge_dirs, 1)
+        ],
         cloud=CloudSpec(
             epochs=COCO_EPOCHS if opts.epochs is None else opts.epochs,
-            batch_size=COCO_BATCH_SIZE,
+            batch_size=opts.batch_size or COCO_BATCH_SIZE,
             learning_rate=opts.learning_rate or COCO_LEARNING_RATE,
             validation=str(validation),
             output=str(root / "coco128-demo.safetensors"),

@@ -52,7 +52,7 @@ def test_demo_json_meets_its_promises(tmp_path):
     result = mistnet("demo", "--json", "--workdir", str(tmp_path), timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
-    assert set(summary) == {"job", "phase", "edges", "metrics", "checkpoint", "duration_s"}
-    assert summary["phase"] == "done" and len(summary["edges"]) == 2
+    assert set(summary) == {"job", "phase", "edges", "metrics", "checkpoint", "duration_s", "message"}
+    assert summary["phase"] == "done" and len(summary["edges"]) == 2 and summary["message"] == ""
     assert summary["metrics"]["accuracy"] >= 0.90
     assert summary["metrics"]["accuracy"] > summary["metrics"]["accuracy_before"]

@@ -111,12 +111,12 @@ def test_perfect_prediction_scores_far_below_random(model: torch.nn.Module) -> N
         idx = (assigned.image, assigned.anchor, assigned.gy, assigned.gx)
         xy = _logit((assigned.box[:, :2] + 0.5) / 2)
         wh = _logit(torch.sqrt(assigned.box[:, 2:] / assigned.anchor_wh) / 2)
-        maps[level][idx + (slice(0, 2),)] = xy
-        maps[level][idx + (slice(2, 4),)] = wh
-        maps[level][idx + (4,)] = 12.0  # ...except exactly where the targets are
+        maps[level][(*idx, slice(0, 2))] = xy
+        maps[level][(*idx, slice(2, 4))] = wh
+        maps[level][(*idx, 4)] = 12.0  # ...except exactly where the targets are
         cls = torch.full((len(assigned), 3), -12.0)
         cls[torch.arange(len(assigned)), assigned.cls] = 12.0
-        maps[level][idx + (slice(5, 8),)] = cls
+        maps[level][(*idx, slice(5, 8))] = cls
     perfect, parts = loss(maps, t)
     random, _ = loss(_maps(2), t)
     assert parts["box"] < 1e-4 and parts["cls"] < 1e-4 and parts["obj"] < 1e-3

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from common.metrics import add_metrics_flag, serve
 from mistnet.flags import add_broker_flags, broker_from_args
 
 
@@ -21,6 +22,7 @@ def register(sub: Any) -> None:
     p.add_argument("--workdir", type=Path, help="state directory (spool, resume state); default ./runs/JOB")
     p.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON summary object on stdout")
+    add_metrics_flag(p)
     add_broker_flags(p)
     p.set_defaults(func=run)
 
@@ -30,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from common.jobfile import load_job
     from common.protocol import JobPhase
 
+    serve(args.metrics_port)
     spec = load_job(args.job)
     workdir = args.workdir or Path("runs") / spec.name
     summary = CloudAgent(spec, broker_from_args(args), workdir, args.device).run()
@@ -37,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(summary.model_dump_json() + "\n")
     else:
         print(f"job {summary.job}: {summary.phase.value} in {summary.duration_s:.1f} s")
+        if summary.message:
+            print(f"  {summary.message}")
         for node, edge in summary.edges.items():
             print(f"  {node}: {edge.samples} samples, {edge.wire_bytes} bytes {edge.missing_reason}")
         print(f"  metrics: {summary.metrics}")

@@ -21,15 +21,17 @@ def register(sub: Any) -> None:
     p.add_argument("--scenario", choices=["mnist", "coco128"], default="mnist", help="which job to run (default mnist)")
     p.add_argument("--edges", type=int, default=2, help="number of edge agents (default 2)")
     p.add_argument("--epsilon", type=float, default=100.0, help="LDP budget per bit (default 100)")
-    p.add_argument("--epochs", type=int, help="cloud training epochs (default: mnist 6, coco128 30)")
+    p.add_argument("--epochs", type=int, help="cloud training epochs (default: mnist 6, coco128 10)")
     p.add_argument("--cut-layer", type=int, help="edges run layers [0, N) (default: mnist 2, coco128 4)")
-    p.add_argument("--learning-rate", type=float, help="cloud learning rate (default: mnist 0.02, coco128 0.01)")
+    p.add_argument("--learning-rate", type=float, help="cloud learning rate (default: mnist 0.02, coco128 0.001)")
     p.add_argument(
-        "--data", type=Path,
+        "--data",
+        type=Path,
         help="coco128: YOLO-format dataset to split (default ../shared/data/coco128 beside the checkout)",
     )
     p.add_argument(
-        "--model", type=Path,
+        "--model",
+        type=Path,
         help="coco128: pretrained YOLOv5 checkpoint (default ../shared/weights/yolov5n.pt beside the checkout)",
     )
     p.add_argument("--imgsz", type=int, default=320, help="coco128: input size in pixels (default 320)")

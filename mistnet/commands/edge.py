@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from common.metrics import add_metrics_flag, serve
 from edge_agent.agent import EdgeAgent
 from mistnet.flags import add_broker_flags, broker_from_args
 
@@ -24,6 +25,7 @@ def register(sub: Any) -> None:
         "--rate-limit", type=float, metavar="BYTES_PER_S", help="cap the average upload rate (metered or shared links)"
     )
     p.add_argument("--once", action="store_true", help="exit after one job instead of waiting for more")
+    add_metrics_flag(p)
     add_broker_flags(p)
     p.set_defaults(func=run)
 
@@ -31,7 +33,14 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from common.protocol import check_name
 
+    serve(args.metrics_port)
     agent = EdgeAgent(
-        check_name("node", args.node), broker_from_args(args), args.data, args.device, args.once, args.rate_limit
+        check_name("node", args.node),
+        broker_from_args(args),
+        args.data,
+        args.device,
+        args.once,
+        args.rate_limit,
+        s3_credentials=args.credentials,
     )
     return agent.serve()

@@ -1,0 +1,554 @@
+"""Results on disk: one JSON per benchmark plus ``summary.json``, PNG plots, and the markdown page."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+REFERENCE_MB_PER_EDGE = 400.11  # "Received 400.11 MB" for 128 images of yolov5s at 640 (Sedna issue)
+
+GOALS = {
+    "edge_throughput_ratio": (">=", 0.85),
+    "wire_bytes_ratio": ("<=", 1.03),
+    "transport_ratio": (">=", 0.7),
+    "train_throughput_ratio": (">=", 0.9),
+    "edge_peak_rss_mib": ("<=", 1024.0),
+    "edge_rss_growth": ("<=", 1.10),
+    "cloud_rss_growth": ("<=", 1.10),
+}
+
+
+def _finite(x: Any) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+    return v
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """The one object ``mistnet bench --json`` prints."""
+    edge = results["edge"]["scenarios"]
+    train = results["train"]
+    memory = results["memory"]
+    s640 = [s for s in edge if s["scenario"] == "yolov5s@640"]
+    summary: dict[str, Any] = {
+        "profile": results["profile"],
+        "device": results["device"],
+        "edge_throughput_ratio": min(s["edge_throughput_ratio"] for s in edge),
+        "edge_overhead_ratio": min(s["edge_overhead_ratio"] for s in edge),
+        "edge_cpu_ratio": min(s["edge_cpu_ratio"] for s in edge),
+        "edge_cpu_overhead_ratio": min(s["edge_cpu_overhead_ratio"] for s in edge),
+        "wire_bytes_ratio": max(s["wire_ratio"] for s in edge),
+        "transport_ratio": results["transport"]["transport_ratio"],
+        "train_throughput_ratio": min(y["train_throughput_ratio"] for y in train["yolo"])
+        if train["yolo"] else train["mnist"]["train_throughput_ratio"],
+        "train_throughput_ratio_mnist": train["mnist"]["train_throughput_ratio"],
+        "edge_peak_rss_mib": memory["edge_peak_rss_mib"],
+        "edge_rss_growth": memory["edge_rss_growth"],
+        "cloud_rss_growth": memory["cloud_rss_growth"],
+        "wire_mb_128_yolov5s_640": s640[0]["wire_bytes_per_image"] * 128 / 1e6 if s640 else None,
+        "scaling_collect_s": {str(r["edges"]): r["collect_s"] for r in results["scaling"]["rows"]},
+        "machine": {k: results["machine"].get(k) for k in ("date", "cpu", "cpus")},
+        "load": results["load"],
+        "seconds": results["seconds"],
+    }
+    summary["goals_met"] = {k: _meets(summary[k], *GOALS[k]) for k in GOALS}
+    return summary
+
+
+def _meets(value: Any, op: str, target: float) -> bool:
+    v = _finite(value)
+    if math.isnan(v):
+        return False
+    return v >= target if op == ">=" else v <= target
+
+
+def write_results(results: dict[str, Any], summary: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key in ("edge", "transport", "train", "memory", "scaling"):
+        path = out / f"{key}.json"
+        path.write_text(json.dumps(results[key], indent=1, default=str) + "\n")
+        written.append(path)
+    meta = {k: results[k] for k in ("profile", "device", "machine", "load", "seconds", "out", "ablation_images")}
+    (out / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return [*written, out / "run.json", out / "summary.json"]
+
+
+# Plots ---------------------------------------------------------------------------------------------
+
+
+def plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: dict[str, Path] = {}
+    edge = results["edge"]["scenarios"]
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    names = [s["scenario"] for s in edge]
+    width = 0.27
+    for i, (key, label) in enumerate((("plain_head_images_per_s", "bare head, plain torch (baseline)"),
+                                      ("prepared_head_images_per_s", "bare head, prepared as the extractor does"),
+                                      ("system_images_per_s", "whole system (acknowledged by the cloud)"))):
+        xs = [j + (i - 1) * width for j in range(len(names))]
+        ax.bar(xs, [s[key] for s in edge], width, label=label)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("images / s (2 edges)")
+    ax.set_title("Edge throughput, medians")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    made["edge"] = _save(fig, out / "edge_throughput.png")
+
+    if results["edge"].get("ablation"):
+        ab = results["edge"]["ablation"][0]
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        steps = ab["steps"]
+        ax.barh([s["step"] for s in steps][::-1], [s["images_per_s"] for s in steps][::-1], color="tab:green")
+        ax.axvline(ab["plain_head_images_per_s"], color="k", ls="--", lw=1, label="bare head, plain torch")
+        ax.set_xlabel("images / s")
+        ax.set_title(f"Extractor optimisations, end to end ({ab['scenario']})")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        made["ablation"] = _save(fig, out / "ablation.png")
+
+    tr = results["transport"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(["raw paho QoS 1", "MistNet protocol"], [tr["raw_mb_per_s"], tr["protocol_mb_per_s"]],
+           color=["tab:gray", "tab:blue"])
+    for i, runs in enumerate((tr["raw_runs"], tr["protocol_runs"])):
+        ax.plot([i] * len(runs), runs, "k.", ms=4)
+    ax.set_ylabel("MB / s")
+    ax.set_title(f"Transport ({tr['chunk_bytes'] // 1024} KiB chunks), ratio {tr['transport_ratio']:.2f}")
+    fig.tight_layout()
+    made["transport"] = _save(fig, out / "transport.png")
+
+    rows = results["scaling"]["rows"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([r["edges"] for r in rows], [r["collect_s"] for r in rows], "o-")
+    ax.set_xlabel("MNIST edges")
+    ax.set_ylabel("collection wall time (s)")
+    ax.set_xticks([r["edges"] for r in rows])
+    ax.set_title(f"Scaling, {results['scaling']['total_samples']} samples in all")
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    made["scaling"] = _save(fig, out / "scaling.png")
+
+    mem = results["memory"]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for ax, part, who in ((axes[0], mem["edge"], "edge"), (axes[1], mem["cloud"], "cloud")):
+        for label, run in part["runs"].items():
+            traces = run["rss_trace"]
+            trace_key = "cloud" if who == "cloud" else next((k for k in traces if k != "cloud"), "")
+            if trace_key and traces.get(trace_key):
+                ax.plot([t for t, _ in traces[trace_key]], [r for _, r in traces[trace_key]],
+                        label=f"{label} ({run['images']} img)")
+        ax.set_title(f"{who} RSS ({part['scenario']})", fontsize=9)
+        ax.set_xlabel("s")
+        ax.set_ylabel("MiB")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    made["memory"] = _save(fig, out / "memory.png")
+    plt.close("all")
+    return made
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# Markdown ------------------------------------------------------------------------------------------
+
+
+def _f(x: Any, nd: int = 2) -> str:
+    v = _finite(x)
+    return "n/a" if math.isnan(v) else f"{v:.{nd}f}"
+
+
+def markdown(results: dict[str, Any], summary: dict[str, Any], images: dict[str, Path], doc: Path) -> str:
+    def rel(p: Path) -> str:
+        return os.path.relpath(p.resolve(), doc.parent.resolve())
+
+    m = results["machine"]
+    load = results["load"]
+    edge = results["edge"]
+    tr = results["transport"]
+    train = results["train"]
+    mem = results["memory"]
+    sc = results["scaling"]
+    ok = summary["goals_met"]
+    mark = {True: "met", False: "**not met**"}
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `mistnet bench` (`make bench`); do not edit by hand. Every figure is a ratio "
+        "against a bare baseline measured in the same run, interleaved (baseline, system, baseline, "
+        "system, ...), reported as the median of the per-pair ratios. Raw numbers: "
+        f"[`bench/results/`]({rel(Path(results['out']))}).",
+        "",
+        f"Run: profile `{results['profile']}`, device `{results['device']}`, {m.get('date')}, "
+        f"{m.get('cpus')} × {m.get('cpu')}, {m.get('memory_gib')} GiB, torch {m.get('torch')}, "
+        f"{m.get('mosquitto', 'mosquitto')}; took {results['seconds'] / 60:.1f} min. Machine load during the run "
+        f"(other work shares it): 1-min load average median {load['loadavg_1min_median']} "
+        f"(max {load['loadavg_1min_max']}) on {load['cpus']} CPUs, total CPU use median "
+        f"{load['cpu_percent_median']}%.",
+        "",
+        "## Summary",
+        "",
+        "| figure | value | goal | |",
+        "|---|---|---|---|",
+        f"| edge throughput ratio (worst scenario; system ÷ bare head in plain torch) | "
+        f"{_f(summary['edge_throughput_ratio'])} | ≥ 0.85 | {mark[ok['edge_throughput_ratio']]} |",
+        f"| edge overhead ratio (system ÷ bare head prepared like the extractor's) | "
+        f"{_f(summary['edge_overhead_ratio'])} | | |",
+        f"| edge CPU ratio (plain head CPU s/img ÷ edge process CPU s/img; robust to load) | "
+        f"{_f(summary['edge_cpu_ratio'])} | | |",
+        f"| edge CPU overhead ratio (prepared head CPU s/img ÷ edge CPU s/img) | "
+        f"{_f(summary['edge_cpu_overhead_ratio'])} | | |",
+        f"| wire bytes ÷ ceil(activation bits / 8), worst scenario | {_f(summary['wire_bytes_ratio'], 4)} | ≤ 1.03 | "
+        f"{mark[ok['wire_bytes_ratio']]} |",
+        f"| transport ratio (protocol ÷ raw paho QoS 1) | {_f(summary['transport_ratio'])} | ≥ 0.7 | "
+        f"{mark[ok['transport_ratio']]} |",
+        f"| training ratio (trainer from spool ÷ plain loop, YOLO, worst) | {_f(summary['train_throughput_ratio'])} | "
+        f"≥ 0.9 | {mark[ok['train_throughput_ratio']]} |",
+        f"| training ratio, LeNet-5/MNIST (data path heaviest) | {_f(summary['train_throughput_ratio_mnist'])} | | |",
+        f"| edge peak RSS, {mem['edge']['scenario']} (MiB) | {_f(summary['edge_peak_rss_mib'], 0)} | ≤ 1024 | "
+        f"{mark[ok['edge_peak_rss_mib']]} |",
+        f"| edge peak RSS growth, {mem['factor']}x data | {_f(summary['edge_rss_growth'], 3)} | ≤ 1.10 | "
+        f"{mark[ok['edge_rss_growth']]} |",
+        f"| cloud peak RSS growth, {mem['factor']}x data (collect + train) | {_f(summary['cloud_rss_growth'], 3)} | "
+        f"≤ 1.10 | {mark[ok['cloud_rss_growth']]} |",
+        "",
+    ]
+    if summary.get("wire_mb_128_yolov5s_640"):
+        lines += [
+            f"Bytes on the wire for 128 images of yolov5s at 640 px (cut 4): "
+            f"**{summary['wire_mb_128_yolov5s_640']:.1f} MB**, against the reference system's "
+            f"{REFERENCE_MB_PER_EDGE} MB per edge (float32 tensors, pickled): "
+            f"{REFERENCE_MB_PER_EDGE / summary['wire_mb_128_yolov5s_640']:.0f}x less.",
+            "",
+        ]
+    lines += [
+        "## Edge throughput and wire efficiency",
+        "",
+        f"COCO128 ({edge['scenarios'][0]['images']} images dealt to {edge['scenarios'][0]['edges']} edges, "
+        f"{edge['scenarios'][0]['threads_per_edge']} intra-op thread(s) each), cut 4, ε = {edge['epsilon']:g} "
+        f"(randomized response really runs), {edge['transfer_batch']} images a transfer, mosquitto on loopback. "
+        "*System*: the real cloud agent and one real `mistnet edge` process per edge; each edge's clock runs "
+        "from the cloud's resume acknowledgement (sent to all edges together once every edge has its head and "
+        "data) to its last transfer committed in the spool. *Baseline*: as many `bench.procs bare` processes "
+        "with the same threads, images and batch: decode, letterbox, head forward in plain torch (eval, "
+        "`no_grad`). *Prepared head*: the same, but the head prepared as the extractor prepares it (BatchNorm "
+        "folded, channels-last, micro-batches), so system ÷ prepared is the pure cost of binarize, randomize, "
+        "pack, chunk, publish and acknowledgement. CPU seconds per image are sampled with psutil over the "
+        "same span; they move much less with other load than wall-clock rates.",
+        "",
+        "| scenario | plain head img/s | prepared head img/s | system img/s | **ratio** (sys ÷ plain) | "
+        "overhead ratio (sys ÷ prepared) | CPU s/img: plain · prepared · edge · cloud · broker | wire B/img | "
+        "activation B/img | **wire ratio** | edge peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in edge["scenarios"]:
+        c = s["cpu_s_per_image"]
+        lines.append(
+            f"| {s['scenario']} | {_f(s['plain_head_images_per_s'])} | {_f(s['prepared_head_images_per_s'])} | "
+            f"{_f(s['system_images_per_s'])} | **{_f(s['edge_throughput_ratio'])}** "
+            f"({_f(s['ratio_spread'][0])}–{_f(s['ratio_spread'][1])}) | {_f(s['edge_overhead_ratio'])} | "
+            f"{_f(c['plain_head'], 3)} · {_f(c['prepared_head'], 3)} · {_f(c['system_edges'], 3)} · "
+            f"{_f(c['system_cloud'], 4)} · {_f(c['system_broker'], 4)} | {_f(s['wire_bytes_per_image'], 0)} | "
+            f"{_f(s['activation_bytes_per_image'], 0)} | **{_f(s['wire_ratio'], 4)}** | "
+            f"{_f(s['edge_peak_rss_mib'], 0)} |"
+        )
+    lines += ["", f"![edge throughput]({rel(images['edge'])})", ""]
+    if edge.get("ablation"):
+        ab = edge["ablation"][0]
+        lines += [
+            f"### What each extractor optimisation is worth ({ab['scenario']}, end to end)",
+            "",
+            "Each row adds one change to the row above (the system as in the table, "
+            f"{ctx_images(results)} images), against the plain-torch bare head measured in the same run.",
+            "",
+            "| step | system img/s | ÷ plain head |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {s['step']} | {_f(s['images_per_s'])} | {_f(s['ratio_to_plain_head'])} |" for s in ab["steps"]]
+        lines += ["", f"![ablation]({rel(images['ablation'])})", ""]
+    lines += [
+        "## Transport",
+        "",
+        f"{tr['megabytes']:.0f} MB as {tr['transfers']} transfers of {tr['transfer_bytes']:,} bytes (16 samples "
+        f"shaped like yolov5s at 640 px), {tr['chunk_bytes'] // 1024} KiB chunks, window {tr['window']}. *System*: "
+        "the real edge send loop (`EdgeAgent.stream`, `SendWindow`) into the real cloud loop "
+        "(`CloudAgent.collect`: `Collector`, SQLite `Spool`), clocked to the last acknowledgement. *Baseline*: "
+        "a raw paho QoS 1 publish loop of the same number of chunk-sized messages to a raw subscriber that only "
+        "counts them, clocked to the subscriber's answer.",
+        "",
+        "| | MB/s (median) | runs | CPU s per MB: sender · receiver · broker |",
+        "|---|---|---|---|",
+    ]
+    cpu = tr["cpu_s_per_mb"]
+    raw_cpu = " · ".join(_f(v, 4) for v in cpu["raw"].values())
+    proto_cpu = " · ".join(_f(v, 4) for v in cpu["protocol"].values())
+    lines += [
+        f"| raw paho QoS 1 | {_f(tr['raw_mb_per_s'], 1)} | {', '.join(_f(x, 0) for x in tr['raw_runs'])} | "
+        f"{raw_cpu} |",
+        f"| MistNet protocol | {_f(tr['protocol_mb_per_s'], 1)} | {', '.join(_f(x, 0) for x in tr['protocol_runs'])} "
+        f"| {proto_cpu} |",
+        f"| **ratio** | **{_f(tr['transport_ratio'])}** | | |",
+        "",
+        f"![transport]({rel(images['transport'])})",
+        "",
+        "## Training",
+        "",
+        "The spool filled with real features (the extractor's output, as the collector commits it). *System*: "
+        "`Trainer.train_epoch` over `Trainer.loader` (`SpoolFeatures`: one SQLite read per sample, bits "
+        "unpacked by the task's `collate`; schedule, clipping, the task's loss). *Baseline*: the same tail, "
+        "loss and optimizer in a plain loop over the same batches decoded in memory. One untimed epoch of "
+        f"each first; {train['threads']} threads, device `{train['device']}`.",
+        "",
+        "| task | images | batch | plain img/s | spool img/s | **ratio** | spool read only, img/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in [*train["yolo"], train["mnist"]]:
+        lines.append(
+            f"| {t['task']} ({t['loss'].split(' ')[0].rsplit('.', 1)[-1]}) | {t['samples']} | {t['batch_size']} | "
+            f"{_f(t['plain_images_per_s'], 1)} | {_f(t['spool_images_per_s'], 1)} | "
+            f"**{_f(t['train_throughput_ratio'])}** | {_f(t['spool_read_images_per_s'], 0)} |"
+        )
+    mn = train["mnist"]
+    if "spool_2_workers_ratio" in mn:
+        lines += ["", f"Tried for the trainer and not recommended on 2 CPUs: the MNIST loader with 2 worker processes "
+                      f"(each opening its own spool connection): {_f(mn['spool_2_workers_images_per_s'], 1)} img/s, "
+                      f"ratio {_f(mn['spool_2_workers_ratio'])} (the workers compete with training for the same "
+                      "cores). Batched reads with a vectorised unpack do help: see the measured suggestions below."]
+    lines += [
+        "",
+        "## Memory",
+        "",
+        f"Edge: one `mistnet edge` process ({mem['edge']['scenario']}, all cores) over COCO128 images and over "
+        f"the same images repeated {mem['factor']}x (a folder of symlinks). Cloud: the whole job (collect, "
+        f"BatchNorm re-estimation, one epoch, held-out evaluation before and after, checkpoint) on "
+        f"{mem['cloud']['scenario']}, at 1x and {mem['factor']}x data; the cloud's growth while collecting "
+        f"{mem['edge']['scenario']} is in the edge rows. Processes are sampled every 50 ms (psutil); the peak is "
+        "the kernel's high-water mark (VmHWM) read with each sample, the largest sampled RSS is in brackets. "
+        "Note: importing this machine's torch build (a CUDA wheel) alone takes ~550 MiB.",
+        "",
+        "| run | images | edge peak RSS MiB (largest sample) | cloud peak RSS MiB (largest sample) | phase |",
+        "|---|---|---|---|---|",
+    ]
+    for part in ("edge", "cloud"):
+        for label, run in mem[part]["runs"].items():
+            lines.append(
+                f"| {part} {mem[part]['scenario']} {label} | {run['images']} | {_f(run['edge_peak_rss_mib'], 0)} "
+                f"({_f(run.get('edge_sampled_peak_mib'), 0)}) | {_f(run['cloud_peak_rss_mib'], 0)} "
+                f"({_f(run.get('cloud_sampled_peak_mib'), 0)}) | {run['phase']} |"
+            )
+    lines += [
+        "",
+        f"Growth at {mem['factor']}x data: edge {_f(mem['edge']['edge_rss_growth'], 3)}, cloud collecting "
+        f"{_f(mem['edge']['cloud_collect_rss_growth'], 3)}, cloud collecting and training "
+        f"{_f(mem['cloud']['cloud_rss_growth'], 3)}.",
+        "",
+        f"![memory]({rel(images['memory'])})",
+        "",
+        "## Scaling",
+        "",
+        f"{sc['total_samples']} MNIST samples shared out between 1–{max(r['edges'] for r in sc['rows'])} edges "
+        "(LeNet-5, cut 2, 64 samples a transfer, one intra-op thread per edge), all processes on this machine. "
+        "The clock runs from the cloud offering the job (edges already connected) to the last transfer "
+        "committed: it includes each edge's job set-up (head download, model build, data load).",
+        "",
+        "| edges | collection s (median) | runs | last edge ready s | CPU s: edges · cloud · broker |",
+        "|---|---|---|---|---|",
+    ]
+    for r in sc["rows"]:
+        c = r["cpu_s"]
+        lines.append(
+            f"| {r['edges']} | {_f(r['collect_s'])} | {', '.join(_f(x) for x in r['collect_runs'])} | "
+            f"{_f(r['last_ready_s'])} | {_f(c['edges'])} · {_f(c['cloud'])} · {_f(c['broker'])} |"
+        )
+    lines += ["", f"![scaling]({rel(images['scaling'])})", ""]
+    profiles = [*results["edge"].get("profiles", []), *([sc["profiles"]] if sc.get("profiles") else [])]
+    if profiles:
+        lines += ["## Where the time goes", ""]
+        for p in profiles:
+            what = p.get("scenario") or f"MNIST, {p.get('edges')} edges"
+            for key, title in (("edge_cprofile", "edge, cProfile (tottime)"),
+                               ("cloud_cprofile", "cloud (offer + collect), cProfile (tottime)")):
+                if p.get(key):
+                    lines += [f"**{what}: {title}**", "", "| function | calls | tottime s | cumtime s |",
+                              "|---|---|---|---|"]
+                    lines += [f"| `{r['function']}` | {r['calls']} | {r['tottime_s']} | {r['cumtime_s']} |"
+                              for r in p[key][:10]]
+                    lines.append("")
+            if p.get("edge_pyspy"):
+                lines += [f"**{what}: edge, py-spy (share of active samples, self)**", "", "| function | share |",
+                          "|---|---|"]
+                lines += [f"| `{r['function']}` | {r['share']:.1%} |" for r in p["edge_pyspy"][:10]]
+                lines.append("")
+    lines += gpu_section(doc)
+    lines += experiments_section()
+    lines += NOTES
+    lines += [
+        "## How to run",
+        "",
+        "```console",
+        "make bench                       # full run (this page, bench/results/*.json, PNGs)",
+        "mistnet bench --quick --json     # < 3 min, smaller inputs, results in bench/results/quick/",
+        "mistnet bench --device cuda      # head and training on the GPU (fails clearly without CUDA)",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def gpu_section(doc: Path) -> list[str]:
+    """The last run on a lent GPU, when its results were saved under bench/results/cuda-quick/."""
+    folder = Path(__file__).resolve().parent / "results" / "cuda-quick"
+    edge_file, summary_file = folder / "edge640-cuda.json", folder / "summary.json"
+    if not edge_file.exists():
+        return []
+    data = json.loads(edge_file.read_text())
+    m = data.get("machine", {})
+    lines = [
+        "## On a GPU",
+        "",
+        f"`--device cuda` on a lent {m.get('gpu', 'GPU')} ({m.get('cpus')} CPUs, torch {m.get('torch')}, "
+        f"{m.get('date')}): the edge benchmark at 640 px, COCO128 on 2 edges with "
+        f"{data['scenarios'][0]['threads_per_edge']} intra-op threads each, {len(data['scenarios'][0]['system_runs'])} "
+        "interleaved repeats. There the edges are bound by JPEG decoding and letterboxing on the CPU, not by the "
+        "head.",
+        "",
+        "| scenario | plain head img/s | prepared head img/s | system img/s | ratio | CPU ratio | wire ratio | "
+        "edge peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in data["scenarios"]:
+        lines.append(
+            f"| {s['scenario']} | {_f(s['plain_head_images_per_s'], 1)} | {_f(s['prepared_head_images_per_s'], 1)} | "
+            f"{_f(s['system_images_per_s'], 1)} | {_f(s['edge_throughput_ratio'])} "
+            f"({_f(s['ratio_spread'][0])}–{_f(s['ratio_spread'][1])}) | {_f(s['edge_cpu_ratio'])} | "
+            f"{_f(s['wire_ratio'], 4)} | {_f(s['edge_peak_rss_mib'], 0)} |"
+        )
+    if summary_file.exists():
+        q = json.loads(summary_file.read_text())
+        lines += [
+            "",
+            f"`mistnet bench --quick --device cuda` on the same machine ({os.path.relpath(folder, doc.parent)}/): "
+            f"transport ratio {_f(q['transport_ratio'])}, training ratio {_f(q['train_throughput_ratio'])} "
+            f"(YOLO, 8 images) and {_f(q['train_throughput_ratio_mnist'])} (MNIST: on a GPU the tail trains "
+            "faster than the spool is read and decoded), edge peak RSS "
+            f"{_f(q['edge_peak_rss_mib'], 0)} MiB (a CUDA context adds ~400 MiB on the host). That quick run "
+            "still had cudnn.benchmark on, whose autotuning made the prepared head slower than plain torch on its "
+            "32 images; the 640 px run above is without it.",
+        ]
+    lines.append("")
+    return lines
+
+
+def experiments_section() -> list[str]:
+    """Suggested changes outside the benchmarks' files, measured by ``python -m bench.experiments``."""
+    path = Path(__file__).resolve().parent / "results" / "experiments.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    tr, tm = data["transport"], data["training_mnist"]
+    lines = [
+        "## Suggested changes, measured (not adopted)",
+        "",
+        f"`python -m bench.experiments` ({data['machine'].get('date')}, load average median "
+        f"{data['load']['loadavg_1min_median']}): the same harness with the cloud's spool or the trainer's data path "
+        "changed inside the benchmark's own processes (monkeypatched, the system's files untouched).",
+        "",
+        f"Transport, {tr['megabytes']:.0f} MB (raw paho {_f(tr['raw_mb_per_s'], 0)} MB/s):",
+        "",
+        "| cloud side | MB/s | ratio to raw paho |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {k} | {_f(v['mb_per_s'], 1)} | {_f(v['ratio_to_raw'])} |" for k, v in tr["arms"].items()]
+    lines += [
+        "",
+        "*spool pragmas*: `PRAGMA wal_autocheckpoint=100000` (the WAL is otherwise checkpointed, with fsync, every "
+        "~4 MB, i.e. every transfer or two) and `synchronous=OFF`; *group commit*: one SQLite transaction per inbox "
+        "drain, acknowledgements published after COMMIT (so an acknowledgement still means stored).",
+        "",
+        f"Training, LeNet-5/MNIST, {tm['samples']} samples:",
+        "",
+        "| data path | img/s | ratio to plain loop |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {k} | {_f(v['images_per_s'], 0)} | {_f(v['ratio_to_plain'])} |" for k, v in tm["arms"].items()]
+    lines.append("")
+    return lines
+
+
+NOTES = [
+    "## Reading these numbers",
+    "",
+    "- The machine is shared: other engineers' tests run on the same 2 CPUs, so wall-clock rates swing by 2x "
+    "from one minute to the next. Each ratio is the median of back-to-back pairs, and the spread of the pairs is "
+    "shown. The CPU-time ratios (CPU seconds per image of the processes themselves, sampled with psutil) are far "
+    "steadier and are the better measure of the edge's own cost.",
+    "- Everything runs on one host: on 2 CPUs the cloud and mosquitto compete with the edges for the same cores, "
+    "which a real deployment would not do (their CPU cost per image is in the edge table: a few milliseconds).",
+    "- The edge ratio's baseline is the head in plain torch, as the brief defines it. The extractor also speeds "
+    "the head itself up (BatchNorm folded into the convolutions, channels-last, micro-batches), so the system "
+    "can beat the plain baseline; the *overhead* ratios compare against the same prepared head and show what "
+    "privatizing and sending cost on their own.",
+    "- ε = 4 in the edge runs, so randomized response really runs (at ε = 100 it is skipped: p > 1 - 1e-12).",
+    "",
+    "## What the edge optimisations changed",
+    "",
+    "- `common/privacy.py`: `BitEncoder.encode_packed` binarizes, packs and randomizes a whole micro-batch at once, "
+    "in the packed domain: the flip mask is built 64 bits at a time from uniform random words by the binary "
+    "expansion of 1 - p (`flip_mask`), instead of one float from `torch.rand` per activation and a per-sample pack; "
+    "the flip probability is rounded up to a multiple of 2^-32 (never less noise than asked; `torch.rand` resolves "
+    "2^-24). About 7-9x cheaper than before (yolov5s at 640: ~4.6 ms instead of ~32 ms per image at ε = 4 on a "
+    "loaded core). On CUDA the bits are packed on the device, so 8x fewer bytes cross to the host.",
+    "- `edge_agent/extractor.py`: BatchNorm folded into the preceding convolutions (exact up to float rounding: "
+    "~5e-7 of the bits differ, all at activations ≈ 0), channels-last on image-sized inputs, the head run in "
+    "micro-batches of about four 640 px images decoded just before (peak RSS of a yolov5s@640 edge went from "
+    "~1350 MiB to ~880 MiB with 16-image transfers), the tail's weights released (moved to `meta`). A prefetch "
+    "thread that decodes the next micro-batch during the head is implemented but off: with one intra-op thread "
+    "per edge on 2 CPUs there is no idle core for it (see the ablation table).",
+    "- cudnn.benchmark is not used on CUDA: its per-shape autotuning cost more than it gained on the lent H100 "
+    "for a few hundred images.",
+    "",
+]
+
+
+def ctx_images(results: dict[str, Any]) -> int:
+    return int(results.get("ablation_images", 0)) or int(results["edge"]["scenarios"][0]["images"])
+
+
+def render(out: Path, docs: Path) -> Path:
+    """Plots and the markdown page again from the JSON of an earlier run (no measuring)."""
+    results: dict[str, Any] = json.loads((out / "run.json").read_text())
+    for key in ("edge", "transport", "train", "memory", "scaling"):
+        results[key] = json.loads((out / f"{key}.json").read_text())
+    results.setdefault("out", str(out))
+    results.setdefault("ablation_images", 64)
+    summary = summarize(results)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    images = plots(results, out)
+    docs.write_text(markdown(results, summary, images, docs))
+    return docs
+
+
+if __name__ == "__main__":
+    import sys
+
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results"
+    page = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+    print(render(target, page))

@@ -1,0 +1,81 @@
+"""``mistnet bench``: every benchmark in one run, then the results, plots and the markdown page."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import edge, memory, report, scaling, train, transport
+from bench.profiles import PROFILES
+from bench.util import DOCS, RESULTS, BenchError, Context, LoadRecord, coco_images, machine
+
+PARTS = ("edge", "transport", "train", "memory", "scaling")
+
+
+def default_out(profile: str) -> Path:
+    return RESULTS if profile == "full" else RESULTS / profile
+
+
+def default_docs(profile: str, out: Path) -> Path:
+    """The full run regenerates docs/benchmarks.md; other profiles write their page beside their JSON."""
+    return DOCS / "benchmarks.md" if profile == "full" else out / "benchmarks.md"
+
+
+def check_device(device: str) -> None:
+    from edge_agent.extractor import check_device as check
+
+    check(device)
+
+
+def run_bench(
+    profile: str = "full",
+    device: str = "cpu",
+    out: Path | None = None,
+    docs: Path | None = None,
+    log: Callable[[str], None] = print,
+    keep: bool = False,
+) -> dict[str, Any]:
+    """Run the benchmarks of ``profile`` and write results; returns the summary object."""
+    from broker.launcher import find_mosquitto, local_mosquitto
+
+    if profile not in PROFILES:
+        raise BenchError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    check_device(device)
+    if find_mosquitto() is None:
+        raise BenchError("mosquitto is not installed (apt-get install mosquitto): the benchmarks need it")
+    coco_images(1)
+    prof = PROFILES[profile]
+    out = out or default_out(profile)
+    docs = docs or default_docs(profile, out)
+    workdir = Path(tempfile.mkdtemp(prefix=f"mistnet-bench-{profile}-"))
+    log(f"mistnet bench: profile {profile}, device {device}, scratch {workdir}")
+    load = LoadRecord().start()
+    started = time.monotonic()
+    results: dict[str, Any] = {"profile": profile, "device": device, "machine": machine(), "out": str(out),
+                               "ablation_images": prof.ablation_images}
+    try:
+        with local_mosquitto(workdir / "broker").start() as broker:
+            pid = broker.process.pid if broker.process else None
+            ctx = Context(prof, device, workdir, broker.url, log, broker_pid=pid)
+            for name, module in zip(PARTS, (edge, transport, train, memory, scaling), strict=True):
+                t = time.monotonic()
+                results[name] = module.run(ctx)
+                log(f"{name}: {time.monotonic() - t:.0f} s")
+    finally:
+        results["load"] = load.stop()
+        if not keep and all(k in results for k in PARTS):
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            log(f"scratch folder kept: {workdir}")
+    results["seconds"] = time.monotonic() - started
+    summary = report.summarize(results)
+    report.write_results(results, summary, out)
+    images = report.plots(results, out)
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    docs.write_text(report.markdown(results, summary, images, docs))
+    log(f"results in {out}, page {docs}")
+    return summary

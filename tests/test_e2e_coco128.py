@@ -1,0 +1,64 @@
+"""End to end over a real mosquitto: two edge processes and a cloud process, YOLOv5n on COCO128."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from mistnet.demo import DemoOptions, prepare_coco128_job
+from tests.agents import finish, spool_query, start_cloud, start_edge
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+WEIGHTS = SHARED / "weights" / "yolov5n.pt"
+COCO128 = SHARED / "data" / "coco128"
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(not WEIGHTS.is_file() or not COCO128.is_dir(), reason="shared/ is not beside the checkout"),
+]
+
+IMGSZ = 192
+PER_EDGE = 8
+
+
+def test_two_edge_detection_job_reports_held_out_map_and_learns(tmp_path: Path, mosquitto) -> None:
+    opts = DemoOptions(
+        scenario="coco128",
+        edges=2,
+        per_edge=PER_EDGE,
+        held_out=8,
+        image_size=IMGSZ,
+        epochs=3,
+        batch_size=8,
+        learning_rate=0.01,
+    )
+    job = prepare_coco128_job(opts, tmp_path)
+    # Per-role folders are symlinks into the shared data, never copies.
+    linked = sorted((tmp_path / "data" / "edge1" / "images").iterdir())
+    assert len(linked) == PER_EDGE and all(p.is_symlink() for p in linked)
+    edges = [start_edge(f"edge{k}", mosquitto.url, tmp_path) for k in (1, 2)]
+    cloud = start_cloud(job, mosquitto.url, tmp_path / "cloud")
+    summary = json.loads(finish(cloud, 150))
+    assert cloud.returncode == 0, (tmp_path / "cloud-cloud.log").read_text()[-3000:]
+    for e in edges:
+        assert e.wait(30) == 0
+    assert summary["phase"] == "done"
+    assert all(e["samples"] == PER_EDGE for e in summary["edges"].values())
+    # Held-out mAP before and after training, through head -> bits -> tail.
+    metrics = summary["metrics"]
+    assert set(metrics) == {"map50", "map50_95", "map50_before", "map50_95_before"}
+    assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in metrics.values())
+    # One bit per activation of layer 3 ([64, 24, 24] at 192 px) plus labels and framing.
+    per_sample = summary["edges"]["edge1"]["wire_bytes"] / PER_EDGE
+    assert 64 * 24 * 24 / 8 <= per_sample < 64 * 24 * 24 / 8 * 1.15
+    # The training loss (box + obj + cls per image) falls from the first epoch to the last.
+    rows = spool_query(tmp_path / "cloud", "SELECT value FROM meta WHERE key='history'")
+    history = json.loads(str(rows[0][0]))
+    losses = [sum(e["losses"].values()) for e in history]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0], losses
+    assert Path(summary["checkpoint"]).stat().st_size > 0
