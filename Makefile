@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo demo-coco test lint typecheck unit bench mosquitto clean
+.PHONY: demo test lint typecheck bench bench-quick mosquitto clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c 'import ensurepip' 2>/dev/null || \
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 mosquitto:
-	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
+	@(command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]) && command -v mosquitto_sub >/dev/null 2>&1 || \
 	  ($(SUDO) apt-get update && $(SUDO) apt-get install -y mosquitto mosquitto-clients)
 
 demo: $(STAMP) mosquitto
@@ -36,6 +36,9 @@ test: $(STAMP) mosquitto lint typecheck
 
 bench: $(STAMP) mosquitto
 	$(BIN)/mistnet bench
+
+bench-quick: $(STAMP) mosquitto
+	$(BIN)/mistnet bench --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -68,6 +68,7 @@ def acl_rules(role: Role, name: str) -> list[tuple[Access, str]]:
             ("readwrite", Topics.ack("+", "#")),
             ("readwrite", Topics.all_job_status()),
             ("readwrite", Topics.checkpoint("+")),
+            ("readwrite", Topics.control("+")),  # operators cancel with the cloud's credentials
             ("read", Topics.features("+", "#")),
             ("read", Topics.all_node_status()),
         ]

@@ -340,6 +340,7 @@ class EdgeAgent:
             run.transfers,
             run.transfers - len(todo),
         )
+        self.publish_status(NodeState.EXTRACTING, force=True)
         for transfer in todo:
             batch = run.extractor.extract(transfer)
             run.extracted += len(batch.ids)
