@@ -10,6 +10,8 @@ TOPIC_ROOT = "mistnet/v1"
 QOS = 1
 SESSION_EXPIRY_S = 3600
 KEEPALIVE_S = 15
+# How long an agent keeps retrying an unreachable broker at start (it may still be starting).
+CONNECT_TIMEOUT_S = 30.0
 RECONNECT_MIN_DELAY_S = 1
 RECONNECT_MAX_DELAY_S = 16
 

@@ -41,6 +41,7 @@ class BrokerOptions:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    connect_timeout_s: float = C.CONNECT_TIMEOUT_S
 
     @property
     def parsed(self) -> tuple[str, str, int, str]:
@@ -240,8 +241,9 @@ class MqttLink:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def connect(self, timeout_s: float = 30.0) -> None:
+    def connect(self, timeout_s: float | None = None) -> None:
         """Connect (retrying while the broker is unreachable) and start the network thread."""
+        timeout_s = self.options.connect_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         delay = 0.2
         while True:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
+from common import constants as C
 from common.transport import BrokerOptions, broker_options
 
 
@@ -26,9 +28,12 @@ def add_broker_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ca-file", metavar="FILE", help="CA certificate for mqtts:// (env MISTNET_CA_FILE)")
     g.add_argument("--cert-file", metavar="FILE", help="client certificate for mqtts://")
     g.add_argument("--key-file", metavar="FILE", help="client key for mqtts://")
+    g.add_argument("--connect-timeout", type=float, default=C.CONNECT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"keep retrying an unreachable broker this long at start (default {C.CONNECT_TIMEOUT_S:g})")
 
 
 def broker_from_args(args: argparse.Namespace) -> BrokerOptions:
-    return broker_options(
+    options = broker_options(
         args.broker, args.username, args.password, args.credentials, args.ca_file, args.cert_file, args.key_file
     )
+    return dataclasses.replace(options, connect_timeout_s=args.connect_timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +14,10 @@ from mistnet.demo import DemoOptions, prepare_mnist_job
 
 
 def mistnet(*args: str, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "mistnet.cli", *args], stdout=subprocess.PIPE, stderr=log.open("ab"))
+    # One torch thread per agent: several agents share two cores, and oversubscription costs 4x here.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mistnet.cli", *args], stdout=subprocess.PIPE, stderr=log.open("ab"),
+                            env=env)
 
 
 def start_edge(node: str, broker_url: str, tmp: Path, *extra: str) -> subprocess.Popen[bytes]:

@@ -42,7 +42,7 @@ def test_unreachable_broker_is_named(tmp_path):
     job.write_text("kind: MistNetJob\nname: j\nmodel: {arch: lenet5}\ncut_layer: 2\n"
                    "edges: [{node: e1, dataset: x.npz}]\n")
     result = mistnet("cloud", "--job", str(job), "--workdir", str(tmp_path / "w"), "--broker", "mqtt://127.0.0.1:1",
-                     timeout=120)
+                     "--connect-timeout", "2", timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot connect to mqtt://127.0.0.1:1" in result.stderr
 

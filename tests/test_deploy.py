@@ -344,14 +344,12 @@ def test_dockerfiles_install_the_declared_dependencies_and_all_code():
 
     installs = [line for line in edge if "pip install" in line and "TORCH" not in line]
     specs = [s for line in installs for s in re.findall(r'"([^"]+)"', line)]
-    assert "cryptography>=42" in specs  # imported by `mistnet` (broker tls-init), not in pyproject
-    specs.remove("cryptography>=42")
     missing = [s for s in specs if s not in deps]
     assert not missing, f"Dockerfile.edge installs {missing}, spelled differently or absent in pyproject.toml"
     leaves_out = {re.split(r"[<>=!~ ]", d)[0].lower() for d in deps} - {re.split(r"[<>=!~ ]", s)[0] for s in specs}
     assert leaves_out == {"torch", "torchvision", "pycocotools", "matplotlib", "mlxtend"}
     assert leaves_out - {"torch"} <= EDGE_BLOCKED
-    assert any('pip install "cryptography>=42" .' in line for line in cloud)  # everything in pyproject
+    assert any(re.search(r"pip install \.( |$)", line) for line in cloud)  # everything in pyproject
 
     patterns = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
     packages = {
