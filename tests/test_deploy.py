@@ -53,7 +53,7 @@ MQTT_PORT = 1883
 # heavy dependencies, and the cloud's own code. An edge run with these blocked proves it needs none.
 EDGE_BLOCKED = {
     "torchvision", "matplotlib", "pycocotools", "mlxtend", "scipy", "sklearn", "pandas", "amqtt", "moto",
-    "cloud_agent",
+    "psutil", "cloud_agent",
 }  # fmt: skip
 IMPORT_NAMES = {"paho-mqtt": "paho", "pyyaml": "yaml", "pillow": "PIL", "prometheus-client": "prometheus_client"}
 
@@ -347,7 +347,8 @@ def test_dockerfiles_install_the_declared_dependencies_and_all_code():
     missing = [s for s in specs if s not in deps]
     assert not missing, f"Dockerfile.edge installs {missing}, spelled differently or absent in pyproject.toml"
     leaves_out = {re.split(r"[<>=!~ ]", d)[0].lower() for d in deps} - {re.split(r"[<>=!~ ]", s)[0] for s in specs}
-    assert leaves_out == {"torch", "torchvision", "pycocotools", "matplotlib", "mlxtend"}
+    # the edge needs neither the cloud's training/eval stack nor the fallback broker or benchmark tools
+    assert leaves_out == {"torch", "torchvision", "pycocotools", "matplotlib", "mlxtend", "amqtt", "psutil"}
     assert leaves_out - {"torch"} <= EDGE_BLOCKED
     assert any(re.search(r"pip install \.( |$)", line) for line in cloud)  # everything in pyproject
 
