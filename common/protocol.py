@@ -523,12 +523,19 @@ def encode_chunk(chunk: Chunk) -> bytes:
     return to_msgpack(chunk)
 
 
+Verified = TypeVar("Verified", Chunk, HeadChunk)
+
+
+def _decode_verified(cls: type[Verified], payload: bytes) -> Verified:
+    """Parse a chunk-like message and verify its payload against its own digest."""
+    message = from_msgpack(cls, payload, C.MAX_CHUNK_BYTES + C.ENVELOPE_OVERHEAD_BYTES)
+    if hashlib.sha256(message.payload).digest() != message.sha256:
+        raise ProtocolError(f"{cls.__name__} seq {message.seq}: sha256 mismatch")
+    return message
+
+
 def decode_chunk(payload: bytes) -> Chunk:
-    """Parse and verify a chunk's own digest."""
-    chunk = from_msgpack(Chunk, payload, C.MAX_CHUNK_BYTES + C.ENVELOPE_OVERHEAD_BYTES)
-    if hashlib.sha256(chunk.payload).digest() != chunk.sha256:
-        raise ProtocolError(f"chunk {chunk.transfer}/{chunk.seq}: sha256 mismatch")
-    return chunk
+    return _decode_verified(Chunk, payload)
 
 
 def decode_features(payload: bytes) -> Chunk | FeatureObject:
@@ -548,11 +555,7 @@ def encode_head_chunk(chunk: HeadChunk) -> bytes:
 
 
 def decode_head_chunk(payload: bytes) -> HeadChunk:
-    """Parse a head chunk and verify its own digest."""
-    chunk = from_msgpack(HeadChunk, payload, C.MAX_CHUNK_BYTES + C.ENVELOPE_OVERHEAD_BYTES)
-    if hashlib.sha256(chunk.payload).digest() != chunk.sha256:
-        raise ProtocolError(f"head chunk {chunk.seq}: sha256 mismatch")
-    return chunk
+    return _decode_verified(HeadChunk, payload)
 
 
 def split_transfer(job: str, node: str, transfer: int, blob: bytes, chunk_bytes: int) -> Iterator[Chunk]:
