@@ -316,6 +316,9 @@ class CloudAgent:
         task = make_task(
             spec.model.arch, Path(spec.cloud.validation) if spec.cloud.validation else None, self.image_size
         )
+        if spec.cloud.validation is None:
+            log.warning("no held-out data (cloud.validation): held-out metrics are not computed, and metrics "
+                        "on training data are never reported in their place")
         data = SpoolFeatures(self.spool, self.delivered())
         config = TrainConfig(
             epochs=spec.cloud.epochs,

@@ -18,7 +18,6 @@ COCO128 = SHARED / "data" / "coco128"
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.skipif(not WEIGHTS.is_file() or not COCO128.is_dir(), reason="shared/ is not beside the checkout"),
 ]
 
 IMGSZ = 192
