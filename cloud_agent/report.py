@@ -44,21 +44,39 @@ class ReportError(MistnetError):
 # Plots ------------------------------------------------------------------------------------------------
 
 
-def write_plots(out_dir: Path, history: History, before: Mapping[str, float], job: str = "") -> list[Path]:
-    """``loss.png`` and ``metrics.png`` in ``out_dir`` (each only when there is something to draw)."""
+def _new_axes() -> Any:
+    """One figure on the Agg canvas: no display, no global pyplot state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig.add_subplot()
+
+
+def _save(ax: Any, path: Path, title: str, xlabel: str, ylabel: str, margins: tuple[float, float]) -> Path:
     from matplotlib.ticker import MaxNLocator
 
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.margins(x=margins[0], y=margins[1])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.figure.savefig(path)
+    return path
+
+
+def write_plots(out_dir: Path, history: History, before: Mapping[str, float], job: str = "") -> list[Path]:
+    """``loss.png`` and ``metrics.png`` in ``out_dir`` (each only when there is something to draw)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     epochs = history.epochs
     suffix = f" — {job}" if job else ""
 
     if epochs:
-        fig = Figure(figsize=(7, 4.2), dpi=110, layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
+        ax = _new_axes()
         x = [e.epoch for e in epochs]
         parts = sorted({k for e in epochs for k in e.losses})
         if len(parts) > 1:
@@ -67,22 +85,12 @@ def write_plots(out_dir: Path, history: History, before: Mapping[str, float], jo
         total = [sum(e.losses.values()) if e.losses else math.nan for e in epochs]
         label = "total" if len(parts) > 1 else f"loss ({parts[0]})" if parts else "loss"
         ax.plot(x, total, marker="o", lw=2.2, color="black", label=label)
-        ax.set_title(f"Training loss per epoch{suffix}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("training loss")
-        ax.margins(x=0.08)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = out_dir / LOSS_PNG
-        fig.savefig(path)
-        written.append(path)
+        written.append(_save(ax, out_dir / LOSS_PNG, f"Training loss per epoch{suffix}", "epoch", "training loss",
+                             (0.08, 0.05)))
 
     names = sorted({k for e in epochs for k in e.metrics} | set(before))
     if names:
-        fig = Figure(figsize=(7, 4.2), dpi=110, layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
+        ax = _new_axes()
         for name in names:
             points = [(e.epoch, e.metrics[name]) for e in epochs if name in e.metrics]
             if name in before:
@@ -92,16 +100,8 @@ def write_plots(out_dir: Path, history: History, before: Mapping[str, float], jo
             if name in before:
                 ax.plot([0], [before[name]], marker="s", ms=8, color=line.get_color(), ls="none")
             ax.annotate(f"{ys[-1]:.3f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(6, 4))
-        ax.set_title(f"Held-out metrics per epoch{suffix}")
-        ax.set_xlabel("epoch (0 = before training, square marker)")
-        ax.set_ylabel("metric on held-out data")
-        ax.margins(x=0.1, y=0.12)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = out_dir / METRICS_PNG
-        fig.savefig(path)
-        written.append(path)
+        written.append(_save(ax, out_dir / METRICS_PNG, f"Held-out metrics per epoch{suffix}",
+                             "epoch (0 = before training, square marker)", "metric on held-out data", (0.1, 0.12)))
     return written
 
 
