@@ -51,8 +51,10 @@ def transport_arms(ctx: Context, mib: int, repeats: int) -> dict[str, Any]:
         raw.append(transport.run_raw(ctx, chunks, C.DEFAULT_CHUNK_BYTES)["mb_per_s"])
         for name, extra in TRANSPORT_ARMS.items():
             arms[name].append(transport.run_proto(ctx, transfers, extra)["mb_per_s"])
-        ctx.log(f"transport arms {r + 1}/{repeats}: raw {raw[-1]:.0f} MB/s, "
-                + ", ".join(f"{k} {v[-1]:.0f}" for k, v in arms.items()))
+        ctx.log(
+            f"transport arms {r + 1}/{repeats}: raw {raw[-1]:.0f} MB/s, "
+            + ", ".join(f"{k} {v[-1]:.0f}" for k, v in arms.items())
+        )
     return {
         "megabytes": transfers * blob / 1e6,
         "raw_mb_per_s": median(raw),
@@ -110,9 +112,9 @@ def training_arms(ctx: Context, repeats: int) -> dict[str, Any]:
     import copy
 
     from bench.train import fill_spool, plain_epoch
-    from cloud_agent.spool import Spool
+    from cloud_agent.spool import Spool, SpoolFeatures
     from cloud_agent.tasks import Classification
-    from cloud_agent.trainer import SpoolFeatures, TrainConfig, Trainer, freeze_head, param_groups
+    from cloud_agent.trainer import TrainConfig, Trainer, freeze_head, param_groups
     from common.datasets.mnist import MnistShard, prepare_mnist
     from common.models.lenet import LeNet5
     from common.privacy import binarize
@@ -136,8 +138,11 @@ def training_arms(ctx: Context, repeats: int) -> dict[str, Any]:
         fn()
         return n / (time.perf_counter() - t0)
 
-    arms: dict[str, list[float]] = {"plain in-memory loop": [], "trainer, unchanged loader": [],
-                                    "trainer, batched read + vectorised unpack": []}
+    arms: dict[str, list[float]] = {
+        "plain in-memory loop": [],
+        "trainer, unchanged loader": [],
+        "trainer, batched read + vectorised unpack": [],
+    }
     for warm in (True, *([False] * repeats)):
         rates = [
             timed(lambda: plain_epoch(plain_model, 2, task, batches, opt)),
@@ -149,8 +154,12 @@ def training_arms(ctx: Context, repeats: int) -> dict[str, Any]:
                 arms[name].append(rate)
     spool.close()
     plain = arms["plain in-memory loop"]
-    return {"samples": n, "arms": {k: {"images_per_s": median(v), "ratio_to_plain": paired_ratio(v, plain),
-                                       "runs": v} for k, v in arms.items()}}
+    return {
+        "samples": n,
+        "arms": {
+            k: {"images_per_s": median(v), "ratio_to_plain": paired_ratio(v, plain), "runs": v} for k, v in arms.items()
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,9 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         result["load"] = load.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({"transport": {k: round(v["ratio_to_raw"], 3) for k, v in result["transport"]["arms"].items()},
-                      "training": {k: round(v["ratio_to_plain"], 3)
-                                   for k, v in result["training_mnist"]["arms"].items()}}))
+    print(
+        json.dumps(
+            {
+                "transport": {k: round(v["ratio_to_raw"], 3) for k, v in result["transport"]["arms"].items()},
+                "training": {k: round(v["ratio_to_plain"], 3) for k, v in result["training_mnist"]["arms"].items()},
+            }
+        )
+    )
     return 0
 
 

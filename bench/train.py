@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 
 from bench.profiles import Scenario
 from bench.util import COCO128, Context, median, paired_ratio
-from cloud_agent.spool import Spool
+from cloud_agent.spool import Spool, SpoolFeatures
 from cloud_agent.tasks import Batch, CloudTask
-from cloud_agent.trainer import SpoolFeatures, TrainConfig, Trainer, freeze_head, param_groups
+from cloud_agent.trainer import TrainConfig, Trainer, freeze_head, param_groups
 from common.models.registry import build
 from common.privacy import BitEncoder, binarize
 from common.split import run_tail
@@ -62,8 +62,16 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def bench_task(
-    ctx: Context, label: str, model: nn.Module, cut: int, task: CloudTask, dataset: Any, transfer: int, batch: int,
-    repeats: int, workers_arm: bool = False,
+    ctx: Context,
+    label: str,
+    model: nn.Module,
+    cut: int,
+    task: CloudTask,
+    dataset: Any,
+    transfer: int,
+    batch: int,
+    repeats: int,
+    workers_arm: bool = False,
 ) -> dict[str, Any]:
     device = ctx.device
     root = ctx.workdir / "train" / label
@@ -71,14 +79,16 @@ def bench_task(
     spool = Spool(root / "spool.sqlite")
     samples = fill_spool(spool, "edge", model, cut, dataset, transfer, ctx.profile.epsilon)
     data = SpoolFeatures(spool, ["edge"])
-    config = TrainConfig(epochs=max(1, repeats + 1), batch_size=batch, learning_rate=0.001, device=device,
-                         recalibrate_bn=False)
+    config = TrainConfig(
+        epochs=max(1, repeats + 1), batch_size=batch, learning_rate=0.001, device=device, recalibrate_bn=False
+    )
     spool_model = copy.deepcopy(model)
     trainer = Trainer(spool_model, cut, task, data, config, root / "state", binarize)
     plain_model = copy.deepcopy(model).to(device)
     params = freeze_head(plain_model, cut)
-    opt = torch.optim.SGD(param_groups(params, config.weight_decay), lr=config.learning_rate,
-                          momentum=config.momentum, nesterov=True)
+    opt = torch.optim.SGD(
+        param_groups(params, config.weight_decay), lr=config.learning_rate, momentum=config.momentum, nesterov=True
+    )
     stored = [data[i] for i in range(len(data))]
     batches = [task.collate(stored[i : i + batch]).to(device) for i in range(0, len(stored), batch)]
 
@@ -113,8 +123,10 @@ def bench_task(
         if workers_arm:
             loader = workers_loader(trainer, spool.path, 2)
             workers_s.append(timed(lambda loader=loader: run_spool(loader)))  # type: ignore[misc]
-        ctx.log(f"train {label} {r + 1}/{repeats}: plain {samples / plain_s[-1]:.1f} img/s, "
-                f"spool {samples / spool_s[-1]:.1f} img/s")
+        ctx.log(
+            f"train {label} {r + 1}/{repeats}: plain {samples / plain_s[-1]:.1f} img/s, "
+            f"spool {samples / spool_s[-1]:.1f} img/s"
+        )
     spool.close()
     plain_ips = [samples / s for s in plain_s]
     spool_ips = [samples / s for s in spool_s]
@@ -145,9 +157,15 @@ def workers_loader(trainer: Trainer, path: Path, workers: int) -> DataLoader[Any
         if info is not None:
             info.dataset.spool = Spool(path)  # type: ignore[attr-defined]
 
-    return DataLoader(trainer.data, batch_size=trainer.config.batch_size, shuffle=True,
-                      collate_fn=trainer.task.collate, num_workers=workers, worker_init_fn=reopen,
-                      persistent_workers=False)
+    return DataLoader(
+        trainer.data,
+        batch_size=trainer.config.batch_size,
+        shuffle=True,
+        collate_fn=trainer.task.collate,
+        num_workers=workers,
+        worker_init_fn=reopen,
+        persistent_workers=False,
+    )
 
 
 def bench_yolo(ctx: Context, scn: Scenario) -> dict[str, Any]:
@@ -163,8 +181,9 @@ def bench_yolo(ctx: Context, scn: Scenario) -> dict[str, Any]:
 
         link_images(coco_images(2), val)
     task = Detection(val, scn.imgsz)
-    result = bench_task(ctx, scn.name, model, scn.cut, task, dataset, prof.transfer_batch, prof.train_batch,
-                        prof.train_repeats)
+    result = bench_task(
+        ctx, scn.name, model, scn.cut, task, dataset, prof.transfer_batch, prof.train_batch, prof.train_repeats
+    )
     result["loss"] = "cloud_agent.detection.Detection (YOLOv5 loss)"
     return result
 
@@ -185,8 +204,18 @@ def bench_mnist(ctx: Context) -> dict[str, Any]:
         np.savez(path, images=images, labels=labels)
         dataset = MnistShard(path)
     task = Classification(split.test)
-    result = bench_task(ctx, "lenet5-mnist", LeNet5(), 2, task, dataset, 64, prof.mnist_train_batch,
-                        prof.train_repeats, workers_arm=True)
+    result = bench_task(
+        ctx,
+        "lenet5-mnist",
+        LeNet5(),
+        2,
+        task,
+        dataset,
+        64,
+        prof.mnist_train_batch,
+        prof.train_repeats,
+        workers_arm=True,
+    )
     result["loss"] = "cloud_agent.tasks.Classification (cross-entropy)"
     return result
 

@@ -20,9 +20,9 @@ from torch import nn
 from cloud_agent import report
 from cloud_agent.checkpoints import load_pretrained, save_model
 from cloud_agent.collector import Collector
-from cloud_agent.spool import Spool
+from cloud_agent.spool import Spool, SpoolFeatures
 from cloud_agent.tasks import make_task
-from cloud_agent.trainer import EpochResult, History, SpoolFeatures, TrainConfig, Trainer
+from cloud_agent.trainer import EpochResult, History, TrainConfig, Trainer
 from common import constants as C
 from common import metrics
 from common.errors import MistnetError, ProtocolError, SpecError, TransportError
@@ -317,8 +317,10 @@ class CloudAgent:
             spec.model.arch, Path(spec.cloud.validation) if spec.cloud.validation else None, self.image_size
         )
         if spec.cloud.validation is None:
-            log.warning("no held-out data (cloud.validation): held-out metrics are not computed, and metrics "
-                        "on training data are never reported in their place")
+            log.warning(
+                "no held-out data (cloud.validation): held-out metrics are not computed, and metrics "
+                "on training data are never reported in their place"
+            )
         data = SpoolFeatures(self.spool, self.delivered())
         config = TrainConfig(
             epochs=spec.cloud.epochs,

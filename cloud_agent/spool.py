@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch.utils.data import Dataset
+
 from common.protocol import Chunk, FeatureBatch, FeatureLayout
 
 SCHEMA = """
@@ -196,6 +198,20 @@ class Spool:
 
     def set_meta(self, key: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+
+class SpoolFeatures(Dataset[StoredSample]):
+    """Reads samples from disk on demand: memory does not grow with the data."""
+
+    def __init__(self, spool: Spool, nodes: list[str]) -> None:
+        self.spool = spool
+        self.rowids = spool.rowids(nodes)
+
+    def __len__(self) -> int:
+        return len(self.rowids)
+
+    def __getitem__(self, index: int) -> StoredSample:
+        return self.spool.read(self.rowids[index])
 
 
 @functools.lru_cache(maxsize=64)

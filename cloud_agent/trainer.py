@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from cloud_agent.spool import Spool, StoredSample
+from cloud_agent.spool import SpoolFeatures, StoredSample
 from cloud_agent.tasks import Batch, CloudTask, Privatize
 from common.split import layers_of, run_tail
 from common.storage import write_atomic
@@ -38,20 +38,6 @@ log = logging.getLogger("mistnet.cloud.trainer")
 WARMUP_MAX_STEPS = 300
 WARMUP_MAX_EPOCHS = 3
 WARMUP_MOMENTUM = 0.8
-
-
-class SpoolFeatures(Dataset[StoredSample]):
-    """Reads samples from disk on demand: memory does not grow with the data."""
-
-    def __init__(self, spool: Spool, nodes: list[str]) -> None:
-        self.spool = spool
-        self.rowids = spool.rowids(nodes)
-
-    def __len__(self) -> int:
-        return len(self.rowids)
-
-    def __getitem__(self, index: int) -> StoredSample:
-        return self.spool.read(self.rowids[index])
 
 
 @dataclass

@@ -179,15 +179,23 @@ class BitEncoder:
 
 def decode_features(layout: list[FeatureLayout], data: bytes, bits: int = 1) -> dict[int, torch.Tensor]:
     """Cloud side: one sample's packed bytes back to 0/1 float tensors keyed by layer index."""
+    return {i: y[0] for i, y in decode_rows(layout, np.frombuffer(data, np.uint8)[None], bits).items()}
+
+
+def decode_rows(layout: list[FeatureLayout], rows: np.ndarray, bits: int = 1) -> dict[int, torch.Tensor]:
+    """A batch's packed features (uint8 ``[B, sample_bytes]``, one sample per row) to float
+    ``[B, *shape]`` per layer, unpacked in one vectorised call per layer."""
     if bits != 1:
         raise ProtocolError(f"{bits}-bit features are not supported by this decoder")
     sizes = packed_size(layout, bits)
-    if len(data) != sum(sizes):
-        raise ProtocolError(f"sample has {len(data)} bytes of features, layout needs {sum(sizes)}")
+    if rows.ndim != 2 or rows.shape[1] != sum(sizes):
+        raise ProtocolError(f"sample has {rows.shape[-1]} bytes of features, layout needs {sum(sizes)}")
     out = {}
     offset = 0
     for f, size in zip(layout, sizes, strict=True):
-        out[f.layer] = unpack_bits(data[offset : offset + size], f.shape)
+        count = math.prod(f.shape)
+        flat = np.unpackbits(rows[:, offset : offset + size], axis=1, count=count)
+        out[f.layer] = torch.from_numpy(flat.reshape(len(rows), *f.shape)).float()
         offset += size
     return out
 

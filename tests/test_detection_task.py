@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from cloud_agent.detection import Detection, targets_of
-from cloud_agent.spool import Spool, StoredSample
+from cloud_agent.spool import Spool, SpoolFeatures, StoredSample
 from cloud_agent.tasks import make_task
-from cloud_agent.trainer import History, SpoolFeatures, TrainConfig, Trainer, lr_factor, warmup_steps
+from cloud_agent.trainer import History, TrainConfig, Trainer, lr_factor, warmup_steps
 from common.datasets.yolo import YoloEdgeDataset, encode_labels
 from common.errors import DatasetError
 from common.models.yolo import build_model
