@@ -117,7 +117,7 @@ def training_arms(ctx: Context, repeats: int) -> dict[str, Any]:
     from cloud_agent.trainer import TrainConfig, Trainer, freeze_head, param_groups
     from common.datasets.mnist import MnistShard, prepare_mnist
     from common.models.lenet import LeNet5
-    from common.privacy import binarize
+    from common.privacy import feature_transform
 
     torch.set_num_threads(ctx.cpus)
     split = prepare_mnist(ctx.workdir / "data" / "mnist-exp", 1)
@@ -128,7 +128,7 @@ def training_arms(ctx: Context, repeats: int) -> dict[str, Any]:
     n = fill_spool(spool, "edge", model, 2, dataset, 64, ctx.profile.epsilon)
     data = SpoolFeatures(spool, ["edge"])
     config = TrainConfig(epochs=repeats + 2, batch_size=64, learning_rate=0.001, recalibrate_bn=False)
-    trainer = Trainer(copy.deepcopy(model), 2, task, data, config, ctx.workdir / "exp-state", binarize)
+    trainer = Trainer(copy.deepcopy(model), 2, task, data, config, ctx.workdir / "exp-state", feature_transform({}))
     plain_model = copy.deepcopy(model)
     opt = torch.optim.SGD(param_groups(freeze_head(plain_model, 2), 5e-4), lr=0.001, momentum=0.937, nesterov=True)
     batches = [task.collate([data[i] for i in range(s, min(s + 64, n))]) for s in range(0, n, 64)]

@@ -152,10 +152,14 @@ def bench_cloud_class() -> type:
                 self.payload_bytes[node] += len(payload)
                 self.packet_bytes[node] += mqtt_packet_bytes(Topics.features(node, self.spec.name), len(payload))
                 collect(node, payload)
-                if node not in self.t_end and self.spool.counts(node).complete:
-                    self.t_end[node] = time.time()
 
             self.collector.on_features = on_features  # type: ignore[method-assign]
+
+        def pump(self, timeout_s: float) -> None:
+            super().pump(timeout_s)  # commits the batch and publishes its acknowledgements
+            for node in [e.node for e in self.spec.edges if e.node not in self.t_end]:
+                if self.spool.counts(node).complete:
+                    self.t_end[node] = time.time()
 
         def on_node_status(self, status: NodeStatus) -> None:
             nodes = {e.node for e in self.spec.edges}
@@ -489,8 +493,8 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
     agent = CloudAgent(spec, BrokerOptions(url=args.broker), Path(args.workdir))
     for pragma in filter(None, args.spool_pragma.split(",")):  # to measure suggested spool settings
         agent.spool.db.execute(f"PRAGMA {pragma}")
-    if args.group_commit:
-        group_commit(agent)
+    if args.hold_s is not None:  # how long incomplete transfers stay in memory (0: persist every chunk)
+        agent.collector.hold_s = args.hold_s
     agent.link.connect()
     ready(False)
     agent.collect()
@@ -501,42 +505,6 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
     emit({"t_end": t1, "samples": counts.samples, "wire_bytes": counts.wire_bytes,
           "duplicates": agent.collector.duplicates, "maxrss": maxrss()})
     return 0
-
-
-def group_commit(agent: Any) -> None:
-    """Experiment (a change suggested for the cloud, not made there): everything one inbox drain
-    stores goes in one SQLite transaction, and its acknowledgements are published after COMMIT (so
-    an acknowledgement still means persisted), instead of one autocommit per chunk."""
-    import contextlib
-
-    spool, collector = agent.spool, agent.collector
-    plain_transaction = spool.transaction
-
-    @contextlib.contextmanager
-    def transaction() -> Any:
-        if spool.db.in_transaction:  # already inside the drain's transaction
-            yield spool.db
-        else:
-            with plain_transaction() as db:
-                yield db
-
-    spool.transaction = transaction
-    drain = agent.link.drain
-
-    def grouped(handle: Any, timeout_s: float) -> None:
-        acks: list[Any] = []
-        send = collector.send_ack
-        collector.send_ack = acks.append
-        spool.db.execute("BEGIN IMMEDIATE")
-        try:
-            drain(handle, timeout_s)
-        finally:
-            spool.db.execute("COMMIT")
-            collector.send_ack = send
-        for ack in acks:
-            send(ack)
-
-    agent.link.drain = grouped
 
 
 # main --------------------------------------------------------------------------------------------
@@ -599,7 +567,9 @@ def parser() -> argparse.ArgumentParser:
             q.add_argument("--workdir", required=True)
             q.add_argument("--spool-pragma", default="", help="e.g. wal_autocheckpoint=16384 (experiments)")
             q.add_argument("--spool-page-size", type=int, default=0, help="create the spool with this page size")
-            q.add_argument("--group-commit", action="store_true", help="one transaction per inbox drain (experiment)")
+            q.add_argument("--hold-s", type=float, default=None,
+                           help="the collector's hold time for incomplete transfers (0: every chunk persisted and "
+                           "acknowledged on arrival, then copied into samples: the receive path before issue #6)")
     return p
 
 

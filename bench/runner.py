@@ -11,7 +11,7 @@ from typing import Any
 
 from bench import edge, memory, report, scaling, train, transport
 from bench.profiles import PROFILES
-from bench.util import DOCS, RESULTS, BenchError, Context, LoadRecord, coco_images, machine
+from bench.util import DOCS, RESULTS, BenchError, Context, LoadRecord, bench_broker, coco_images, machine
 
 PARTS = ("edge", "transport", "train", "memory", "scaling")
 
@@ -40,7 +40,7 @@ def run_bench(
     keep: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmarks of ``profile`` and write results; returns the summary object."""
-    from broker.launcher import find_mosquitto, local_mosquitto
+    from broker.launcher import find_mosquitto
 
     if profile not in PROFILES:
         raise BenchError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -58,7 +58,7 @@ def run_bench(
     results: dict[str, Any] = {"profile": profile, "device": device, "machine": machine(), "out": str(out),
                                "ablation_images": prof.ablation_images}
     try:
-        with local_mosquitto(workdir / "broker").start() as broker:
+        with bench_broker(workdir / "broker").start() as broker:
             pid = broker.process.pid if broker.process else None
             ctx = Context(prof, device, workdir, broker.url, log, broker_pid=pid)
             for name, module in zip(PARTS, (edge, transport, train, memory, scaling), strict=True):

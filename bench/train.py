@@ -29,7 +29,7 @@ from cloud_agent.spool import Spool, SpoolFeatures
 from cloud_agent.tasks import Batch, CloudTask
 from cloud_agent.trainer import TrainConfig, Trainer, freeze_head, param_groups
 from common.models.registry import build
-from common.privacy import BitEncoder, binarize
+from common.privacy import BitEncoder, feature_transform
 from common.split import run_tail
 from edge_agent.extractor import Extractor
 
@@ -83,7 +83,7 @@ def bench_task(
         epochs=max(1, repeats + 1), batch_size=batch, learning_rate=0.001, device=device, recalibrate_bn=False
     )
     spool_model = copy.deepcopy(model)
-    trainer = Trainer(spool_model, cut, task, data, config, root / "state", binarize)
+    trainer = Trainer(spool_model, cut, task, data, config, root / "state", feature_transform({}))
     plain_model = copy.deepcopy(model).to(device)
     params = freeze_head(plain_model, cut)
     opt = torch.optim.SGD(

@@ -454,3 +454,16 @@ class Context:
 
     def timeout(self, key: str = "run") -> float:
         return float(self.profile.timeouts.get(key, 600.0))
+
+
+def bench_broker(workdir: Path) -> Any:
+    """The benchmarks' mosquitto (not yet started): private, on loopback, and with the deployed
+    configuration's ``set_tcp_nodelay true`` (``broker/conf/mosquitto.conf``, ``broker init-auth``).
+    Without it Nagle's algorithm holds a small message (a cloud acknowledgement) back behind the
+    previous small packet to the same client until that client's delayed TCP ACK, ~40 ms later: a
+    stall on every acknowledgement an edge waits for."""
+    from broker.launcher import local_mosquitto
+
+    broker = local_mosquitto(workdir)
+    broker.config.write_text(broker.config.read_text() + "set_tcp_nodelay true\n")
+    return broker

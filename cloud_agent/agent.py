@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from cloud_agent import report
+from cloud_agent.adaptation import Adaptation, adapt
 from cloud_agent.checkpoints import load_pretrained, save_model
 from cloud_agent.collector import Collector
 from cloud_agent.spool import Spool, SpoolFeatures
@@ -26,8 +27,9 @@ from cloud_agent.trainer import EpochResult, History, TrainConfig, Trainer
 from common import constants as C
 from common import metrics
 from common.errors import MistnetError, ProtocolError, SpecError, TransportError
+from common.models.cutdecoder import attach
 from common.models.registry import build, default_image_size, is_detector
-from common.privacy import binarize
+from common.privacy import feature_transform
 from common.protocol import (
     Ack,
     CheckpointAnnouncement,
@@ -76,6 +78,7 @@ class CloudAgent:
         self.cut = spec.cut_layer
         self.spool = Spool(workdir / "spool.sqlite")
         self.model = self.build_model()
+        self.adaptation = Adaptation(spec.privacy.bits, {}, None)
         self.edge_state: dict[str, NodeStatus] = {}
         self.missing: dict[str, str] = json.loads(self.spool.get_meta("missing") or "{}")
         self.epoch = 0
@@ -145,7 +148,8 @@ class CloudAgent:
         try:
             if self.phase == JobPhase.CANCELLED:
                 raise JobCancelled("cancelled earlier")
-            if self.phase in (JobPhase.PENDING, JobPhase.COLLECTING):
+            self.adapt()
+            if self.phase in (JobPhase.PENDING, JobPhase.ADAPTING, JobPhase.COLLECTING):
                 self.offer_job()
                 self.collect()
             if self.phase == JobPhase.TRAINING:
@@ -171,6 +175,47 @@ class CloudAgent:
             self.spool.close()
         return summary
 
+    # adapting ----------------------------------------------------------------------------------
+
+    @property
+    def _adaptation_path(self) -> Path:
+        return self.workdir / "adaptation.safetensors"
+
+    def adapt(self) -> None:
+        """Thresholds and cut decoder from the public images, computed once per job (a restarted
+        cloud reloads them: edges may already be encoding with these thresholds)."""
+        spec = self.spec
+        if spec.cloud.public is None:
+            return
+        if self._adaptation_path.exists():
+            self.adaptation = Adaptation.load(self._adaptation_path)
+        else:
+            self.set_phase(JobPhase.ADAPTING, f"adapting to {spec.privacy.bits}-bit features on {spec.cloud.public}")
+            a = spec.cloud.adapt
+            self.adaptation = adapt(
+                self.model,
+                self.cut,
+                Path(spec.cloud.public),
+                self.image_size,
+                sorted({spec.epsilon_for(e.node) for e in spec.edges}),
+                spec.privacy.bits,
+                spec.calibrated,
+                a.width if a.decoder else None,
+                a.epochs,
+                a.learning_rate,
+                self.device,
+                spec.seed,
+                self.adapt_progress,
+            )
+            self.adaptation.save(self._adaptation_path)
+        if self.adaptation.decoder is not None:
+            attach(self.model, self.adaptation.decoder.to(self.device))
+
+    def adapt_progress(self, message: str) -> None:
+        log.info("job %s: %s", self.spec.name, message)
+        self.pump(0)  # operator commands (cancel) are honoured while adapting
+        self.publish_status(message=message, force=True)
+
     # collecting --------------------------------------------------------------------------------
 
     def assignment(self, node: str, head: bytes) -> JobAssignment:
@@ -182,7 +227,9 @@ class CloudAgent:
             model=ModelRef(
                 arch=s.model.arch, num_classes=self.num_classes, cut_layer=self.cut, image_size=self.image_size
             ),
-            privacy=PrivacyParams(epsilon=s.epsilon_for(node), bits=s.privacy.bits),
+            privacy=PrivacyParams(
+                epsilon=s.epsilon_for(node), bits=s.privacy.bits, thresholds=self.adaptation.wire_thresholds()
+            ),
             dataset=s.edge(node).dataset,
             batch_size=s.edge(node).batch_size,
             head=manifest,
@@ -275,7 +322,25 @@ class CloudAgent:
     # inbox -------------------------------------------------------------------------------------
 
     def pump(self, timeout_s: float) -> None:
-        self.link.drain(self.dispatch, timeout_s)
+        """Handle what waits in the inbox as one batch of the collector: what its feature messages
+        store is committed in one transaction, and their acknowledgements are published after that
+        COMMIT. Waits up to ``timeout_s`` for a first message (less when chunks held in memory are
+        due to be persisted)."""
+        sock = self.link.client.socket()
+        if sock is not None and sock is not getattr(self, "_nodelay_socket", None):
+            # Acknowledgements are small messages an edge waits for: with Nagle's algorithm one is
+            # held back behind the previous small packet until the broker's delayed ACK (~40 ms).
+            import socket
+
+            setsockopt = getattr(sock, "setsockopt", None)
+            try:
+                if setsockopt is not None:
+                    setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as exc:
+                log.debug("TCP_NODELAY not set on the broker connection: %s", exc)
+            self._nodelay_socket = sock
+        with self.collector.batch():
+            self.link.drain(self.dispatch, self.collector.wait_s(timeout_s))
 
     def dispatch(self, item: Inbound | LinkEvent) -> None:
         if isinstance(item, LinkEvent):
@@ -329,6 +394,9 @@ class CloudAgent:
             eval_interval=spec.cloud.eval_interval,
             device=self.device,
             seed=spec.seed,
+            # The decoder already maps levels to the activations the pretrained statistics describe.
+            recalibrate_bn=self.adaptation.decoder is None,
+            tail_layers=spec.cloud.tail_layers,
         )
         trainer = Trainer(self.model, self.cut, task, data, config, self.workdir / "state", self.privatize)
         history = History.from_json(self.spool.get_meta("history"))
@@ -371,10 +439,9 @@ class CloudAgent:
         self.spool.set_meta("history", history.to_json())
         self.set_phase(JobPhase.EVALUATING)
 
-    @staticmethod
-    def privatize(y: torch.Tensor) -> torch.Tensor:
-        """Held-out inputs take the deployed path: the same binarization, no randomization."""
-        return binarize(y)
+    def privatize(self, features: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Held-out inputs take the deployed path: the job's quantisation, no randomization."""
+        return feature_transform(self.adaptation.encoding())(features)
 
     # finishing ---------------------------------------------------------------------------------
 
@@ -387,7 +454,14 @@ class CloudAgent:
 
     def finish(self) -> None:
         url = self.checkpoint_url()
-        blob = save_model(self.model, self.spec, self.num_classes, self.image_size, self.workdir / "final.safetensors")
+        blob = save_model(
+            self.model,
+            self.spec,
+            self.num_classes,
+            self.image_size,
+            self.adaptation.encoding(),
+            self.workdir / "final.safetensors",
+        )
         if url != str(self.workdir / "final.safetensors"):
             put_object(url, blob, self.s3_options())
         self.spool.set_meta("checkpoint", url)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -20,15 +22,18 @@ def load_pretrained(url: str, arch: str, num_classes: int) -> nn.Module:
     return model
 
 
-def save_model(model: nn.Module, spec: JobSpec, num_classes: int, image_size: int, path: Path) -> bytes:
-    """The whole model (head + tail) with the MistNet settings ``mistnet eval`` needs to replay it."""
+def save_model(
+    model: nn.Module, spec: JobSpec, num_classes: int, image_size: int, encoding: Mapping[str, Any], path: Path
+) -> bytes:
+    """The whole model (head + cut decoder + tail) with the MistNet settings ``mistnet eval`` needs
+    to replay the deployed path: cut, ε, bits, thresholds and the decoder's configuration."""
     meta = {
+        **encoding,
         "arch": spec.model.arch,
         "num_classes": num_classes,
         "image_size": image_size,
         "cut_layer": spec.cut_layer,
         "epsilon": spec.privacy.epsilon,
-        "bits": spec.privacy.bits,
         "job": spec.name,
     }
     save_checkpoint(path, model.state_dict(), meta)

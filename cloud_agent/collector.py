@@ -1,8 +1,29 @@
 """Receives feature chunks: verify, persist, acknowledge, and commit whole transfers.
 
-The acknowledgement of a chunk is sent only after it is stored in the spool, so it means
-"verified and persisted". Duplicates are re-acknowledged, never stored twice; corrupt chunks are
-rejected so the edge resends them at once instead of waiting for its retransmission timer.
+An acknowledgement means "verified and persisted", and every feature byte is written to the spool
+once:
+
+- Chunks of a transfer are assembled in memory. When the last one is in, the whole transfer is
+  verified (size and sha256 over the reassembled bytes, then its msgpack and sample ids) and its
+  samples are written to the spool; only after that COMMIT is the transfer acknowledged (one
+  acknowledgement with ``transfer_done``, which settles all its chunks at the edge).
+- The collector works in batches (:meth:`Collector.batch`: the cloud agent opens one per inbox
+  drain): everything a batch stores goes into one SQLite transaction, and the batch's
+  acknowledgements are published after its COMMIT.
+- Chunks of a transfer that stays incomplete longer than ``hold_s`` (an edge whose window is
+  smaller than a transfer, a slow or rate-limited link, a lost chunk), or while more than
+  ``max_held_bytes`` wait in memory, are verified one by one (their own sha256), written to the
+  ``chunks`` table and acknowledged one by one; their transfer's commit deletes those rows. That
+  is the only path that writes a byte twice.
+- Which transfers are committed, and which chunks of unfinished transfers are persisted, is kept
+  in memory and rebuilt from the spool when the cloud restarts. Chunks held in memory and not yet
+  acknowledged are simply lost by a crash: the edge still has them in its window and resends them.
+
+Duplicates are re-acknowledged, never stored twice. A corrupt chunk is rejected (so the edge
+resends it at once instead of waiting for its retransmission timer): when its transfer's bytes do
+not verify, each held chunk is checked against its own sha256 and the bad ones are rejected. When
+chunks of a transfer arrive with a different transfer sha256 than the chunks before (an edge that
+restarted re-extracts a transfer with fresh randomization), the newer version replaces the older.
 
 With the S3 transmitter a transfer arrives as a :class:`FeatureObject` claim instead: the object is
 downloaded (its size checked before reading), verified against the claim's sha256, committed and
@@ -15,10 +36,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
-from cloud_agent.spool import Spool
+from cloud_agent.spool import Spool, StoredChunk
 from common.errors import ProtocolError, TransportError
 from common.protocol import (
     Ack,
@@ -31,7 +55,6 @@ from common.protocol import (
     Topics,
     decode_batch,
     decode_features,
-    join_transfer,
 )
 from common.transport import Rejections
 
@@ -39,6 +62,62 @@ log = logging.getLogger("mistnet.cloud.collector")
 
 # fetch(claim) -> the object's bytes (ProtocolError: damaged or missing; TransportError: store unreachable)
 Fetch = Callable[[FeatureObject], bytes]
+
+# How long chunks of an incomplete transfer may wait in memory, unacknowledged, before they are
+# persisted and acknowledged one by one (far below the edge's 10 s retransmission timer).
+HOLD_S = 0.2
+# At most this many chunk bytes wait in memory; beyond it the oldest transfers are persisted.
+MAX_HELD_BYTES = 64 * 1024 * 1024
+# A batch commits (and acknowledges) at least every this many bytes of feature messages.
+MAX_BATCH_BYTES = 32 * 1024 * 1024
+
+
+@dataclass
+class _Held:
+    """A chunk in memory: not persisted, not acknowledged, its own sha256 not checked yet."""
+
+    payload: bytes
+    sha256: bytes
+    wire_bytes: int
+    verified: bool = False
+
+    def verify(self) -> bool:
+        self.verified = self.verified or hashlib.sha256(self.payload).digest() == self.sha256
+        return self.verified
+
+
+@dataclass
+class _Assembly:
+    """One incomplete transfer: chunks held in memory and chunks already persisted."""
+
+    node: str
+    transfer: int
+    total: int
+    size: int
+    digest: bytes
+    held: dict[int, _Held] = field(default_factory=dict)
+    stored: dict[int, int] = field(default_factory=dict)  # seq -> wire bytes: persisted and acknowledged
+    since: float = 0.0  # when the oldest held chunk arrived (monotonic)
+    superseded: set[bytes] = field(default_factory=set)  # digests of earlier versions of this transfer
+
+    @property
+    def complete(self) -> bool:
+        return len(self.held) + len(self.stored) >= self.total
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(len(h.payload) for h in self.held.values())
+
+    def matches(self, chunk: Chunk) -> bool:
+        return (chunk.total, chunk.size, chunk.transfer_sha256) == (self.total, self.size, self.digest)
+
+
+@dataclass
+class _Commit:
+    node: str
+    batch: FeatureBatch
+    wire_bytes: int
+    had_stored: bool  # persisted chunks of this transfer to delete
 
 
 class Collector:
@@ -65,30 +144,146 @@ class Collector:
         self.duplicates_by_node: Counter[str] = Counter()
         self.greeted: set[str] = set()
         self.store_error = ""
+        self.spilled = 0  # chunks persisted before their transfer was complete (the bytes written twice)
+        self.hold_s = HOLD_S
+        self.max_held_bytes = MAX_HELD_BYTES
+        self.max_batch_bytes = MAX_BATCH_BYTES
+        # Rebuilt from the spool: what is committed, and what is persisted of unfinished transfers.
+        self.committed: dict[str, set[int]] = spool.committed()
+        self.assemblies: dict[tuple[str, int], _Assembly] = {}
+        self.held_bytes = 0
+        self._depth = 0
+        self._batch_bytes = 0
+        self._commits: list[_Commit] = []
+        self._committing: set[tuple[str, int]] = set()
+        self._drops: set[tuple[str, int]] = set()  # persisted chunks to delete (superseded or corrupt)
+        self._acks: list[Ack] = []
+        self._dup_acked: set[tuple[str, int]] = set()
+        self._rebuild(spool.stored_chunks())
+
+    def _rebuild(self, chunks: list[StoredChunk]) -> None:
+        for c in chunks:
+            key = (c.node, c.transfer)
+            if c.transfer in self.committed.get(c.node, ()):
+                self._drops.add(key)  # left behind by an older version of the spool: never needed
+                continue
+            asm = self.assemblies.get(key)
+            if asm is None:
+                asm = self.assemblies[key] = _Assembly(c.node, c.transfer, c.total, c.size, c.digest)
+            if (c.total, c.size, c.digest) != (asm.total, asm.size, asm.digest):
+                self._drops.add(key)
+                continue
+            asm.stored[c.seq] = c.wire_bytes
+        for key in self._drops:
+            self.assemblies.pop(key, None)
+        if self.assemblies:
+            log.info("%d unfinished transfer(s) resumed from the spool", len(self.assemblies))
+
+    # batches -------------------------------------------------------------------------------------
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Messages handled inside are committed in one transaction, acknowledged after it (nested
+        batches join the outer one). Outside a batch every message is a batch of its own."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.flush()
+
+    def wait_s(self, timeout_s: float) -> float:
+        """How long the inbox may be waited on: ``timeout_s``, or less when held chunks are due."""
+        if not self.held_bytes:
+            return timeout_s
+        due = min(a.since for a in self.assemblies.values() if a.held) + self.hold_s
+        return max(0.0, min(timeout_s, due - time.monotonic()))
+
+    def flush(self) -> None:
+        """Persist what this batch verified in one transaction, then publish its acknowledgements."""
+        spills = self._due_spills()
+        if not (self._commits or spills or self._drops or self._acks):
+            return
+        rows: list[tuple[StoredChunk, bytes]] = []
+        spilled: list[tuple[_Assembly, int, _Held]] = []
+        for asm in spills:
+            for seq in sorted(asm.held):
+                held = asm.held[seq]
+                if not held.verify():
+                    self._drop_held(asm, seq)
+                    self._reject(asm.node, asm.transfer, seq, "chunk sha256 mismatch")
+                    continue
+                meta = StoredChunk(asm.node, asm.transfer, seq, asm.total, asm.size, asm.digest, held.wire_bytes)
+                rows.append((meta, held.payload))
+                spilled.append((asm, seq, held))
+        commits, drops = self._commits, self._drops
+        try:
+            if commits or rows or drops:
+                with self.spool.transaction():
+                    for key in drops:
+                        self.spool.drop_chunks(*key)
+                    for c in commits:
+                        self.spool.insert_transfer(c.node, c.batch, c.wire_bytes)
+                        if c.had_stored:
+                            self.spool.drop_chunks(c.node, c.batch.transfer)
+                    if rows:
+                        self.spool.put_chunks(rows)
+                self.spool.written(sum(len(c.batch.data) for c in commits) + sum(len(p) for _, p in rows))
+        except BaseException:
+            # Nothing of this batch is acknowledged; the edges resend it.
+            self._reset_batch()
+            raise
+        # Committed: now it may be said.
+        for c in commits:
+            self.committed.setdefault(c.node, set()).add(c.batch.transfer)
+        for asm, seq, held in spilled:
+            self._drop_held(asm, seq)
+            asm.stored[seq] = held.wire_bytes
+            self._ack(asm.node, asm.transfer, seq, done=False)
+        self.spilled += len(spilled)
+        acks = self._acks
+        self._reset_batch()
+        for ack in acks:
+            self.send_ack(ack)
+
+    def _reset_batch(self) -> None:
+        self._commits, self._drops, self._acks = [], set(), []
+        self._committing.clear()
+        self._dup_acked.clear()
+        self._batch_bytes = 0
+
+    def _due_spills(self) -> list[_Assembly]:
+        if not self.held_bytes:
+            return []
+        now = time.monotonic()
+        waiting = sorted((a for a in self.assemblies.values() if a.held), key=lambda a: a.since)
+        due = [a for a in waiting if now - a.since >= self.hold_s]
+        excess = self.held_bytes - self.max_held_bytes - sum(a.held_bytes for a in due)
+        for a in waiting:
+            if excess <= 0:
+                break
+            if a not in due:
+                due.append(a)
+                excess -= a.held_bytes
+        return due
+
+    # feature messages ----------------------------------------------------------------------------
 
     def on_features(self, node: str, payload: bytes) -> None:
-        try:
-            message = self._parse(node, payload)
-        except ProtocolError as exc:
-            self.reject("features", Topics.features(node, self.job), exc)
-            return
-        if isinstance(message, FeatureObject):
-            self.on_object(node, message, len(payload))
-            return
-        chunk = message
-        if hashlib.sha256(chunk.payload).digest() != chunk.sha256:
-            self._reject(chunk.node, chunk.transfer, chunk.seq, "chunk sha256 mismatch")
-            return
-        if self.spool.is_committed(node, chunk.transfer):
-            self.duplicates += 1
-            self.duplicates_by_node[node] += 1
-            self._ack(node, chunk.transfer, chunk.seq, done=True)
-            return
-        self.spool.put_chunk(chunk, len(payload))
-        if self.spool.stored_chunks(node, chunk.transfer) < chunk.total:
-            self._ack(node, chunk.transfer, chunk.seq, done=False)
-            return
-        self._commit(node, chunk)
+        with self.batch():
+            try:
+                message = self._parse(node, payload)
+            except ProtocolError as exc:
+                self.reject("features", Topics.features(node, self.job), exc)
+                return
+            if isinstance(message, FeatureObject):
+                self.on_object(node, message, len(payload))
+            else:
+                self._on_chunk(node, message, len(payload))
+            self._batch_bytes += len(payload)
+            if self._batch_bytes >= self.max_batch_bytes:
+                self.flush()
 
     def _parse(self, node: str, payload: bytes) -> Chunk | FeatureObject:
         if node not in self.nodes:
@@ -98,24 +293,126 @@ class Collector:
             raise ProtocolError(f"features of {message.job}/{message.node} on the topic of {self.job}/{node}")
         return message
 
-    def _commit(self, node: str, last: Chunk) -> None:
-        payloads, size, digest = self.spool.assembled(node, last.transfer)
+    def _on_chunk(self, node: str, chunk: Chunk, wire_bytes: int) -> None:
+        transfer, seq = chunk.transfer, chunk.seq
+        if self._is_committed(node, transfer):
+            self._duplicate(node, transfer, seq)
+            return
+        key = (node, transfer)
+        asm = self.assemblies.get(key)
+        if asm is None:
+            asm = self.assemblies[key] = _Assembly(node, transfer, chunk.total, chunk.size, chunk.transfer_sha256)
+        elif not asm.matches(chunk):
+            if hashlib.sha256(chunk.payload).digest() != chunk.sha256:
+                self._reject(node, transfer, seq, "chunk sha256 mismatch")
+                return
+            if chunk.transfer_sha256 in asm.superseded:
+                log.info("transfer %d of %s: chunk %d of a replaced version ignored", transfer, node, seq)
+                return
+            log.warning(
+                "transfer %d of %s: chunks of a different version arrived (the edge re-extracted it); "
+                "the %d chunk(s) of the earlier one are dropped",
+                transfer,
+                node,
+                len(asm.held) + len(asm.stored),
+            )
+            asm = self._supersede(asm, chunk)
+        if seq in asm.stored:
+            # Persisted and acknowledged before: that acknowledgement was lost.
+            self._ack(node, transfer, seq, done=False)
+            return
+        held = asm.held.get(seq)
+        if held is not None:
+            if held.payload != chunk.payload:
+                self._conflict(asm, held, chunk)
+            return  # a redelivery of a held chunk: acknowledged with its transfer
+        if not asm.held:
+            asm.since = time.monotonic()
+        asm.held[seq] = _Held(chunk.payload, chunk.sha256, wire_bytes)
+        self.held_bytes += len(chunk.payload)
+        if asm.complete:
+            self._complete(asm, seq)
+
+    def _conflict(self, asm: _Assembly, held: _Held, chunk: Chunk) -> None:
+        """Two different payloads for one chunk: keep the one that matches its own sha256."""
+        if hashlib.sha256(chunk.payload).digest() != chunk.sha256:
+            self._reject(asm.node, asm.transfer, chunk.seq, "chunk sha256 mismatch")
+        elif not held.verify():
+            self.held_bytes += len(chunk.payload) - len(held.payload)
+            asm.held[chunk.seq] = _Held(chunk.payload, chunk.sha256, held.wire_bytes, verified=True)
+
+    def _supersede(self, old: _Assembly, chunk: Chunk) -> _Assembly:
+        key = (old.node, old.transfer)
+        self.held_bytes -= old.held_bytes
+        if old.stored:
+            self._drops.add(key)
+        new = _Assembly(old.node, old.transfer, chunk.total, chunk.size, chunk.transfer_sha256)
+        new.superseded = old.superseded | {old.digest}
+        self.assemblies[key] = new
+        return new
+
+    def _drop_held(self, asm: _Assembly, seq: int) -> None:
+        held = asm.held.pop(seq)
+        self.held_bytes -= len(held.payload)
+        if not asm.held:
+            asm.since = 0.0
+
+    def _complete(self, asm: _Assembly, last_seq: int) -> None:
+        node, transfer = asm.node, asm.transfer
+        from_spool = self.spool.chunk_payloads(node, transfer) if asm.stored else {}
+        parts = [asm.held[s].payload if s in asm.held else from_spool.get(s, b"") for s in range(asm.total)]
+        blob = b"".join(parts)
+        if len(blob) != asm.size or hashlib.sha256(blob).digest() != asm.digest:
+            bad = [s for s, h in asm.held.items() if not h.verify()]
+            if bad:  # only these are resent; the rest stays held
+                for s in bad:
+                    self._drop_held(asm, s)
+                    self._reject(node, transfer, s, "chunk sha256 mismatch")
+                return
+            self._corrupt(asm, "whole-transfer sha256 or size mismatch")
+            return
         try:
-            batch = decode_batch(join_transfer(payloads, size, digest))
+            batch = decode_batch(blob)
+            if batch.transfer != transfer:
+                raise ProtocolError(f"the chunks of transfer {transfer} hold transfer {batch.transfer}")
             self._check_ids(node, batch)
         except ProtocolError as exc:
-            log.warning("transfer %d from %s is corrupt (%s): asking for all of it again", last.transfer, node, exc)
-            self.rejected["corrupt transfer"] += 1
-            self.spool.drop_chunks(node, last.transfer)
-            for seq in range(last.total):
-                self.send_ack(
-                    Ack(
-                        job=self.job, node=node, kind=AckKind.REJECTED, transfer=last.transfer, seq=seq, reason=str(exc)
-                    )
-                )
+            self._corrupt(asm, str(exc))
             return
-        self.spool.commit_transfer(node, batch)
-        self._ack(node, last.transfer, last.seq, done=True)
+        wire = sum(h.wire_bytes for h in asm.held.values()) + sum(asm.stored.values())
+        self._forget(asm)
+        self._queue_commit(_Commit(node, batch, wire, bool(asm.stored)), last_seq)
+
+    def _corrupt(self, asm: _Assembly, reason: str) -> None:
+        """The transfer verified chunk by chunk but not as a whole: ask for all of it again."""
+        log.warning("transfer %d from %s is corrupt (%s): asking for all of it again", asm.transfer, asm.node, reason)
+        self.rejected["corrupt transfer"] += 1
+        self._forget(asm)
+        if asm.stored:
+            self._drops.add((asm.node, asm.transfer))
+        for seq in range(asm.total):
+            self._acks.append(
+                Ack(job=self.job, node=asm.node, kind=AckKind.REJECTED, transfer=asm.transfer, seq=seq, reason=reason)
+            )
+
+    def _forget(self, asm: _Assembly) -> None:
+        self.held_bytes -= asm.held_bytes
+        self.assemblies.pop((asm.node, asm.transfer), None)
+
+    def _queue_commit(self, commit: _Commit, seq: int) -> None:
+        self._commits.append(commit)
+        self._committing.add((commit.node, commit.batch.transfer))
+        self._ack(commit.node, commit.batch.transfer, seq, done=True)
+
+    def _is_committed(self, node: str, transfer: int) -> bool:
+        return transfer in self.committed.get(node, ()) or (node, transfer) in self._committing
+
+    def _duplicate(self, node: str, transfer: int, seq: int) -> None:
+        self.duplicates += 1
+        self.duplicates_by_node[node] += 1
+        if (node, transfer) not in self._dup_acked:  # one acknowledgement per transfer and batch settles it
+            self._dup_acked.add((node, transfer))
+            self._ack(node, transfer, seq, done=True)
 
     # S3 transmitter ----------------------------------------------------------------------------
 
@@ -127,10 +424,8 @@ class Collector:
         if not claim.key.startswith(prefix) or ".." in claim.key:
             self.reject("features", Topics.features(node, self.job), f"object key {claim.key!r} is outside {prefix}")
             return
-        if self.spool.is_committed(node, claim.transfer):
-            self.duplicates += 1
-            self.duplicates_by_node[node] += 1
-            self._ack(node, claim.transfer, 0, done=True)
+        if self._is_committed(node, claim.transfer):
+            self._duplicate(node, claim.transfer, 0)
             return
         try:
             blob = self.fetch(claim)
@@ -149,8 +444,7 @@ class Collector:
             self._reject(node, claim.transfer, 0, str(exc), label="damaged object")
             return
         self.store_error = ""
-        self.spool.commit_transfer(node, batch, wire_bytes=message_bytes + claim.size)
-        self._ack(node, claim.transfer, 0, done=True)
+        self._queue_commit(_Commit(node, batch, message_bytes + claim.size, False), 0)
 
     # ---------------------------------------------------------------------------------------------
 
@@ -164,12 +458,14 @@ class Collector:
             )
 
     def _ack(self, node: str, transfer: int, seq: int, done: bool) -> None:
-        self.send_ack(Ack(job=self.job, node=node, kind=AckKind.CHUNK, transfer=transfer, seq=seq, transfer_done=done))
+        self._acks.append(
+            Ack(job=self.job, node=node, kind=AckKind.CHUNK, transfer=transfer, seq=seq, transfer_done=done)
+        )
 
     def _reject(self, node: str, transfer: int, seq: int, reason: str, label: str = "") -> None:
         self.rejected[label or reason] += 1
         log.warning("rejected transfer %d/%d of %s: %s", transfer, seq, node, reason)
-        self.send_ack(
+        self._acks.append(
             Ack(job=self.job, node=node, kind=AckKind.REJECTED, transfer=transfer, seq=seq, reason=reason[:500])
         )
 
@@ -184,6 +480,7 @@ class Collector:
             log.info("%s is streaming to a restarted cloud: sending it the resume point", status.node)
         else:
             return
+        self.flush()  # the resume point includes everything verified so far
         self.greeted.add(status.node)
         if status.total is not None:
             self.spool.set_total(status.node, status.total)
@@ -195,4 +492,7 @@ class Collector:
 
     def summary(self) -> str:
         dup = ", ".join(f"{n} {c}" for n, c in sorted(self.duplicates_by_node.items())) or "none"
-        return f"duplicate chunks re-acknowledged: {dup}; {self.reject.summary()}"
+        return (
+            f"duplicate chunks re-acknowledged: {dup}; chunks persisted before their transfer was complete: "
+            f"{self.spilled}; {self.reject.summary()}"
+        )

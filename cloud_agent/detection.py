@@ -60,13 +60,10 @@ class Detection:
         if self.validation is None:
             return {}
 
-        def transform(features: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-            return {i: privatize(y).float() for i, y in features.items()}
-
         was_training = model.training
         try:
             result = evaluate_model(
-                split_predict_fn(model, cut, transform),
+                split_predict_fn(model, cut, privatize),
                 self.validation,
                 self.image_size,
                 EVAL_BATCH_SIZE,

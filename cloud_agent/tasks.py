@@ -7,16 +7,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cloud_agent.spool import StoredSample
 from common.datasets.mnist import decode_label, load_tensors
-from common.privacy import decode_features
+from common.privacy import decode_features, decode_rows
 from common.split import run_head, run_tail
 
-Privatize = Callable[[torch.Tensor], torch.Tensor]
+# What held-out inputs go through between head and tail: the job's levels, as the cloud decodes them
+# (``common.privacy.feature_transform``).
+Privatize = Callable[[dict[int, torch.Tensor]], dict[int, torch.Tensor]]
 
 
 @dataclass
@@ -29,6 +32,16 @@ class Batch:
 
 
 def stack_features(samples: list[StoredSample]) -> dict[int, torch.Tensor]:
+    """A batch's features as float ``[B, *shape]`` per layer. Samples that share a layout (all of
+    them, in practice: one model, one cut) are unpacked together, one vectorised call per layer."""
+    first = samples[0]
+    size = len(first.features)
+    if all(
+        len(s.features) == size and s.bits == first.bits and (s.layout is first.layout or s.layout == first.layout)
+        for s in samples
+    ):
+        rows = np.frombuffer(b"".join([s.features for s in samples]), np.uint8).reshape(len(samples), -1)
+        return decode_rows(first.layout, rows, first.bits)
     decoded = [decode_features(s.layout, s.features, s.bits) for s in samples]
     return {layer: torch.stack([d[layer] for d in decoded]) for layer in decoded[0]}
 
@@ -73,8 +86,7 @@ class Classification:
         correct = 0
         for start in range(0, len(images), 256):
             x = images[start : start + 256].to(device)
-            feats = {i: privatize(y).float() for i, y in run_head(model, x, cut).items()}
-            pred = run_tail(model, feats, cut).argmax(1).cpu()
+            pred = run_tail(model, privatize(run_head(model, x, cut)), cut).argmax(1).cpu()
             correct += int((pred == labels[start : start + 256]).sum())
         return {"accuracy": correct / len(images)}
 

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from cloud_agent.spool import SpoolFeatures, StoredSample
 from cloud_agent.tasks import Batch, CloudTask, Privatize
+from common.models.cutdecoder import attached
 from common.split import layers_of, run_tail
 from common.storage import write_atomic
 
@@ -54,6 +55,7 @@ class TrainConfig:
     grad_clip: float = 10.0  # max gradient norm; 0 disables clipping
     amp: bool = True  # float16 autocast + gradient scaling, only when the device is CUDA
     recalibrate_bn: bool = True  # re-estimate the tail's BatchNorm statistics before epoch 1
+    tail_layers: int | None = None  # train only this many tail layers next to the cut (None: all)
 
 
 @dataclass
@@ -86,6 +88,23 @@ def freeze_head(model: nn.Module, cut: int) -> list[nn.Parameter]:
             if i >= cut:
                 tail.append(p)
     return tail
+
+
+def trainable_parameters(model: nn.Module, cut: int, tail_layers: int | None) -> tuple[list[nn.Parameter], range]:
+    """The parameters the optimizer sees, and the tail layers they belong to: the cut decoder's (when
+    the model has one) and those of the first ``tail_layers`` tail layers (all when None). The
+    rest of the model is frozen: on ~100 images, fewer trainable layers memorise less."""
+    tail = freeze_head(model, cut)
+    layers = layers_of(model)
+    trained = range(cut, len(layers) if tail_layers is None else min(len(layers), cut + tail_layers))
+    keep = {id(p) for i in trained for p in layers[i].parameters()}
+    for p in tail:
+        p.requires_grad_(id(p) in keep)
+    decoder = attached(model)
+    extra = list(decoder.parameters()) if decoder is not None else []
+    for p in extra:
+        p.requires_grad_(True)
+    return extra + [p for p in tail if id(p) in keep], trained
 
 
 def param_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict[str, object]]:
@@ -140,7 +159,7 @@ class Trainer:
         self.config = config
         self.state_dir = state_dir
         self.privatize = privatize
-        self.params = freeze_head(model, cut)
+        self.params, self.trained_layers = trainable_parameters(model, cut, config.tail_layers)
         self.optimizer = torch.optim.SGD(
             param_groups(self.params, config.weight_decay),
             lr=config.learning_rate,
@@ -254,10 +273,20 @@ class Trainer:
             output = run_tail(self.model, batch.features, self.cut)
             return self.task.loss(self.model, output, batch.targets)
 
+    def train_mode(self) -> None:
+        """Training mode, except that frozen layers' BatchNorm keeps its statistics (the Detect layer
+        stays in training mode whatever is trained: the loss reads its training-mode output)."""
+        self.model.train()
+        for i, layer in enumerate(layers_of(self.model)):
+            if i not in self.trained_layers:
+                for m in layer.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+
     def train_epoch(
         self, loader: DataLoader[StoredSample], epoch: int, on_step: Callable[[int, int, float], None] | None
     ) -> dict[str, float]:
-        self.model.train()
+        self.train_mode()
         totals: dict[str, float] = {}
         steps = 0
         for batch in loader:

@@ -64,6 +64,7 @@ class LoadedWeights:
     arch: str
     num_classes: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    decoder_state: dict[str, torch.Tensor] = field(default_factory=dict)  # a MistNet cut decoder's
 
 
 # -- inert stand-ins for pickled objects ----------------------------------------------------------
@@ -186,8 +187,10 @@ class SafeUnpickler(pickle.Unpickler):
             if origin not in self._standins:
                 self._standins[origin] = type(name, (StandIn,), {"origin": origin})
             return self._standins[origin]
-        raise CheckpointError(f"refused: the file references {module}.{name}, which is not on the allowlist "
-                              "(a checkpoint only needs model classes and tensors)")
+        raise CheckpointError(
+            f"refused: the file references {module}.{name}, which is not on the allowlist "
+            "(a checkpoint only needs model classes and tensors)"
+        )
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
@@ -259,8 +262,11 @@ def _json_safe(value: Any, depth: int = 0) -> Any:
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
 def _upstream_metadata(ckpt: dict[str, Any], module: StandIn) -> dict[str, Any]:
@@ -332,8 +338,10 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         if _looks_like_safetensors(head, size):
             return _read_safetensors(path)
         if head[:1] == b"\x80":
-            raise CheckpointError(f"{path}: a bare pickle (legacy torch format); only zip archives and "
-                                  "safetensors are read safely — re-save it with a current torch")
+            raise CheckpointError(
+                f"{path}: a bare pickle (legacy torch format); only zip archives and "
+                "safetensors are read safely — re-save it with a current torch"
+            )
         raise CheckpointError(f"{path}: not a torch zip archive or a safetensors file")
     except MistnetError:
         raise
@@ -355,13 +363,16 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> tuple[str, int]:
         arch = yolo.infer_arch(int(state["model.0.conv.weight"].shape[0]), repeats)
         outputs = int(state["model.24.m.0.weight"].shape[0])
         if arch is None or outputs % 3 or outputs // 3 <= 5:
-            raise CheckpointError(f"YOLOv5 weights of an unknown size (layer 0 width "
-                                  f"{state['model.0.conv.weight'].shape[0]}, {repeats} bottlenecks in layer 2)")
+            raise CheckpointError(
+                f"YOLOv5 weights of an unknown size (layer 0 width "
+                f"{state['model.0.conv.weight'].shape[0]}, {repeats} bottlenecks in layer 2)"
+            )
         return arch, outputs // 3 - 5
     if "model.0.0.weight" in state and "model.7.weight" in state:
         return "lenet5", int(state["model.7.weight"].shape[0])
-    raise CheckpointError("cannot tell the architecture: the tensors match no known model "
-                          f"(first keys: {', '.join(list(state)[:3])})")
+    raise CheckpointError(
+        f"cannot tell the architecture: the tensors match no known model (first keys: {', '.join(list(state)[:3])})"
+    )
 
 
 def expected_state(arch: str, num_classes: int) -> dict[str, torch.Tensor]:
@@ -376,8 +387,11 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], state: Mapping[str, t
     """Refuse missing, unexpected or misshapen tensors, naming the first few."""
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
-    wrong = [f"{k} {list(state[k].shape)} (expected {list(expected[k].shape)})"
-             for k in expected if k in state and state[k].shape != expected[k].shape]
+    wrong = [
+        f"{k} {list(state[k].shape)} (expected {list(expected[k].shape)})"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing ({', '.join(missing[:3])})")
@@ -390,8 +404,9 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], state: Mapping[str, t
 
 
 def _to_float32(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: (v.to(torch.float32) if v.is_floating_point() else v).detach().clone().contiguous()
-            for k, v in state.items()}
+    return {
+        k: (v.to(torch.float32) if v.is_floating_point() else v).detach().clone().contiguous() for k, v in state.items()
+    }
 
 
 def load_weights(path: str | Path, arch: str | None = None, num_classes: int | None = None) -> LoadedWeights:
@@ -400,15 +415,20 @@ def load_weights(path: str | Path, arch: str | None = None, num_classes: int | N
     ``arch``/``num_classes``, when given, are what the caller expects: a file holding anything else
     is refused rather than silently half-loaded.
     """
+    from common.models.cutdecoder import split_state
+
     tensors, meta = read_tensors(path)
+    tensors, decoder_state = split_state(tensors)
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors")
     inferred_arch, inferred_nc = infer_arch(tensors)
     claimed_arch = meta.get("arch") or inferred_arch
     claimed_nc = meta.get("num_classes") or inferred_nc
     if (claimed_arch, claimed_nc) != (inferred_arch, inferred_nc):
-        raise CheckpointError(f"{path}: metadata says {claimed_arch} with {claimed_nc} classes, "
-                              f"but the tensors are {inferred_arch} with {inferred_nc}")
+        raise CheckpointError(
+            f"{path}: metadata says {claimed_arch} with {claimed_nc} classes, "
+            f"but the tensors are {inferred_arch} with {inferred_nc}"
+        )
     if arch is not None and arch != inferred_arch:
         raise CheckpointError(f"{path}: holds {inferred_arch} weights, expected {arch}")
     if num_classes and num_classes != inferred_nc:
@@ -419,17 +439,49 @@ def load_weights(path: str | Path, arch: str | None = None, num_classes: int | N
             tensors[k] = torch.tensor(0, dtype=torch.long)
     check_state_dict(expected, tensors, f"{inferred_arch} with {inferred_nc} classes")
     meta = {**meta, "arch": inferred_arch, "num_classes": inferred_nc}
-    return LoadedWeights(_to_float32(tensors), inferred_arch, inferred_nc, meta)
+    _check_decoder(path, decoder_state, meta)
+    return LoadedWeights(_to_float32(tensors), inferred_arch, inferred_nc, meta, _to_float32(decoder_state))
 
 
-def load_model(path: str | Path, arch: str | None = None, num_classes: int | None = None,
-               ) -> tuple[nn.Module, LoadedWeights]:
+def _check_decoder(path: str | Path, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """Cut-decoder tensors must come with the metadata that rebuilds the decoder, and fit it."""
+    from common.models.cutdecoder import CutDecoder
+
+    if not state and "decoder" not in meta:
+        return
+    try:
+        expected = CutDecoder.from_config(meta["decoder"]).state_dict()
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: cut-decoder tensors without valid decoder metadata ({exc})") from None
+    check_state_dict(expected, state, "the checkpoint's cut decoder")
+
+
+def build_decoder(weights: LoadedWeights) -> Any:
+    """The checkpoint's cut decoder with its weights, or None when it has none."""
+    from common.models.cutdecoder import CutDecoder
+
+    if "decoder" not in weights.metadata:
+        return None
+    decoder = CutDecoder.from_config(weights.metadata["decoder"])
+    decoder.load_state_dict(weights.decoder_state, strict=True)
+    return decoder
+
+
+def load_model(
+    path: str | Path,
+    arch: str | None = None,
+    num_classes: int | None = None,
+) -> tuple[nn.Module, LoadedWeights]:
     """A model of the file's architecture with its weights loaded, plus what was read."""
+    from common.models.cutdecoder import attach
     from common.models.registry import build
 
     weights = load_weights(path, arch, num_classes)
     model = build(weights.arch, weights.num_classes)
     model.load_state_dict(weights.state_dict, strict=True)
+    decoder = build_decoder(weights)
+    if decoder is not None:
+        attach(model, decoder)
     return model, weights
 
 

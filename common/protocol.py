@@ -25,6 +25,8 @@ Status, acknowledgement and checkpoint messages are JSON so any MQTT tool can re
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 import re
 from collections.abc import Iterator
 from enum import StrEnum
@@ -188,12 +190,40 @@ class ModelRef(Message):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class LayerThresholds(Message):
+    """Quantisation thresholds of one head output: per channel, ``2^bits - 1`` ascending values
+    (an activation's level is how many of its channel's thresholds it exceeds)."""
+
+    layer: int = Field(ge=0)
+    values: list[list[float]] = Field(min_length=1, max_length=C.MAX_THRESHOLD_CHANNELS)
+
+    @model_validator(mode="after")
+    def _ascending_rows(self) -> LayerThresholds:
+        widths = {len(row) for row in self.values}
+        if len(widths) != 1:
+            raise ValueError("every channel needs the same number of thresholds")
+        for c, row in enumerate(self.values):
+            if any(not math.isfinite(v) for v in row) or any(a > b for a, b in itertools.pairwise(row)):
+                raise ValueError(f"channel {c}: thresholds must be finite and ascending")
+        return self
+
+
 class PrivacyParams(Message):
-    """How activations become bits: the local-DP mechanism both sides must agree on."""
+    """How activations become bits: the local-DP mechanism both sides must agree on. Without
+    ``thresholds`` a 1-bit activation is ``x > 0`` (the reference system's binarization)."""
 
     epsilon: float = Field(gt=0)
     bits: int = Field(default=1, ge=1, le=8)
-    thresholds: list[float] | None = None
+    thresholds: list[LayerThresholds] | None = None
+
+    @model_validator(mode="after")
+    def _thresholds_match_bits(self) -> PrivacyParams:
+        for t in self.thresholds or []:
+            if len(t.values[0]) != 2**self.bits - 1:
+                raise ValueError(f"layer {t.layer}: {self.bits} bits need {2**self.bits - 1} thresholds per channel")
+        if self.bits > 1 and not self.thresholds:
+            raise ValueError(f"{self.bits}-bit features need thresholds")
+        return self
 
 
 class HeadManifest(Message):
@@ -399,6 +429,7 @@ class FeatureBatch(Message):
 
 class JobPhase(StrEnum):
     PENDING = "pending"
+    ADAPTING = "adapting"
     COLLECTING = "collecting"
     TRAINING = "training"
     EVALUATING = "evaluating"

@@ -50,6 +50,12 @@ class ModelSpec(Strict):
     image_size: int = Field(default=0, ge=0, description="input size in pixels; 0: the model's default")
 
 
+class Thresholding(StrEnum):
+    AUTO = "auto"
+    ZERO = "zero"
+    CALIBRATED = "calibrated"
+
+
 class PrivacySpec(Strict):
     epsilon: float = Field(
         default=C.DEFAULT_EPSILON,
@@ -58,6 +64,12 @@ class PrivacySpec(Strict):
         description="LDP budget per bit (the reference implementation's ε: twice the paper's)",
     )
     bits: int = Field(default=1, ge=1, le=8, description="bits per activation on the wire")
+    thresholds: Thresholding = Field(
+        default=Thresholding.AUTO,
+        description="zero: a bit is x > 0 (the reference); calibrated: per-channel quantiles of the "
+        "pretrained head's activations on cloud.public, equally likely levels; auto: calibrated when "
+        "cloud.public is set",
+    )
 
 
 class EdgeSpec(Strict):
@@ -97,6 +109,16 @@ class CollectSpec(Strict):
     )
 
 
+class AdaptSpec(Strict):
+    """The cut decoder: a small network the cloud trains on public images, before the job, to map the
+    (randomized) levels that cross the cut back to the activations the pretrained tail expects."""
+
+    decoder: bool = Field(default=True, description="train a cut decoder when cloud.public is set")
+    epochs: int = Field(default=C.DEFAULT_DECODER_EPOCHS, ge=1, description="passes over the public features")
+    width: int = Field(default=C.DEFAULT_DECODER_WIDTH, ge=8, le=1024, description="hidden channels")
+    learning_rate: float = Field(default=C.DEFAULT_DECODER_LEARNING_RATE, gt=0, allow_inf_nan=False)
+
+
 class CloudSpec(Strict):
     node: str = Field(default="cloud", min_length=1, description="the node that trains the tail")
     epochs: int = Field(default=C.DEFAULT_EPOCHS, ge=0, description="training epochs of the tail")
@@ -105,6 +127,20 @@ class CloudSpec(Strict):
     validation: str | None = Field(default=None, description="held-out data the cloud evaluates on")
     output: str = Field(default="", description="checkpoint URL: a local path or s3://bucket/key")
     eval_interval: int = Field(default=1, ge=1, description="evaluate every this many epochs")
+    public: str | None = Field(
+        default=None,
+        description="unlabelled public images (a folder) the cloud adapts the tail with before the job: "
+        "threshold calibration and the cut decoder; never edge data",
+    )
+    adapt: AdaptSpec = Field(default_factory=AdaptSpec)
+    tail_layers: int | None = Field(
+        default=None,
+        ge=0,
+        description="train the cut decoder and only this many tail layers next to the cut; none: the whole tail",
+    )
+    ema: float = Field(
+        default=0.0, ge=0, lt=1, description="decay of an exponential moving average of the weights; 0: off"
+    )
 
 
 class S3Spec(Strict):
@@ -153,6 +189,21 @@ class JobSpec(Strict):
         if self.collect.min_edges > len(self.edges):
             raise ValueError(f"collect.min_edges {self.collect.min_edges} exceeds the {len(self.edges)} edges")
         return self
+
+    @model_validator(mode="after")
+    def _calibration_has_data(self) -> JobSpec:
+        if self.cloud.public is None and (self.privacy.thresholds == Thresholding.CALIBRATED or self.privacy.bits > 1):
+            raise ValueError(
+                "calibrated thresholds (and any privacy.bits above 1) need public images: set cloud.public"
+            )
+        return self
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the cloud calibrates thresholds on public images before assigning the job."""
+        return self.privacy.thresholds == Thresholding.CALIBRATED or (
+            self.privacy.thresholds == Thresholding.AUTO and self.cloud.public is not None
+        )
 
     def epsilon_for(self, node: str) -> float:
         edge = self.edge(node)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from common.models.cutdecoder import ATTRIBUTE as CUT_DECODER
+
 From = int | Sequence[int]
 
 
@@ -83,6 +85,11 @@ def run_head(model: nn.Module, x: torch.Tensor, cut: int) -> dict[int, torch.Ten
 
 
 def run_tail(model: nn.Module, features: dict[int, torch.Tensor], cut: int) -> torch.Tensor:
+    """The tail on what crossed the cut; a MistNet model's cut decoder (``model.cut_decoder``, see
+    :mod:`common.models.cutdecoder`) first maps the levels back towards activations."""
+    decoder = getattr(model, CUT_DECODER, None)
+    if decoder is not None:
+        features = decoder(features)
     return run_layers(model, dict(features), cut, len(layers_of(model)))
 
 

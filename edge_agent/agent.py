@@ -18,7 +18,7 @@ from common import constants as C
 from common import metrics
 from common.errors import DatasetError, MistnetError, ProtocolError, TransportError
 from common.models.registry import build
-from common.privacy import BitEncoder
+from common.privacy import encoder_for
 from common.protocol import (
     Ack,
     AckKind,
@@ -302,9 +302,8 @@ class EdgeAgent:
         if not path.exists():
             raise DatasetError(f"dataset {path} does not exist on node {self.node}")
         dataset = open_edge_dataset(job.model.arch, path, job.model.image_size)
-        extractor = Extractor(
-            model, job.model.cut_layer, BitEncoder(job.privacy.epsilon), dataset, job.batch_size, self.device
-        )
+        encoder = encoder_for(job.privacy)
+        extractor = Extractor(model, job.model.cut_layer, encoder, dataset, job.batch_size, self.device)
         topic = Topics.features(self.node, job.job)
         window = SendWindow(
             lambda payload: self._publish_chunk(topic, payload),

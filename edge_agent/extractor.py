@@ -181,7 +181,7 @@ class Extractor:
                 good += [EdgeSample(s.id, s.key, None, s.label) for s in ok]  # the pixels can go
         return FeatureBatch(
             transfer=transfer,
-            bits=1,
+            bits=self.encoder.bits,
             layout=layout,
             ids=[s.id for s in good],
             keys=[s.key for s in good] if any(s.key for s in good) else [],

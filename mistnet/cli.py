@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from common.errors import MistnetError
 
 # Each module exposes ``register(subparsers)`` and sets ``func`` (args -> exit code) on its parser.
-COMMANDS = ["edge", "cloud", "monitor", "broker", "demo", "job", "eval", "report", "bench"]
+COMMANDS = ["edge", "cloud", "monitor", "broker", "demo", "job", "eval", "report", "bench", "privacy-report"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"mistnet.commands.{name}").register(sub)
+        importlib.import_module(f"mistnet.commands.{name.replace('-', '_')}").register(sub)
     return parser
 
 

@@ -27,12 +27,13 @@ from safetensors.torch import save_file
 
 from broker.launcher import start_embedded_broker
 from cloud_agent.pretrain import pretrain_classifier
+from common import constants as C
 from common.datasets.mnist import load_tensors, prepare_mnist
 from common.datasets.yolo import discover_images, img2label_path
 from common.errors import DatasetError, MistnetError, SpecError
 from common.models.lenet import LeNet5
 from common.protocol import JobSummary
-from common.spec import CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec
+from common.spec import AdaptSpec, CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec
 from common.transport import BrokerOptions
 from mistnet.monitor import StatusBoard, drain, status_link
 
@@ -48,6 +49,7 @@ COCO_EPOCHS = 10
 COCO_CUT = 4  # edges run layers 0-3, as the reference example
 COCO_IMAGE_SIZE = 320
 COCO_HELD_OUT = 32
+COCO_PUBLIC = 32  # the cloud's public images: threshold calibration and cut decoder (privacy-utility.md)
 COCO_BATCH_SIZE = 16
 # Fine-tuning on ~100 images memorises them: at 0.01 held-out mAP collapses within a few epochs
 # (see shared/notes/mistnet-utility-measurements.md); 0.001, the Sedna example's rate, keeps it.
@@ -69,6 +71,9 @@ class DemoOptions:
     image_size: int = COCO_IMAGE_SIZE
     per_edge: int | None = None  # coco128: images per edge; None: all that the held-out split leaves
     held_out: int = COCO_HELD_OUT  # coco128: images the cloud keeps for evaluation
+    public: int = COCO_PUBLIC  # coco128: unlabelled images the cloud adapts with (0: no adaptation)
+    bits: int = 1  # bits per activation on the wire
+    decoder_epochs: int = C.DEFAULT_DECODER_EPOCHS
     learning_rate: float | None = None
     batch_size: int | None = None  # cloud training batch; None: the scenario's default
 
@@ -116,27 +121,33 @@ def prepare_mnist_job(opts: DemoOptions, root: Path) -> Path:
 class ImageSplit:
     edges: list[list[Path]]
     held_out: list[Path]
+    public: list[Path]
 
 
-def split_images(images: list[Path], edges: int, per_edge: int | None, held_out: int, seed: int = 0) -> ImageSplit:
-    """A seeded shuffle of the (sorted) images: ``held_out`` for the cloud, then ``per_edge`` per edge
-    (default: the rest, shared equally). The same inputs always give the same split."""
+def split_images(
+    images: list[Path], edges: int, per_edge: int | None, held_out: int, seed: int = 0, public: int = 0
+) -> ImageSplit:
+    """A seeded shuffle of the (sorted) images: ``held_out`` for the cloud's evaluation, then ``public``
+    unlabelled images for its adaptation, then ``per_edge`` per edge (default: the rest, shared
+    equally). Disjoint; the same inputs always give the same split."""
     if edges < 1 or held_out < 1:
         raise SpecError(f"need at least one edge and one held-out image, got {edges} and {held_out}")
     order = sorted(images, key=lambda p: p.as_posix())
     random.Random(seed).shuffle(order)
-    per = (len(order) - held_out) // edges if per_edge is None else per_edge
-    if per < 1 or held_out + edges * per > len(order):
+    per = (len(order) - held_out - public) // edges if per_edge is None else per_edge
+    if per < 1 or held_out + public + edges * per > len(order):
         raise DatasetError(
-            f"{len(order)} images cannot give {held_out} held-out images and "
+            f"{len(order)} images cannot give {held_out} held-out, {public} public images and "
             f"{edges} edge(s) x {per if per > 0 else 'at least 1'} images"
         )
-    rest = order[held_out:]
-    return ImageSplit([rest[k * per : (k + 1) * per] for k in range(edges)], order[:held_out])
+    rest = order[held_out + public :]
+    return ImageSplit(
+        [rest[k * per : (k + 1) * per] for k in range(edges)], order[:held_out], order[held_out : held_out + public]
+    )
 
 
-def link_yolo_folder(images: list[Path], dest: Path) -> Path:
-    """``dest/images/*`` and ``dest/labels/*.txt`` as symlinks to the originals (YOLO layout)."""
+def link_yolo_folder(images: list[Path], dest: Path, labels: bool = True) -> Path:
+    """``dest/images/*`` and (``labels``) ``dest/labels/*.txt`` as symlinks to the originals (YOLO layout)."""
     if dest.exists():
         shutil.rmtree(dest)  # only symlinks of an earlier run: the originals are untouched
     (dest / "images").mkdir(parents=True)
@@ -147,7 +158,7 @@ def link_yolo_folder(images: list[Path], dest: Path) -> Path:
             raise DatasetError(f"two images named {image.name}: cannot link both into {dest}")
         link.symlink_to(image.resolve())
         label = img2label_path(image)
-        if label.is_file():
+        if labels and label.is_file():
             (dest / "labels" / label.name).symlink_to(label.resolve())
     return dest
 
@@ -162,10 +173,12 @@ def prepare_coco128_job(opts: DemoOptions, root: Path) -> Path:
         raise DatasetError(f"COCO128 not found at {data}: pass --data DIR (YOLO layout: images/ and labels/)")
     if not weights.is_file():
         raise MistnetError(f"pretrained YOLOv5 weights not found at {weights}: pass --model PATH")
-    split = split_images(discover_images(data), opts.edges, opts.per_edge, opts.held_out)
+    split = split_images(discover_images(data), opts.edges, opts.per_edge, opts.held_out, public=opts.public)
     folders = root / "data"
     edge_dirs = [link_yolo_folder(imgs, folders / f"edge{k}") for k, imgs in enumerate(split.edges, 1)]
     validation = link_yolo_folder(split.held_out, folders / "held-out")
+    # Images only: adaptation needs no labels, and the cloud is given none.
+    public = link_yolo_folder(split.public, folders / "public", labels=False) if split.public else None
     loaded = load_weights(weights)
     spec = JobSpec(
         name="coco128-demo",
@@ -176,7 +189,7 @@ def prepare_coco128_job(opts: DemoOptions, root: Path) -> Path:
             image_size=opts.image_size,
         ),
         cut_layer=opts.cut_layer or COCO_CUT,
-        privacy=PrivacySpec(epsilon=opts.epsilon),
+        privacy=PrivacySpec(epsilon=opts.epsilon, bits=opts.bits),
         edges=[
             EdgeSpec(node=f"edge{k}", dataset=str(d), batch_size=COCO_TRANSFER_SAMPLES)
             for k, d in enumerate(edge_dirs, 1)
@@ -187,6 +200,8 @@ def prepare_coco128_job(opts: DemoOptions, root: Path) -> Path:
             learning_rate=opts.learning_rate or COCO_LEARNING_RATE,
             validation=str(validation),
             output=str(root / "coco128-demo.safetensors"),
+            public=str(public) if public else None,
+            adapt=AdaptSpec(epochs=opts.decoder_epochs),
         ),
         collect=CollectSpec(timeout_s=300),
     )

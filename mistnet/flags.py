@@ -28,8 +28,13 @@ def add_broker_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ca-file", metavar="FILE", help="CA certificate for mqtts:// (env MISTNET_CA_FILE)")
     g.add_argument("--cert-file", metavar="FILE", help="client certificate for mqtts://")
     g.add_argument("--key-file", metavar="FILE", help="client key for mqtts://")
-    g.add_argument("--connect-timeout", type=float, default=C.CONNECT_TIMEOUT_S, metavar="SECONDS",
-                   help=f"keep retrying an unreachable broker this long at start (default {C.CONNECT_TIMEOUT_S:g})")
+    g.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=C.CONNECT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"keep retrying an unreachable broker this long at start (default {C.CONNECT_TIMEOUT_S:g})",
+    )
 
 
 def broker_from_args(args: argparse.Namespace) -> BrokerOptions:

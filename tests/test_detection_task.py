@@ -19,7 +19,9 @@ from cloud_agent.trainer import History, TrainConfig, Trainer, lr_factor, warmup
 from common.datasets.yolo import YoloEdgeDataset, encode_labels
 from common.errors import DatasetError
 from common.models.yolo import build_model
-from common.privacy import BitEncoder, binarize
+from common.privacy import BitEncoder, feature_transform
+
+BITS = feature_transform({})  # the reference encoding: x > 0, no randomization at evaluation
 from common.protocol import FeatureBatch
 from common.split import run_head, run_tail
 
@@ -104,7 +106,7 @@ def test_collate_decodes_bits_and_boxes(tmp_path: Path, model: torch.nn.Module) 
 def test_evaluate_reports_finite_map_on_a_tiny_folder(tmp_path: Path, model: torch.nn.Module) -> None:
     task = Detection(_folder(tmp_path / "val"), SIZE)
     model.train()
-    metrics = task.evaluate(model, CUT, binarize, "cpu")
+    metrics = task.evaluate(model, CUT, BITS, "cpu")
     assert set(metrics) == {"map50", "map50_95"}
     assert all(0.0 <= v <= 1.0 and math.isfinite(v) for v in metrics.values())
     assert model.training  # the trainer's mode is restored
@@ -118,7 +120,7 @@ def test_evaluate_follows_the_split_path_with_pretrained_weights(tmp_path: Path)
     task = Detection(link_yolo_folder(images, tmp_path / "val"), 320)
     pretrained, _ = load_model(WEIGHTS)
     real = task.evaluate(pretrained, CUT, lambda y: y, "cpu")  # no privacy: the plain model
-    bits = task.evaluate(pretrained, CUT, binarize, "cpu")
+    bits = task.evaluate(pretrained, CUT, BITS, "cpu")
     assert real["map50"] > 0.3
     assert bits["map50"] < real["map50"] / 2  # the pretrained tail does not understand bits
 
@@ -158,7 +160,7 @@ def test_trainer_fits_detection_from_the_spool_and_resumes(tmp_path: Path) -> No
     task = Detection(folder, SIZE)
     config = TrainConfig(epochs=2, batch_size=2, learning_rate=0.01, eval_interval=2)
     head_before = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("model.0.")}
-    trainer = Trainer(net, CUT, task, SpoolFeatures(spool, ["edge1"]), config, tmp_path / "state", binarize)
+    trainer = Trainer(net, CUT, task, SpoolFeatures(spool, ["edge1"]), config, tmp_path / "state", BITS)
     seen: list[int] = []
     history = trainer.fit(History(), lambda r: seen.append(r.epoch))
     assert seen == [1, 2] and trainer.step == 4
@@ -167,12 +169,12 @@ def test_trainer_fits_detection_from_the_spool_and_resumes(tmp_path: Path) -> No
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in head_before.items())  # the head is frozen
     assert json.loads(history.to_json())[0]["epoch"] == 1
     # A new trainer on the same state directory has nothing left to do.
-    again = Trainer(net, CUT, task, SpoolFeatures(spool, ["edge1"]), config, tmp_path / "state", binarize)
+    again = Trainer(net, CUT, task, SpoolFeatures(spool, ["edge1"]), config, tmp_path / "state", BITS)
     assert again.fit(History.from_json(history.to_json()), lambda r: seen.append(r.epoch)).epochs[-1].epoch == 2
     assert seen == [1, 2] and again.step == 4
     # A longer job on the same state resumes after epoch 2, at the same schedule position.
     longer = TrainConfig(epochs=3, batch_size=2, learning_rate=0.01, eval_interval=5)
-    more = Trainer(net, CUT, task, SpoolFeatures(spool, ["edge1"]), longer, tmp_path / "state", binarize)
+    more = Trainer(net, CUT, task, SpoolFeatures(spool, ["edge1"]), longer, tmp_path / "state", BITS)
     more.fit(History.from_json(history.to_json()), lambda r: seen.append(r.epoch))
     assert seen == [1, 2, 3] and more.step == 6
     spool.close()

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,12 +10,22 @@ from common.errors import ProtocolError
 from common.privacy import (
     BitEncoder,
     binarize,
+    calibrate_thresholds,
     decode_features,
+    decode_rows,
+    feature_transform,
     keep_probability,
     make_generator,
+    make_rng,
     pack_bits,
+    pack_levels,
+    pack_rows,
+    quantize,
     randomized_response,
+    randomized_response_levels,
+    thresholds_to_metadata,
     unpack_bits,
+    unpack_levels,
     wire_bytes_per_sample,
 )
 
@@ -48,7 +59,7 @@ def test_flips_are_symmetric():
 def test_epsilon_100_is_pure_binarization():
     x = torch.randn(4, 8, 9, 9)
     enc = BitEncoder(100.0, seed=0)
-    assert torch.equal(enc.privatize(x), x > 0)
+    assert torch.equal(enc.privatize(x), (x > 0).float())
 
 
 def test_binarize_is_strictly_positive():
@@ -82,3 +93,68 @@ def test_encode_decode_round_trip_over_several_head_outputs():
 def test_randomization_is_unpredictable_by_default():
     x = torch.randn(10_000)
     assert not torch.equal(BitEncoder(1.0).privatize(x), BitEncoder(1.0).privatize(x))
+
+
+# k-bit levels, thresholds and K-ary randomized response ----------------------------------------
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("count", [1, 7, 8, 13, 64 * 5 * 5])
+def test_levels_pack_and_unpack_exactly(bits, count):
+    rng = np.random.default_rng(bits * 1000 + count)
+    levels = rng.integers(0, 2**bits, size=(3, count), dtype=np.uint8)
+    packed = pack_levels(levels, bits)
+    assert packed.shape == (3, math.ceil(count * bits / 8))
+    assert np.array_equal(unpack_levels(packed, count, bits), levels)
+
+
+def test_one_bit_levels_pack_as_the_bit_path():
+    bits = torch.rand(4, 3, 5, 7, generator=make_generator(9)) > 0.5
+    assert np.array_equal(pack_levels(bits.reshape(4, -1).numpy().astype(np.uint8), 1), pack_rows(bits))
+
+
+def test_thresholds_give_equally_likely_levels_and_decode_exactly():
+    x = torch.randn(16, 4, 12, 12) * torch.tensor([1.0, 3.0, 0.2, 5.0]).view(1, 4, 1, 1) + 2.0
+    t = calibrate_thresholds(x, bits=2)
+    assert t.shape == (4, 3) and bool((t[:, 1:] >= t[:, :-1]).all())
+    levels = quantize(x, t)
+    for c in range(4):
+        freq = torch.bincount(levels[:, c].flatten().long(), minlength=4).float() / levels[:, c].numel()
+        assert torch.allclose(freq, torch.full((4,), 0.25), atol=0.01), (c, freq)
+    layout, packed = BitEncoder(100.0, seed=0, bits=2, thresholds={3: t}).encode_packed({3: x})
+    assert packed.shape[1] == 4 * 12 * 12 * 2 // 8
+    decoded = decode_rows(layout, packed, bits=2)[3]
+    assert torch.equal(decoded, levels.float() / 3)
+
+
+@pytest.mark.parametrize(("levels", "eps"), [(2, 2.0), (4, 4.0), (4, 1.0), (16, 8.0)])
+def test_k_ary_randomized_response_statistics(levels, eps):
+    n = 400_000
+    truth = np.random.default_rng(1).integers(0, levels, n, dtype=np.uint8)
+    out = randomized_response_levels(truth.copy(), levels, eps, make_rng(2))
+    p = keep_probability(eps, levels)
+    assert p == pytest.approx(math.exp(eps / 2) / (math.exp(eps / 2) + levels - 1))
+    kept = float((out == truth).mean())
+    assert abs(kept - p) < 5 * math.sqrt(p * (1 - p) / n)
+    # A replaced level is uniform over the other K - 1: each offset 1..K-1 is equally likely.
+    offsets = ((out.astype(int) - truth.astype(int)) % levels)[out != truth]
+    freq = np.bincount(offsets, minlength=levels)[1:] / len(offsets)
+    assert np.allclose(freq, 1 / (levels - 1), atol=5 * math.sqrt(1 / len(offsets)))
+
+
+def test_encoder_refuses_thresholds_that_do_not_fit():
+    with pytest.raises(ValueError, match="need thresholds"):
+        BitEncoder(4.0, bits=2)
+    with pytest.raises(ValueError, match=r"\[C, 3\]"):
+        BitEncoder(4.0, bits=2, thresholds={3: torch.zeros(4, 1)})
+    with pytest.raises(ValueError, match="4 thresholds"):
+        BitEncoder(4.0, thresholds={3: torch.zeros(4, 1)}).encode_packed({3: torch.randn(1, 5, 2, 2)})
+
+
+def test_feature_transform_replays_checkpoint_thresholds_and_bits():
+    x = torch.randn(2, 4, 6, 6)
+    t = calibrate_thresholds(x, bits=3)
+    meta = {"bits": 3, "epsilon": 4.0, "thresholds": thresholds_to_metadata({3: t})}
+    assert torch.equal(feature_transform(meta)({3: x})[3], quantize(x, t).float() / 7)
+    noisy = feature_transform(meta, randomize=True)({3: x})[3]
+    assert noisy.shape == x.shape and not torch.equal(noisy, quantize(x, t).float() / 7)

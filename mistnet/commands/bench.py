@@ -31,8 +31,9 @@ def run(args: argparse.Namespace) -> int:
     from bench.runner import run_bench
 
     profile = args.profile or ("quick" if args.quick else "full")
-    summary = run_bench(profile, args.device, args.out, args.docs, log=lambda line: print(line, file=sys.stderr),
-                        keep=args.keep)
+    summary = run_bench(
+        profile, args.device, args.out, args.docs, log=lambda line: print(line, file=sys.stderr), keep=args.keep
+    )
     if args.json:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:

@@ -37,6 +37,13 @@ def register(sub: Any) -> None:
     p.add_argument("--imgsz", type=int, default=320, help="coco128: input size in pixels (default 320)")
     p.add_argument("--held-out", type=int, default=32, help="coco128: images kept for the cloud's evaluation")
     p.add_argument("--per-edge", type=int, help="coco128: images per edge (default: the rest, shared equally)")
+    p.add_argument(
+        "--public",
+        type=int,
+        default=32,
+        help="coco128: unlabelled images the cloud adapts the tail with (thresholds, cut decoder); 0: none",
+    )
+    p.add_argument("--bits", type=int, default=1, choices=range(1, 9), metavar="1..8", help="bits per activation")
     p.add_argument("--workdir", type=Path, help="keep data, logs and checkpoint here (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON summary object on stdout")
     p.set_defaults(func=run)
@@ -54,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         raise SpecError(f"--epsilon must be > 0, got {args.epsilon}")
     if args.epochs is not None and args.epochs < 0:
         raise SpecError(f"--epochs must be >= 0, got {args.epochs}")
+    if args.public < 0:
+        raise SpecError(f"--public must be >= 0, got {args.public}")
     if args.imgsz < 32 or args.imgsz % 32:
         raise SpecError(f"--imgsz must be a positive multiple of 32, got {args.imgsz}")
     started = time.monotonic()
@@ -72,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
             image_size=args.imgsz,
             held_out=args.held_out,
             per_edge=args.per_edge,
+            public=args.public,
+            bits=args.bits,
         )
     )
     if args.json:

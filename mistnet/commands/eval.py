@@ -29,19 +29,32 @@ def _positive(text: str) -> int:
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "eval", help="measure a detector's mAP on a YOLO-format dataset",
+        "eval",
+        help="measure a detector's mAP on a YOLO-format dataset",
         description="Loads weights safely (official YOLOv5 .pt, a state_dict, safetensors or a MistNet "
-                    "checkpoint), runs every image of the dataset and scores the detections with "
-                    "pycocotools at upstream val.py settings (conf 0.001, IoU 0.6, 300 per image).")
+        "checkpoint), runs every image of the dataset and scores the detections with "
+        "pycocotools at upstream val.py settings (conf 0.001, IoU 0.6, 300 per image).",
+    )
     p.add_argument("--model", required=True, type=Path, help="weights file")
-    p.add_argument("--data", required=True, type=Path,
-                   help="dataset: a COCO128-style folder (images/ + labels/), a folder holding one, or a .txt list")
-    p.add_argument("--imgsz", type=_image_size, default=None,
-                   help="input size in pixels (default: the checkpoint's image_size, else 640)")
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="dataset: a COCO128-style folder (images/ + labels/), a folder holding one, or a .txt list",
+    )
+    p.add_argument(
+        "--imgsz",
+        type=_image_size,
+        default=None,
+        help="input size in pixels (default: the checkpoint's image_size, else 640)",
+    )
     p.add_argument("--batch-size", type=_positive, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--square", action="store_true",
-                   help="square letterbox for every image (as edges feed the head) instead of upstream "
-                        "val.py's rectangular batches")
+    p.add_argument(
+        "--square",
+        action="store_true",
+        help="square letterbox for every image (as edges feed the head) instead of upstream "
+        "val.py's rectangular batches",
+    )
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run)
@@ -60,16 +73,14 @@ def predict_fn_for(model: Any, metadata: dict[str, Any]) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.checkpoint import load_weights
+    from common.checkpoint import load_model
     from common.datasets.yolo import YoloDataset
     from common.evaluation import evaluate_model
-    from common.models.registry import build, default_image_size, is_detector
+    from common.models.registry import default_image_size, is_detector
 
-    weights = load_weights(args.model)
+    model, weights = load_model(args.model)
     if not is_detector(weights.arch):
         raise CheckpointError(f"{args.model} holds a {weights.arch} model; eval measures detectors (yolov5*)")
-    model = build(weights.arch, weights.num_classes)
-    model.load_state_dict(weights.state_dict)
     model.to(args.device)
     args.imgsz = args.imgsz or int(weights.metadata.get("image_size") or default_image_size(weights.arch))
     dataset = YoloDataset(args.data, args.imgsz)
@@ -89,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_classes(dataset: Any, num_classes: int) -> None:
-    top = max((int(dataset.source_labels(i)[:, 0].max()) for i in dataset.usable
-               if len(dataset.source_labels(i))), default=-1)
+    top = max(
+        (int(dataset.source_labels(i)[:, 0].max()) for i in dataset.usable if len(dataset.source_labels(i))), default=-1
+    )
     if top >= num_classes:
         raise DatasetError(f"dataset {dataset.root} has class id {top}, but the model has {num_classes} classes")
 
@@ -102,9 +114,17 @@ def _evaluate(evaluate_model: Any, predict: Any, dataset: Any, args: argparse.Na
     columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("eval", total=len(dataset))
-        return dict(evaluate_model(predict, dataset, args.imgsz, args.batch_size, rect=not args.square,
-                                   device=args.device,
-                                   progress=lambda done, total: bar.update(task, completed=done)))
+        return dict(
+            evaluate_model(
+                predict,
+                dataset,
+                args.imgsz,
+                args.batch_size,
+                rect=not args.square,
+                device=args.device,
+                progress=lambda done, total: bar.update(task, completed=done),
+            )
+        )
 
 
 def _table(s: dict[str, Any], arch: str, nc: int, skipped: int, rect: bool) -> str:

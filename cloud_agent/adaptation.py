@@ -1,0 +1,227 @@
+"""Before the job: adapt the cloud's model to what will cross the cut, using public images only.
+
+Two steps, both on the pretrained head's outputs for the job's ``cloud.public`` images (never edge
+data; unlabelled images are enough):
+
+1. **Threshold calibration** (``privacy.thresholds: calibrated``): per-channel quantiles of the
+   activations, so every level is equally likely. The thresholds travel to the edges in the job
+   assignment, which is why this runs before the job is offered.
+2. **Cut decoder** (``cloud.adapt.decoder``): a small network trained to map the job's levels,
+   randomized exactly as the edges will randomize them (at each edge's ε), back to the real
+   activations; the pretrained tail then runs on its output (:mod:`common.models.cutdecoder`).
+
+Public images are augmented (two scales, horizontal flips) so a few dozen images give enough
+variety. The result is stored in the job's directory, so a restarted cloud reuses it: the edges
+may already hold the thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from common.datasets.yolo import decode_image, discover_images, letterbox, to_tensor
+from common.errors import DatasetError
+from common.models.cutdecoder import CutDecoder
+from common.privacy import BitEncoder, calibrate_thresholds, thresholds_to_metadata
+from common.protocol import LayerThresholds
+from common.split import run_head
+
+log = logging.getLogger("mistnet.cloud.adaptation")
+
+PUBLIC_SCALES = (1.0, 0.7)  # of the job's image size; smaller copies are letterboxed into the square
+MAX_PUBLIC_IMAGES = 256  # x 4 augmented copies held as float16 head outputs
+HEAD_BATCH = 8
+DECODER_BATCH = 8
+WARMUP_FRACTION = 0.1
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Adaptation:
+    """What adaptation produced: thresholds per head output (empty: ``x > 0``) and the decoder."""
+
+    bits: int
+    thresholds: dict[int, torch.Tensor]
+    decoder: CutDecoder | None
+
+    def encoding(self) -> dict[str, Any]:
+        """The encoding as checkpoint metadata records it (``feature_transform`` replays it)."""
+        meta: dict[str, Any] = {"bits": self.bits, "thresholds": thresholds_to_metadata(self.thresholds)}
+        if self.decoder is not None:
+            meta["decoder"] = self.decoder.config()
+        return meta
+
+    def wire_thresholds(self) -> list[LayerThresholds] | None:
+        return [LayerThresholds(layer=i, values=t.tolist()) for i, t in self.thresholds.items()] or None
+
+    def save(self, path: Path) -> None:
+        tensors = {f"thresholds.{i}": t.contiguous() for i, t in self.thresholds.items()}
+        meta: dict[str, object] = {"bits": self.bits}
+        if self.decoder is not None:
+            tensors.update({f"decoder.{k}": v.contiguous() for k, v in self.decoder.state_dict().items()})
+            meta["decoder"] = self.decoder.config()
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"adaptation": json.dumps(meta)})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Adaptation:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {})["adaptation"])
+        tensors = load_file(str(path))
+        thresholds = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("thresholds.")}
+        decoder = None
+        if "decoder" in meta:
+            decoder = CutDecoder.from_config(meta["decoder"])
+            decoder.load_state_dict({k[len("decoder.") :]: v for k, v in tensors.items() if k.startswith("decoder.")})
+        return cls(int(meta["bits"]), thresholds, decoder)
+
+
+def public_images(folder: Path) -> list[Path]:
+    paths = discover_images(folder)
+    if not paths:
+        raise DatasetError(f"cloud.public {folder}: no images found")
+    if len(paths) > MAX_PUBLIC_IMAGES:
+        log.warning("cloud.public has %d images: using the first %d", len(paths), MAX_PUBLIC_IMAGES)
+    return paths[:MAX_PUBLIC_IMAGES]
+
+
+def augmented_inputs(paths: Sequence[Path], image_size: int) -> Iterator[torch.Tensor]:
+    """Batches of letterboxed public images at each of :data:`PUBLIC_SCALES`, and their mirror images."""
+    batch: list[torch.Tensor] = []
+    for path in paths:
+        image = decode_image(path)
+        for scale in PUBLIC_SCALES:
+            pixels, _ = letterbox(image, max(32, round(image_size * scale)), (image_size, image_size))
+            x = to_tensor(pixels)
+            batch += [x, x.flip(-1)]
+        while len(batch) >= HEAD_BATCH:
+            yield torch.stack(batch[:HEAD_BATCH])
+            batch = batch[HEAD_BATCH:]
+    if batch:
+        yield torch.stack(batch)
+
+
+@torch.inference_mode()
+def head_outputs(model: nn.Module, cut: int, inputs: Iterator[torch.Tensor], device: str) -> dict[int, torch.Tensor]:
+    """The head's outputs for every input, concatenated per layer, as float16 on the CPU."""
+    model.eval()
+    parts: dict[int, list[torch.Tensor]] = {}
+    for x in inputs:
+        for i, y in run_head(model, x.to(device), cut).items():
+            parts.setdefault(i, []).append(y.to("cpu", torch.float16))
+    return {i: torch.cat(p) for i, p in parts.items()}
+
+
+def calibrate(outputs: dict[int, torch.Tensor], bits: int) -> dict[int, torch.Tensor]:
+    return {i: calibrate_thresholds(y, bits) for i, y in outputs.items() if y.dim() == 4}
+
+
+def new_decoder(outputs: dict[int, torch.Tensor], width: int) -> CutDecoder:
+    """A decoder for every image-shaped head output, standardized by the public activations' statistics."""
+    decoder = CutDecoder({i: y.shape[1] for i, y in outputs.items() if y.dim() == 4}, width)
+    for i, y in outputs.items():
+        if y.dim() == 4:
+            per_channel = y.transpose(0, 1).reshape(y.shape[1], -1).float()
+            level = decoder.decoder(i)
+            level.mean.copy_(per_channel.mean(1))
+            level.std.copy_(per_channel.std(1).clamp(min=1e-6))
+    return decoder
+
+
+def train_decoder(
+    decoder: CutDecoder,
+    outputs: dict[int, torch.Tensor],
+    encoders: Sequence[BitEncoder],
+    epochs: int,
+    learning_rate: float,
+    device: str,
+    seed: int,
+    on_epoch: Callable[[int, float], None],
+) -> CutDecoder:
+    """Regress the real head outputs from their levels, randomized as each edge will (one encoder per
+    distinct ε, taken in turn batch by batch); AdamW with a short warmup and a cosine decay."""
+    decoder.to(device).train()
+    count = len(next(iter(outputs.values())))
+    steps_per_epoch = math.ceil(count / DECODER_BATCH)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, learning_rate, total_steps=epochs * steps_per_epoch, pct_start=WARMUP_FRACTION
+    )
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    for epoch in range(1, epochs + 1):
+        total = 0.0
+        for batch in torch.randperm(count, generator=generator).split(DECODER_BATCH):
+            encoder = encoders[step % len(encoders)]
+            loss = torch.zeros((), device=device)
+            for i in decoder.channels:
+                real = outputs[i][batch].float()
+                levels = encoder.privatize(real, i)
+                level_decoder = decoder.decoder(i)
+                loss = loss + level_decoder.standardized_error(level_decoder(levels.to(device)), real.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach())
+            step += 1
+        on_epoch(epoch, total / steps_per_epoch)
+    return decoder.eval()
+
+
+def adapt(
+    model: nn.Module,
+    cut: int,
+    public: Path,
+    image_size: int,
+    epsilons: Sequence[float],
+    bits: int,
+    calibrated: bool,
+    decoder_width: int | None,
+    decoder_epochs: int,
+    learning_rate: float,
+    device: str,
+    seed: int,
+    progress: Progress,
+) -> Adaptation:
+    """Calibrate thresholds and train the cut decoder (``decoder_width`` None: no decoder)."""
+    t0 = time.monotonic()
+    paths = public_images(public)
+    outputs = head_outputs(model, cut, augmented_inputs(paths, image_size), device)
+    samples = len(next(iter(outputs.values())))
+    progress(f"adapting: {samples} public head outputs from {len(paths)} images")
+    thresholds = calibrate(outputs, bits) if calibrated else {}
+    decoder = None
+    if decoder_width is not None:
+        encoders = [BitEncoder(eps, seed=seed + k, bits=bits, thresholds=thresholds) for k, eps in enumerate(epsilons)]
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            progress(f"adapting: cut decoder epoch {epoch}/{decoder_epochs}, error {loss:.3f} (std units)")
+
+        decoder = train_decoder(
+            new_decoder(outputs, decoder_width),
+            outputs,
+            encoders,
+            decoder_epochs,
+            learning_rate,
+            device,
+            seed,
+            on_epoch,
+        )
+    log.info("adaptation done in %.1f s (%d public images)", time.monotonic() - t0, len(paths))
+    return Adaptation(bits, thresholds, decoder)

@@ -1,0 +1,111 @@
+"""``mistnet privacy-report``: a feature-inversion attack on what edges send, as SSIM/PSNR and pictures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _epsilons(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of numbers, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"every epsilon must be > 0, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def register(sub: Any) -> None:
+    from mistnet.demo import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS
+
+    p: argparse.ArgumentParser = sub.add_parser(
+        "privacy-report",
+        help="measure how well the cloud can reconstruct edge images from their features",
+        description="Trains an inversion decoder on public images (the cloud's) to reconstruct the image from "
+        "what an edge sends, at each epsilon and from real-valued features (no MistNet), and scores it on "
+        "held-out images with SSIM and PSNR. Writes privacy-report.json and reconstructions.png to --out.",
+    )
+    p.add_argument("--data", type=Path, default=DEFAULT_COCO128, help="YOLO-format images (default: COCO128)")
+    p.add_argument(
+        "--model", type=Path, default=DEFAULT_YOLO_WEIGHTS, help="pretrained weights or a MistNet checkpoint"
+    )
+    p.add_argument("--cut", type=_positive, help="cut layer (default: the checkpoint's, else 4)")
+    p.add_argument("--imgsz", type=_positive, default=256, help="input size in pixels (default 256)")
+    p.add_argument("--epsilons", type=_epsilons, default=[100.0, 4.0, 2.0, 1.0], help="default 100,4,2,1")
+    p.add_argument("--epochs", type=_positive, default=12, help="attack training epochs (default 12)")
+    p.add_argument("--public", type=_positive, default=32, help="public images the attacker trains on")
+    p.add_argument("--held-out", type=_positive, default=32, help="images the attack is scored on")
+    p.add_argument(
+        "--thresholds",
+        choices=("calibrated", "zero"),
+        default="calibrated",
+        help="bit thresholds when the model has none (default: calibrated on the public images)",
+    )
+    p.add_argument("--out", type=Path, default=Path("privacy-report"), help="output folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from cloud_agent.adaptation import augmented_inputs, calibrate, head_outputs
+    from common.checkpoint import load_model
+    from common.datasets.yolo import YoloDataset, discover_images
+    from common.errors import DatasetError
+    from common.privacy import thresholds_from_metadata
+    from mistnet.demo import link_yolo_folder, split_images
+    from mistnet.privacy_report import plot_samples, run_attacks, table, write_report
+
+    if args.imgsz % 32:
+        raise DatasetError(f"--imgsz must be a multiple of 32, got {args.imgsz}")
+    console = Console(stderr=True)
+    model, weights = load_model(args.model)
+    cut = args.cut or int(weights.metadata.get("cut_layer") or 4)
+    split = split_images(discover_images(args.data), 1, 1, args.held_out, public=args.public)
+    work = args.out / "data"
+    public = link_yolo_folder(split.public, work / "public", labels=False)
+    held_out = link_yolo_folder(split.held_out, work / "held-out")
+    thresholds = thresholds_from_metadata(weights.metadata)
+    if not thresholds and args.thresholds == "calibrated":
+        thresholds = calibrate(
+            head_outputs(model, cut, augmented_inputs(discover_images(public), args.imgsz), "cpu"), 1
+        )
+    results, shown, originals = run_attacks(
+        model,
+        cut,
+        YoloDataset(public, args.imgsz),
+        YoloDataset(held_out, args.imgsz),
+        [None, *args.epsilons],
+        thresholds,
+        args.epochs,
+        lambda message: console.log(message),
+    )
+    meta = {
+        "model": str(args.model),
+        "cut_layer": cut,
+        "imgsz": args.imgsz,
+        "epochs": args.epochs,
+        "public": len(split.public),
+        "held_out": len(split.held_out),
+        "thresholds": "checkpoint" if weights.metadata.get("thresholds") else args.thresholds,
+    }
+    report = write_report(results, args.out, meta)
+    plot_samples(shown, originals, results, args.out / "reconstructions.png")
+    if args.json:
+        sys.stdout.write(json.dumps({**meta, "attacks": [r.__dict__ for r in results]}) + "\n")
+    else:
+        print(table(results, len(split.held_out)))
+        print(f"\nwrote {report} and {args.out / 'reconstructions.png'}")
+    return 0
