@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint typecheck bench bench-quick mosquitto clean
+.PHONY: demo test lint typecheck bench bench-quick utility mosquitto clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c 'import ensurepip' 2>/dev/null || \
@@ -39,6 +39,12 @@ bench: $(STAMP) mosquitto
 
 bench-quick: $(STAMP) mosquitto
 	$(BIN)/mistnet bench --quick
+
+# Privacy/utility table and feature-inversion attack (docs/privacy-utility.md); about an hour on 2 cores.
+utility: $(STAMP)
+	$(BIN)/python -m bench.utility
+	$(BIN)/mistnet privacy-report --out bench/results/privacy-report
+	$(BIN)/python -m bench.utility_doc
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -36,6 +36,7 @@ from common.datasets.yolo import YoloDataset, YoloEdgeDataset, discover_images
 from common.evaluation import evaluate_model, model_predict_fn, split_predict_fn
 from common.models.cutdecoder import attach
 from common.privacy import BitEncoder, feature_transform
+from common.spec import AdaptSpec
 from edge_agent.extractor import Extractor
 from mistnet.demo import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS, link_yolo_folder, split_images
 
@@ -54,8 +55,6 @@ TRANSFER = 16
 BATCH = 16
 REFERENCE_LR = 0.01  # the Sedna example's recipe: whole tail, SGD, no BN re-estimation
 FINETUNE_LR = 0.001
-DECODER_WIDTH = 128
-DECODER_LR = 2e-3
 
 METHODS = {
     "pretrained": "pretrained, full precision (no MistNet): the ceiling",
@@ -138,11 +137,12 @@ def train(setup: Setup, model: nn.Module, data: SpoolFeatures, name: str, epochs
 class Measurement:
     """Runs the methods at each ε and records a :class:`Row` per (method, ε)."""
 
-    def __init__(self, setup: Setup, methods: list[str]) -> None:
+    def __init__(self, setup: Setup, methods: list[str], on_row: Callable[[Row], None] | None = None) -> None:
         self.setup = setup
         self.methods = methods
         self.pretrained, _ = load_model(setup.weights)
         self.rows: list[Row] = []
+        self.on_row = on_row
 
     def wanted(self, method: str) -> bool:
         return method in self.methods
@@ -154,6 +154,8 @@ class Measurement:
         row = Row(method, eps, got["held-out"], got["in-sample"], round(time.monotonic() - t0, 1))
         print(json.dumps(asdict(row)), flush=True)
         self.rows.append(row)
+        if self.on_row is not None:
+            self.on_row(row)
 
     def fresh(self, adaptation: Adaptation | None = None) -> nn.Module:
         model = copy.deepcopy(self.pretrained)
@@ -191,20 +193,9 @@ class Measurement:
         tag = f"eps{eps:g}"
         setup = self.setup
         t0 = time.monotonic()
+        spec = AdaptSpec(epochs=setup.decoder_epochs)
         adaptation = adapt(
-            self.fresh(),
-            CUT,
-            setup.folders["public"],
-            setup.imgsz,
-            [eps],
-            1,
-            True,
-            DECODER_WIDTH,
-            setup.decoder_epochs,
-            DECODER_LR,
-            setup.device,
-            0,
-            lambda message: log.info("%s", message),
+            self.fresh(), CUT, setup.folders["public"], setup.imgsz, [eps], 1, True, spec, setup.device, 0, log.info
         )
         encoding = adaptation.encoding()
         if self.wanted("adapted"):
@@ -234,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/mistnet-utility"))
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--merge", action="store_true", help="keep the other rows of an existing --out file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -246,19 +238,18 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir,
         args.device,
     )
-    rows = Measurement(setup, args.methods.split(",")).run([float(e) for e in args.epsilons.split(",")])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "imgsz": args.imgsz,
-                "epochs": args.epochs,
-                "decoder_epochs": args.decoder_epochs,
-                "rows": [asdict(r) for r in rows],
-            },
-            indent=1,
-        )
-    )
+    # Rows are saved as they come (a long run that stops early keeps what it measured); with --merge,
+    # rows of earlier runs for other (method, ε) pairs are kept.
+    kept = json.loads(args.out.read_text())["rows"] if args.merge and args.out.exists() else []
+    rows = [Row(**{**r, "held_out": tuple(r["held_out"]), "in_sample": tuple(r["in_sample"])}) for r in kept]
+
+    def save(row: Row) -> None:
+        rows[:] = [r for r in rows if (r.method, r.epsilon) != (row.method, row.epsilon)] + [row]
+        doc = {"imgsz": args.imgsz, "epochs": args.epochs, "decoder_epochs": args.decoder_epochs}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**doc, "rows": [asdict(r) for r in rows]}, indent=1))
+
+    Measurement(setup, args.methods.split(","), save).run([float(e) for e in args.epsilons.split(",")])
     return 0
 
 

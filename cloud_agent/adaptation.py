@@ -17,6 +17,7 @@ may already hold the thresholds.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -35,7 +36,8 @@ from common.errors import DatasetError
 from common.models.cutdecoder import CutDecoder
 from common.privacy import BitEncoder, calibrate_thresholds, thresholds_to_metadata
 from common.protocol import LayerThresholds
-from common.split import run_head
+from common.spec import AdaptSpec
+from common.split import layers_of, run_head, run_layers
 
 log = logging.getLogger("mistnet.cloud.adaptation")
 
@@ -143,45 +145,83 @@ def new_decoder(outputs: dict[int, torch.Tensor], width: int) -> CutDecoder:
     return decoder
 
 
+@dataclass
+class Distillation:
+    """Match the frozen pretrained tail's first ``layers`` outputs on decoded vs real activations:
+    the decoder is then judged by what the tail makes of its errors, not only by their size."""
+
+    model: nn.Module  # the pretrained model, frozen, in eval mode (its BatchNorm statistics stay)
+    cut: int
+    layers: int
+    weight: float
+
+    @classmethod
+    def of(cls, model: nn.Module, cut: int, layers: int, weight: float) -> Distillation:
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return cls(teacher, cut, layers, weight)
+
+    def loss(self, decoded: dict[int, torch.Tensor], real: dict[int, torch.Tensor]) -> torch.Tensor:
+        stop = min(self.cut + self.layers, len(layers_of(self.model)) - 1)  # never the detection layer
+        with torch.no_grad():
+            teacher = dict(real)
+            run_layers(self.model, teacher, self.cut, stop)
+        student = dict(decoded)
+        run_layers(self.model, student, self.cut, stop)
+        errors = [((student[i] - teacher[i]) ** 2).mean() / (teacher[i].var() + 1e-6) for i in range(self.cut, stop)]
+        return self.weight * torch.stack(errors).sum()
+
+
 def train_decoder(
     decoder: CutDecoder,
     outputs: dict[int, torch.Tensor],
     encoders: Sequence[BitEncoder],
-    epochs: int,
-    learning_rate: float,
-    device: str,
-    seed: int,
+    distillation: Distillation | None,
+    schedule: DecoderSchedule,
     on_epoch: Callable[[int, float], None],
 ) -> CutDecoder:
     """Regress the real head outputs from their levels, randomized as each edge will (one encoder per
-    distinct ε, taken in turn batch by batch); AdamW with a short warmup and a cosine decay."""
+    distinct ε, taken in turn batch by batch), plus the distillation loss; AdamW, warmup, cosine decay."""
+    device = schedule.device
     decoder.to(device).train()
     count = len(next(iter(outputs.values())))
     steps_per_epoch = math.ceil(count / DECODER_BATCH)
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=learning_rate, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, learning_rate, total_steps=epochs * steps_per_epoch, pct_start=WARMUP_FRACTION
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=schedule.learning_rate, weight_decay=1e-4)
+    lr = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, schedule.learning_rate, total_steps=schedule.epochs * steps_per_epoch, pct_start=WARMUP_FRACTION
     )
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(schedule.seed)
     step = 0
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, schedule.epochs + 1):
         total = 0.0
         for batch in torch.randperm(count, generator=generator).split(DECODER_BATCH):
             encoder = encoders[step % len(encoders)]
-            loss = torch.zeros((), device=device)
-            for i in decoder.channels:
-                real = outputs[i][batch].float()
-                levels = encoder.privatize(real, i)
-                level_decoder = decoder.decoder(i)
-                loss = loss + level_decoder.standardized_error(level_decoder(levels.to(device)), real.to(device))
+            real = {i: y[batch].float() for i, y in outputs.items()}
+            levels = {i: encoder.privatize(y, i).to(device) for i, y in real.items()}
+            real = {i: y.to(device) for i, y in real.items()}
+            decoded = decoder(levels)
+            loss = torch.stack(
+                [decoder.decoder(i).standardized_error(decoded[i], real[i]) for i in decoder.channels]
+            ).sum()
+            if distillation is not None:
+                loss = loss + distillation.loss(decoded, real)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            schedule.step()
+            lr.step()
             total += float(loss.detach())
             step += 1
         on_epoch(epoch, total / steps_per_epoch)
     return decoder.eval()
+
+
+@dataclass(frozen=True)
+class DecoderSchedule:
+    epochs: int
+    learning_rate: float
+    device: str
+    seed: int
 
 
 def adapt(
@@ -192,14 +232,12 @@ def adapt(
     epsilons: Sequence[float],
     bits: int,
     calibrated: bool,
-    decoder_width: int | None,
-    decoder_epochs: int,
-    learning_rate: float,
+    spec: AdaptSpec,
     device: str,
     seed: int,
     progress: Progress,
 ) -> Adaptation:
-    """Calibrate thresholds and train the cut decoder (``decoder_width`` None: no decoder)."""
+    """Calibrate thresholds and (``spec.decoder``) train the cut decoder on the public images."""
     t0 = time.monotonic()
     paths = public_images(public)
     outputs = head_outputs(model, cut, augmented_inputs(paths, image_size), device)
@@ -207,21 +245,15 @@ def adapt(
     progress(f"adapting: {samples} public head outputs from {len(paths)} images")
     thresholds = calibrate(outputs, bits) if calibrated else {}
     decoder = None
-    if decoder_width is not None:
+    if spec.decoder:
         encoders = [BitEncoder(eps, seed=seed + k, bits=bits, thresholds=thresholds) for k, eps in enumerate(epsilons)]
+        distillation = Distillation.of(model, cut, spec.distill_layers, spec.distill) if spec.distill > 0 else None
 
         def on_epoch(epoch: int, loss: float) -> None:
-            progress(f"adapting: cut decoder epoch {epoch}/{decoder_epochs}, error {loss:.3f} (std units)")
+            progress(f"adapting: cut decoder epoch {epoch}/{spec.epochs}, loss {loss:.3f}")
 
-        decoder = train_decoder(
-            new_decoder(outputs, decoder_width),
-            outputs,
-            encoders,
-            decoder_epochs,
-            learning_rate,
-            device,
-            seed,
-            on_epoch,
-        )
+        schedule = DecoderSchedule(spec.epochs, spec.learning_rate, device, seed)
+        torch.manual_seed(seed)  # the decoder's initial weights: same job, same decoder
+        decoder = train_decoder(new_decoder(outputs, spec.width), outputs, encoders, distillation, schedule, on_epoch)
     log.info("adaptation done in %.1f s (%d public images)", time.monotonic() - t0, len(paths))
     return Adaptation(bits, thresholds, decoder)

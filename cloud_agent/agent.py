@@ -191,7 +191,6 @@ class CloudAgent:
             self.adaptation = Adaptation.load(self._adaptation_path)
         else:
             self.set_phase(JobPhase.ADAPTING, f"adapting to {spec.privacy.bits}-bit features on {spec.cloud.public}")
-            a = spec.cloud.adapt
             self.adaptation = adapt(
                 self.model,
                 self.cut,
@@ -200,9 +199,7 @@ class CloudAgent:
                 sorted({spec.epsilon_for(e.node) for e in spec.edges}),
                 spec.privacy.bits,
                 spec.calibrated,
-                a.width if a.decoder else None,
-                a.epochs,
-                a.learning_rate,
+                spec.cloud.adapt,
                 self.device,
                 spec.seed,
                 self.adapt_progress,

@@ -117,6 +117,14 @@ class AdaptSpec(Strict):
     epochs: int = Field(default=C.DEFAULT_DECODER_EPOCHS, ge=1, description="passes over the public features")
     width: int = Field(default=C.DEFAULT_DECODER_WIDTH, ge=8, le=1024, description="hidden channels")
     learning_rate: float = Field(default=C.DEFAULT_DECODER_LEARNING_RATE, gt=0, allow_inf_nan=False)
+    distill: float = Field(
+        default=1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="weight of distillation from the pretrained tail (its first distill_layers outputs on "
+        "decoded vs real activations); 0: off",
+    )
+    distill_layers: int = Field(default=3, ge=1, description="tail layers whose outputs are distilled")
 
 
 class CloudSpec(Strict):
@@ -137,9 +145,6 @@ class CloudSpec(Strict):
         default=None,
         ge=0,
         description="train the cut decoder and only this many tail layers next to the cut; none: the whole tail",
-    )
-    ema: float = Field(
-        default=0.0, ge=0, lt=1, description="decay of an exponential moving average of the weights; 0: off"
     )
 
 

@@ -20,10 +20,10 @@ from common.datasets.yolo import YoloEdgeDataset, encode_labels
 from common.errors import DatasetError
 from common.models.yolo import build_model
 from common.privacy import BitEncoder, feature_transform
-
-BITS = feature_transform({})  # the reference encoding: x > 0, no randomization at evaluation
 from common.protocol import FeatureBatch
 from common.split import run_head, run_tail
+
+BITS = feature_transform({})  # the reference encoding: x > 0, no randomization at evaluation
 
 torch.set_num_threads(2)
 

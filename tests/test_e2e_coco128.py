@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from common.checkpoint import load_weights
 from mistnet.demo import DemoOptions, prepare_coco128_job
 from tests.agents import finish, spool_query, start_cloud, start_edge
 
@@ -34,6 +35,8 @@ def test_two_edge_detection_job_reports_held_out_map_and_learns(tmp_path: Path, 
         epochs=3,
         batch_size=8,
         learning_rate=0.01,
+        public=16,
+        decoder_epochs=2,
     )
     job = prepare_coco128_job(opts, tmp_path)
     # Per-role folders are symlinks into the shared data, never copies.
@@ -60,4 +63,9 @@ def test_two_edge_detection_job_reports_held_out_map_and_learns(tmp_path: Path, 
     losses = [sum(e["losses"].values()) for e in history]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0], losses
-    assert Path(summary["checkpoint"]).stat().st_size > 0
+    # The cloud adapted on the public images before the job: the checkpoint carries the thresholds the
+    # edges used and the cut decoder, so `mistnet eval` replays head -> thresholds -> decoder -> tail.
+    weights = load_weights(summary["checkpoint"])
+    assert weights.metadata["cut_layer"] == 4 and weights.metadata["bits"] == 1
+    assert len(weights.metadata["thresholds"]["3"]) == 64 and weights.metadata["decoder"]["channels"] == {"3": 64}
+    assert weights.decoder_state and (tmp_path / "cloud" / "adaptation.safetensors").exists()

@@ -159,3 +159,22 @@ def test_chunk_digest_helpers_agree():
     (chunk,) = split_transfer("job", "e", 0, b"abc", 1024)
     assert chunk.sha256 == hashlib.sha256(b"abc").digest() == chunk.transfer_sha256
     assert isinstance(chunk, Chunk)
+
+
+def test_privacy_params_thresholds_must_fit_bits_and_ascend():
+    from pydantic import ValidationError
+
+    from common.protocol import LayerThresholds, PrivacyParams
+
+    ok = PrivacyParams(epsilon=4, bits=2, thresholds=[LayerThresholds(layer=3, values=[[-1, 0, 1], [0, 0, 2]])])
+    assert ok.thresholds is not None and ok.thresholds[0].values[1] == [0, 0, 2]
+    with pytest.raises(ValidationError, match="2 bits need 3 thresholds"):
+        PrivacyParams(epsilon=4, bits=2, thresholds=[LayerThresholds(layer=3, values=[[0.5]])])
+    with pytest.raises(ValidationError, match="need thresholds"):
+        PrivacyParams(epsilon=4, bits=3)
+    with pytest.raises(ValidationError, match="ascending"):
+        LayerThresholds(layer=3, values=[[1, 0, 2]])
+    with pytest.raises(ValidationError, match="finite"):
+        LayerThresholds(layer=3, values=[[float("nan")]])
+    with pytest.raises(ValidationError, match="same number"):
+        LayerThresholds(layer=3, values=[[0.0], [0.0, 1.0]])

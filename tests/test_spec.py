@@ -22,6 +22,7 @@ from common.spec import (
     JobSpecInvalid,
     ModelSpec,
     S3Spec,
+    Thresholding,
     TransmitterSpec,
     build_job,
     max_cut,
@@ -122,6 +123,18 @@ NATIVE_CASES = {
         "transmitter.s3.bucket_path: '/tmp/x' must be an s3://",
     ),
     "wrong kind": (("kind: MistNetJob", "kind: Job"), "kind: 'Job' is not a native job"),
+    "bits without public images": (
+        ("epsilon: 4 ", "epsilon: 4\n  bits: 2 "),
+        "calibrated thresholds (and any privacy.bits above 1) need public images: set cloud.public",
+    ),
+    "calibrated without public images": (
+        ("epsilon: 4 ", "epsilon: 4\n  thresholds: calibrated "),
+        "need public images: set cloud.public",
+    ),
+    "unknown thresholds": (
+        ("epsilon: 4 ", "epsilon: 4\n  thresholds: median "),
+        "privacy.thresholds: 'median' must be one of",
+    ),
     "duplicate key": (("seed: 0", "seed: 0\nseed: 1"), "job.yaml:34: duplicate key 'seed' (first at line 33)"),
 }
 
@@ -423,3 +436,14 @@ def test_mutated_reference_example_raises_only_spec_error(data: st.DataObject):
             node[key] = data.draw(TREES)
             break
     _must_only_raise_spec_error(yaml.safe_dump_all(docs))
+
+
+def test_public_images_turn_calibration_on_unless_zero_is_asked_for():
+    base = parse_job_text(MNIST.read_text(), "job.yaml").spec
+    assert not base.calibrated and base.cloud.adapt.decoder
+    with_public = base.model_copy(update={"cloud": base.cloud.model_copy(update={"public": "pub/"})})
+    assert with_public.calibrated
+    zero = with_public.model_copy(
+        update={"privacy": with_public.privacy.model_copy(update={"thresholds": Thresholding.ZERO})}
+    )
+    assert not zero.calibrated

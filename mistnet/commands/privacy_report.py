@@ -41,9 +41,9 @@ def register(sub: Any) -> None:
         "--model", type=Path, default=DEFAULT_YOLO_WEIGHTS, help="pretrained weights or a MistNet checkpoint"
     )
     p.add_argument("--cut", type=_positive, help="cut layer (default: the checkpoint's, else 4)")
-    p.add_argument("--imgsz", type=_positive, default=256, help="input size in pixels (default 256)")
+    p.add_argument("--imgsz", type=_positive, default=192, help="input size in pixels (default 192)")
     p.add_argument("--epsilons", type=_epsilons, default=[100.0, 4.0, 2.0, 1.0], help="default 100,4,2,1")
-    p.add_argument("--epochs", type=_positive, default=12, help="attack training epochs (default 12)")
+    p.add_argument("--epochs", type=_positive, default=8, help="attack training epochs (default 8)")
     p.add_argument("--public", type=_positive, default=32, help="public images the attacker trains on")
     p.add_argument("--held-out", type=_positive, default=32, help="images the attack is scored on")
     p.add_argument(

@@ -1,0 +1,272 @@
+"""Renders ``docs/privacy-utility.md`` and its plot from ``bench/results/utility.json`` and a privacy report.
+
+``python -m bench.utility_doc [--attack DIR]``: the prose around the figures lives here so that the page
+is regenerated, never hand-edited, whenever the measurements are rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "utility.json"
+ATTACK = REPO / "bench" / "results" / "privacy-report"
+DOC = REPO / "docs" / "privacy-utility.md"
+PLOT = REPO / "docs" / "privacy-utility.png"
+RECONSTRUCTIONS = "privacy-reconstructions.png"
+GOALS = {100.0: 0.9, 4.0: 0.75}
+
+LABELS = {
+    "pretrained": "pretrained, full precision (no MistNet)",
+    "zero-shot": "zero-shot on bits (x > 0), pretrained tail untouched",
+    "reference": "reference recipe: x > 0 bits, whole tail fine-tuned, SGD lr 0.01",
+    "bn": "x > 0 bits, tail BatchNorm statistics re-estimated only",
+    "adapted": "**adapted** (calibrated thresholds + cut decoder on public images), no edge-data training",
+    "adapted+decoder-ft": "adapted, then cut decoder fine-tuned on the edges' bits (lr 0.001)",
+    "adapted+tail-ft": "adapted, then decoder and whole tail fine-tuned on the edges' bits (lr 0.001)",
+}
+
+
+def _pair(v: list[float]) -> str:
+    return f"{v[0]:.3f} / {v[1]:.3f}"
+
+
+def table(rows: list[dict[str, Any]], key: str, epsilons: list[float]) -> list[str]:
+    head = "| method | " + " | ".join(f"ε = {e:g}" for e in epsilons) + " |"
+    lines = [head, "|---" * (len(epsilons) + 1) + "|"]
+    full = next((r for r in rows if r["method"] == "pretrained"), None)
+    if full is not None:
+        lines.append(f"| {LABELS['pretrained']} | " + " | ".join(_pair(full[key]) for _ in epsilons) + " |")
+    for method, label in LABELS.items():
+        if method == "pretrained":
+            continue
+        cells = []
+        for e in epsilons:
+            row = next((r for r in rows if r["method"] == method and r["epsilon"] == e), None)
+            cells.append(_pair(row[key]) if row else "not run")
+        if any(c != "not run" for c in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def ratios(rows: list[dict[str, Any]], epsilons: list[float]) -> list[str]:
+    full = next(r for r in rows if r["method"] == "pretrained")["held_out"][1]
+    lines = [
+        "| ε | best method | held-out mAP50-95 | × pretrained | goal | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in epsilons:
+        candidates = [r for r in rows if r["epsilon"] == e]
+        if not candidates:
+            continue
+        best = max(candidates, key=lambda r: r["held_out"][1])
+        ratio = best["held_out"][1] / full
+        goal = GOALS.get(e)
+        met = "n/a" if goal is None else ("yes" if ratio >= goal else "no")
+        goal_text = "none set" if goal is None else f"≥ {goal:g}×"
+        lines.append(f"| {e:g} | {best['method']} | {best['held_out'][1]:.3f} | {ratio:.2f} | {goal_text} | {met} |")
+    return lines
+
+
+def times(rows: list[dict[str, Any]], epsilons: list[float]) -> list[str]:
+    lines = ["| method | " + " | ".join(f"ε = {e:g}" for e in epsilons) + " |", "|---" * (len(epsilons) + 1) + "|"]
+    for method in LABELS:
+        if method == "pretrained":
+            continue
+        cells = []
+        for e in epsilons:
+            row = next((r for r in rows if r["method"] == method and r["epsilon"] == e), None)
+            cells.append(f"{row['seconds']:.0f} s" if row else "")
+        if any(cells):
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(rows: list[dict[str, Any]], epsilons: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    full = next(r for r in rows if r["method"] == "pretrained")["held_out"][1]
+    ax.axhline(full, color="black", linestyle="--", linewidth=1, label="pretrained, full precision")
+    for e, goal in GOALS.items():
+        ax.plot([e], [goal * full], marker="_", markersize=22, color="red", linestyle="none")
+    ax.plot([], [], marker="_", color="red", linestyle="none", label="goal (0.9× at ε=100, 0.75× at ε=4)")
+    for method in LABELS:
+        pts = sorted((r["epsilon"], r["held_out"][1]) for r in rows if r["method"] == method and r["epsilon"])
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xticks(epsilons)
+    ax.set_xticklabels([f"{e:g}" for e in epsilons])
+    ax.set_xlabel("ε per activation (reference definition)")
+    ax.set_ylabel("held-out mAP@0.5:0.95")
+    ax.set_title("YOLOv5n, cut 4, 640 px: held-out accuracy against privacy budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def attack_section(attack: Path | None) -> list[str]:
+    if attack is None or not (attack / "privacy-report.json").exists():
+        return [
+            "No privacy report has been recorded yet: run `mistnet privacy-report --out bench/results/privacy-report`."
+        ]
+    report = json.loads((attack / "privacy-report.json").read_text())
+    lines = [
+        f"Measured with `mistnet privacy-report` (yolov5n, cut {report['cut_layer']}, {report['imgsz']} px, "
+        f"{report['public']} public images x 2 flips to train each attack for {report['epochs']} epochs, "
+        f"{report['held_out']} held-out images to score it; thresholds: {report['thresholds']}).",
+        "",
+        "| what the cloud receives | SSIM | PSNR (dB) | attack training (s) |",
+        "|---|---|---|---|",
+    ]
+    for a in report["attacks"]:
+        what = (
+            "real-valued head outputs (no MistNet)" if a["epsilon"] is None else f"MistNet bits, ε = {a['epsilon']:g}"
+        )
+        lines.append(f"| {what} | {a['ssim']:.3f} | {a['psnr']:.2f} | {a['train_seconds']:.0f} |")
+    lines += ["", f"![reconstructions]({RECONSTRUCTIONS})"]
+    return lines
+
+
+def render(results: Path = RESULTS, attack: Path | None = ATTACK, doc: Path = DOC) -> Path:
+    data = json.loads(results.read_text())
+    rows = data["rows"]
+    epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None}, reverse=True)
+    plot(rows, epsilons, doc.parent / PLOT.name)
+    if attack is not None and (attack / "reconstructions.png").exists():
+        (doc.parent / RECONSTRUCTIONS).write_bytes((attack / "reconstructions.png").read_bytes())
+    text = "\n".join(
+        [
+            *INTRO,
+            f"Fine-tuning epochs: {data['epochs']}; cut-decoder epochs: {data['decoder_epochs']}; "
+            f"image size {data['imgsz']} px. Cells are mAP@0.5 / mAP@0.5:0.95.",
+            "",
+            "### Held-out images (never sent by an edge, never trained on)",
+            "",
+            *table(rows, "held_out", epsilons),
+            "",
+            "### In-sample: the edges' 64 training images",
+            "",
+            *table(rows, "in_sample", epsilons),
+            "",
+            f"![held-out mAP against ε]({PLOT.name})",
+            "",
+            "### Against the goal",
+            "",
+            *ratios(rows, epsilons),
+            "",
+            "### Wall time per method (this machine, 2 cores, shared; includes evaluation of both sets)",
+            "",
+            *times(rows, epsilons),
+            "",
+            *METHOD_NOTES,
+            "",
+            "## Privacy measured: feature inversion by the cloud",
+            "",
+            *ATTACK_INTRO,
+            "",
+            *attack_section(attack),
+            "",
+        ]
+    )
+    doc.write_text(text)
+    return doc
+
+
+INTRO = [
+    "# Privacy and utility: what MistNet's bits cost, and what adaptation buys back",
+    "",
+    "Regenerated by `make utility` (`python -m bench.utility`, then `python -m bench.utility_doc`); do not edit.",
+    "",
+    "## Protocol",
+    "",
+    "- Model: the official yolov5n checkpoint, cut_layer 4 (edges run layers 0-3; 64 x 80 x 80 activations per"
+    " 640 px image, 51,200 bytes as bits), square letterbox 640 px.",
+    "- Data: COCO128 split once by `mistnet.demo.split_images` (seeded shuffle, seed 0) into disjoint sets:"
+    " **32 held-out** images (never sent, never trained on; every held-out figure is on them),"
+    " **32 public** images (given to the cloud *without labels*; adaptation uses only them),"
+    " and **2 edges x 32 labelled images** (what edges send as bits; the in-sample figures are on them).",
+    "- Everything runs through the shipped code: the edge `Extractor` and `BitEncoder` fill a real spool, the"
+    " cloud's `adapt()` and `Trainer` adapt and train, and the deployed path head → levels → cut decoder → tail"
+    " is scored by pycocotools at upstream val.py settings (conf 0.001, IoU 0.6, 300 detections).",
+    "- Randomized response is applied to everything an edge sends (training data) and to every step of the cut"
+    " decoder's training; it is not applied when a model is evaluated, as the cloud evaluates: an image evaluated"
+    " where it is gains no privacy from noise.",
+    "- ε is per activation, as the reference implementation defines it (keep probability"
+    " p = e^(ε/2) / (e^(ε/2) + K - 1) with K = 2^bits levels; the MistNet paper's ε is half of it). These runs"
+    " use 1 bit per activation, as the reference system.",
+    "- 32 held-out images is what COCO128 allows next to public and edge sets; differences of about 0.02 mAP are"
+    " noise (one seed).",
+    "",
+    "## Results",
+    "",
+]
+
+METHOD_NOTES = [
+    "## Methods, and what each one changed",
+    "",
+    "- **Calibrated thresholds** (`privacy.thresholds: calibrated`, default when `cloud.public` is set): a bit is"
+    " `x > t_c` with `t_c` the median of channel c's activations on the public images (quantiles j/2^bits for more"
+    " bits), so each bit carries one full bit of information; the thresholds travel to the edges in the job"
+    " assignment.",
+    "- **Cut decoder** (`cloud.adapt`): two 3x3 convolutions (128 channels) and a 1x1 projection, trained on the"
+    " public images (two scales x flips = 128 head outputs) to regress the real activations from their bits,"
+    " randomized at each edge's ε at every step. The pretrained tail runs on what it decodes, with its own"
+    " BatchNorm statistics (no re-estimation). It is saved in the checkpoint (`cut_decoder.*` + `decoder`"
+    " metadata), so `mistnet eval` replays head → thresholds → decoder → tail by itself.",
+    "- **Fewer trainable layers** (`cloud.tail_layers`): 0 trains only the decoder; frozen layers keep their"
+    " BatchNorm statistics.",
+    "",
+    "Measured on the same split with scratch scripts while choosing the method (640 px, held-out mAP50 / mAP50-95;"
+    " pretrained full precision 0.580 / 0.385):",
+    "",
+    "| variant | ε = 100 | ε = 4 |",
+    "|---|---|---|",
+    "| x > 0, BN re-estimated on the edges' 64 images | 0.279 / 0.155 | 0.184 / 0.096 |",
+    "| median thresholds, BN re-estimated | 0.328 / 0.171 | 0.207 / 0.105 |",
+    "| median thresholds, each bit decoded to its public-data centroid, BN re-estimated | 0.381 / 0.231 |"
+    " 0.202 / 0.120 |",
+    "| 2 bits (quartile thresholds), centroid decoding, BN re-estimated | 0.449 / 0.280 | 0.257 / 0.179 |",
+    "| 2 bits, centroid decoding, pretrained BN statistics | 0.411 / 0.270 | 0.005 / 0.001 |",
+    "| median thresholds + cut decoder (15 epochs) | 0.445 / 0.277 | 0.329 / 0.212 |",
+    "| 2 bits + cut decoder (15 epochs) | 0.467 / 0.291 | not run |",
+    "| real-valued features, BN re-estimated on 64 images (control) | 0.529 / 0.320 | - |",
+    "",
+    "- Re-estimating BatchNorm statistics on 64 images costs accuracy even on real-valued features"
+    " (0.385 → 0.320): with a decoder the pretrained statistics are kept.",
+    "- A second bit per activation (twice the bytes) adds about 0.015 mAP50-95 on top of the decoder at ε = 100:"
+    " the decoder already recovers most of what the second bit carries, so the default stays at 1 bit.",
+]
+
+ATTACK_INTRO = [
+    "The attacker is the strongest party this system has: the cloud. It built the head, knows the encoding and has"
+    " public images, so it trains an inversion decoder (four 2x upsampling stages) on public images to rebuild"
+    " the letterboxed input from what an edge sends (with fresh randomization every step at the job's ε), and"
+    " applies it to held-out images. The same attack on the real-valued layer-3 output is the no-protection"
+    " baseline. SSIM and PSNR by scikit-image against the input the head saw. For reference, the MistNet paper"
+    " reports SSIM 0.35-0.73 at ε = 0.5-2 against 0.92 without protection (ResNet-18, CIFAR-10, its own attack).",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.utility_doc", description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--attack", type=Path, default=ATTACK, help="a `mistnet privacy-report --out` folder")
+    p.add_argument("--doc", type=Path, default=DOC)
+    args = p.parse_args(argv)
+    print(render(args.results, args.attack, args.doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
