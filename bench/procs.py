@@ -491,11 +491,17 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
         db.execute("VACUUM")
         db.close()
     agent = CloudAgent(spec, BrokerOptions(url=args.broker), Path(args.workdir))
-    for pragma in filter(None, args.spool_pragma.split(",")):  # to measure suggested spool settings
+    for pragma in filter(None, args.spool_pragma.split(",")):  # to measure other spool settings
         agent.spool.db.execute(f"PRAGMA {pragma}")
     if args.hold_s is not None:  # how long incomplete transfers stay in memory (0: persist every chunk)
         agent.collector.hold_s = args.hold_s
+    if args.no_checkpoint_thread:  # SQLite's own autocheckpoint, on the collector's path, every 64 MB
+        agent.spool.written = lambda nbytes: None  # type: ignore[method-assign]
+        page = int(agent.spool.db.execute("PRAGMA page_size").fetchone()[0])
+        agent.spool.db.execute(f"PRAGMA wal_autocheckpoint={max(1000, (64 << 20) // page)}")
     agent.link.connect()
+    if args.nagle:  # leave Nagle's algorithm on for the cloud's broker connection
+        agent._nodelay_socket = agent.link.client.socket()
     ready(False)
     agent.collect()
     t1 = time.time()
@@ -503,7 +509,8 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
     agent.link.close()
     agent.spool.close()
     emit({"t_end": t1, "samples": counts.samples, "wire_bytes": counts.wire_bytes,
-          "duplicates": agent.collector.duplicates, "maxrss": maxrss()})
+          "duplicates": agent.collector.duplicates, "spilled": agent.collector.spilled,
+          "acks": agent.acks_sent, "maxrss": maxrss()})
     return 0
 
 
@@ -567,6 +574,9 @@ def parser() -> argparse.ArgumentParser:
             q.add_argument("--workdir", required=True)
             q.add_argument("--spool-pragma", default="", help="e.g. wal_autocheckpoint=16384 (experiments)")
             q.add_argument("--spool-page-size", type=int, default=0, help="create the spool with this page size")
+            q.add_argument("--no-checkpoint-thread", action="store_true",
+                           help="checkpoint the WAL on the collector's path (SQLite's autocheckpoint)")
+            q.add_argument("--nagle", action="store_true", help="no TCP_NODELAY on the cloud's broker connection")
             q.add_argument("--hold-s", type=float, default=None,
                            help="the collector's hold time for incomplete transfers (0: every chunk persisted and "
                            "acknowledged on arrival, then copied into samples: the receive path before issue #6)")

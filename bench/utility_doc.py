@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results" / "utility.json"
+RESULTS = [REPO / "bench" / "results" / "utility.json", REPO / "bench" / "results" / "utility-low-eps.json"]
 ATTACK = REPO / "bench" / "results" / "privacy-report"
 DOC = REPO / "docs" / "privacy-utility.md"
 PLOT = REPO / "docs" / "privacy-utility.png"
@@ -138,9 +138,20 @@ def attack_section(attack: Path | None) -> list[str]:
     return lines
 
 
-def render(results: Path = RESULTS, attack: Path | None = ATTACK, doc: Path = DOC) -> Path:
-    data = json.loads(results.read_text())
-    rows = data["rows"]
+def load_rows(results: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Rows of every results file that exists (runs split by ε), with the settings they share."""
+    found = [json.loads(p.read_text()) for p in results if p.exists()]
+    if not found:
+        raise SystemExit(f"no results in {', '.join(map(str, results))}: run python -m bench.utility first")
+    settings = {k: found[0][k] for k in ("imgsz", "epochs", "decoder_epochs")}
+    for other in found[1:]:
+        if {k: other[k] for k in settings} != settings:
+            raise SystemExit(f"results measured with different settings: {settings} and {other}")
+    return settings, [r for f in found for r in f["rows"]]
+
+
+def render(results: list[Path] = RESULTS, attack: Path | None = ATTACK, doc: Path = DOC) -> Path:
+    data, rows = load_rows(results)
     epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None}, reverse=True)
     plot(rows, epsilons, doc.parent / PLOT.name)
     if attack is not None and (attack / "reconstructions.png").exists():
@@ -260,7 +271,7 @@ ATTACK_INTRO = [
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.utility_doc", description=__doc__.splitlines()[0])
-    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--results", type=Path, nargs="+", default=RESULTS)
     p.add_argument("--attack", type=Path, default=ATTACK, help="a `mistnet privacy-report --out` folder")
     p.add_argument("--doc", type=Path, default=DOC)
     args = p.parse_args(argv)

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.datasets.mnist import load_tensors
 from common.datasets.yolo import decode_image, discover_images, letterbox, to_tensor
 from common.errors import DatasetError
 from common.models.cutdecoder import CutDecoder
@@ -116,6 +117,16 @@ def augmented_inputs(paths: Sequence[Path], image_size: int) -> Iterator[torch.T
             batch = batch[HEAD_BATCH:]
     if batch:
         yield torch.stack(batch)
+
+
+def public_inputs(public: Path, image_size: int) -> Iterator[torch.Tensor]:
+    """Batches of public inputs: an image folder (augmented, see :func:`augmented_inputs`) or, for
+    MNIST jobs, an ``.npz`` of digits as the demo writes them."""
+    if public.suffix == ".npz":
+        images, _ = load_tensors(public)
+        yield from images[: MAX_PUBLIC_IMAGES * 4].split(HEAD_BATCH)
+        return
+    yield from augmented_inputs(public_images(public), image_size)
 
 
 @torch.inference_mode()
@@ -239,10 +250,9 @@ def adapt(
 ) -> Adaptation:
     """Calibrate thresholds and (``spec.decoder``) train the cut decoder on the public images."""
     t0 = time.monotonic()
-    paths = public_images(public)
-    outputs = head_outputs(model, cut, augmented_inputs(paths, image_size), device)
+    outputs = head_outputs(model, cut, public_inputs(public, image_size), device)
     samples = len(next(iter(outputs.values())))
-    progress(f"adapting: {samples} public head outputs from {len(paths)} images")
+    progress(f"adapting: {samples} public head outputs from {public}")
     thresholds = calibrate(outputs, bits) if calibrated else {}
     decoder = None
     if spec.decoder:
@@ -255,5 +265,5 @@ def adapt(
         schedule = DecoderSchedule(spec.epochs, spec.learning_rate, device, seed)
         torch.manual_seed(seed)  # the decoder's initial weights: same job, same decoder
         decoder = train_decoder(new_decoder(outputs, spec.width), outputs, encoders, distillation, schedule, on_epoch)
-    log.info("adaptation done in %.1f s (%d public images)", time.monotonic() - t0, len(paths))
+    log.info("adaptation done in %.1f s (%d public head outputs)", time.monotonic() - t0, samples)
     return Adaptation(bits, thresholds, decoder)

@@ -79,6 +79,7 @@ class CloudAgent:
         self.spool = Spool(workdir / "spool.sqlite")
         self.model = self.build_model()
         self.adaptation = Adaptation(spec.privacy.bits, {}, None)
+        self.transform = feature_transform(self.adaptation.encoding())
         self.edge_state: dict[str, NodeStatus] = {}
         self.missing: dict[str, str] = json.loads(self.spool.get_meta("missing") or "{}")
         self.epoch = 0
@@ -205,6 +206,7 @@ class CloudAgent:
                 self.adapt_progress,
             )
             self.adaptation.save(self._adaptation_path)
+        self.transform = feature_transform(self.adaptation.encoding())
         if self.adaptation.decoder is not None:
             attach(self.model, self.adaptation.decoder.to(self.device))
 
@@ -438,7 +440,7 @@ class CloudAgent:
 
     def privatize(self, features: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Held-out inputs take the deployed path: the job's quantisation, no randomization."""
-        return feature_transform(self.adaptation.encoding())(features)
+        return self.transform(features)
 
     # finishing ---------------------------------------------------------------------------------
 

@@ -10,6 +10,21 @@ from common import constants as C
 from common.transport import BrokerOptions, broker_options
 
 
+def image_size(text: str) -> int:
+    """An argparse type: a positive multiple of 32 (YOLOv5's largest stride)."""
+    value = int(text)
+    if value < 32 or value % 32:
+        raise argparse.ArgumentTypeError(f"image size must be a positive multiple of 32, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def add_broker_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("broker (flags win over --credentials, which wins over MISTNET_* env)")
     g.add_argument(

@@ -9,22 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import CheckpointError, DatasetError
+from mistnet.flags import image_size, positive_int
 
 log = logging.getLogger("mistnet.eval")
-
-
-def _image_size(text: str) -> int:
-    value = int(text)
-    if value < 32 or value % 32:
-        raise argparse.ArgumentTypeError(f"image size must be a positive multiple of 32, got {text}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
 
 
 def register(sub: Any) -> None:
@@ -44,11 +31,11 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--imgsz",
-        type=_image_size,
+        type=image_size,
         default=None,
         help="input size in pixels (default: the checkpoint's image_size, else 640)",
     )
-    p.add_argument("--batch-size", type=_positive, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
     p.add_argument(
         "--square",
         action="store_true",

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mistnet.flags import image_size, positive_int
+
 
 def _epsilons(text: str) -> list[float]:
     try:
@@ -17,13 +19,6 @@ def _epsilons(text: str) -> list[float]:
     if not values or any(not v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"every epsilon must be > 0, got {text!r}")
     return values
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
 
 
 def register(sub: Any) -> None:
@@ -40,12 +35,12 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--model", type=Path, default=DEFAULT_YOLO_WEIGHTS, help="pretrained weights or a MistNet checkpoint"
     )
-    p.add_argument("--cut", type=_positive, help="cut layer (default: the checkpoint's, else 4)")
-    p.add_argument("--imgsz", type=_positive, default=192, help="input size in pixels (default 192)")
+    p.add_argument("--cut", type=positive_int, help="cut layer (default: the checkpoint's, else 4)")
+    p.add_argument("--imgsz", type=image_size, default=192, help="input size in pixels (default 192)")
     p.add_argument("--epsilons", type=_epsilons, default=[100.0, 4.0, 2.0, 1.0], help="default 100,4,2,1")
-    p.add_argument("--epochs", type=_positive, default=8, help="attack training epochs (default 8)")
-    p.add_argument("--public", type=_positive, default=32, help="public images the attacker trains on")
-    p.add_argument("--held-out", type=_positive, default=32, help="images the attack is scored on")
+    p.add_argument("--epochs", type=positive_int, default=8, help="attack training epochs (default 8)")
+    p.add_argument("--public", type=positive_int, default=32, help="public images the attacker trains on")
+    p.add_argument("--held-out", type=positive_int, default=32, help="images the attack is scored on")
     p.add_argument(
         "--thresholds",
         choices=("calibrated", "zero"),
@@ -63,13 +58,10 @@ def run(args: argparse.Namespace) -> int:
     from cloud_agent.adaptation import augmented_inputs, calibrate, head_outputs
     from common.checkpoint import load_model
     from common.datasets.yolo import YoloDataset, discover_images
-    from common.errors import DatasetError
     from common.privacy import thresholds_from_metadata
     from mistnet.demo import link_yolo_folder, split_images
     from mistnet.privacy_report import plot_samples, run_attacks, table, write_report
 
-    if args.imgsz % 32:
-        raise DatasetError(f"--imgsz must be a multiple of 32, got {args.imgsz}")
     console = Console(stderr=True)
     model, weights = load_model(args.model)
     cut = args.cut or int(weights.metadata.get("cut_layer") or 4)
