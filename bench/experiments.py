@@ -1,15 +1,14 @@
-"""Measurements of changes suggested *outside* the benchmark's own files (the cloud's spool and
-collector, the trainer's data path), so their effect is a number, not a guess. Nothing here is
-used by the system; ``python -m bench.experiments [--quick]`` writes
-``bench/results/experiments.json``.
+"""What each change to the cloud's receive path and the trainer's data path is worth, measured:
+``python -m bench.experiments [--quick]`` writes ``bench/results/experiments.json`` (rendered in
+docs/benchmarks.md by the next ``mistnet bench``). Nothing here is used by the system.
 
-- transport: the protocol run of ``bench.transport`` with the cloud's spool tuned
-  (``wal_autocheckpoint`` so the WAL is not checkpointed every few transfers, and
-  ``synchronous=OFF``), with one SQLite transaction per inbox drain (acknowledgements sent after
-  COMMIT), and with both; interleaved with the unchanged protocol and raw paho.
-- training (MNIST, where the data path weighs the most): the trainer's epoch with the spool read
-  one query per batch (``__getitems__``) and the bits of a whole batch unpacked at once, against
-  the unchanged loader and the plain in-memory loop.
+- transport: the protocol run of ``bench.transport`` with one of the cloud's optimisations undone
+  at a time (through ``bench.procs proto-recv`` options), and one suggestion not adopted (glibc's
+  malloc thresholds raised in the cloud process), interleaved with the system as shipped and with
+  raw paho; plus the system through a broker without ``set_tcp_nodelay``.
+- training (MNIST, where the data path weighs the most): the trainer's epoch over the spool as
+  shipped (one query and one vectorised unpack per batch), against the data path before issue #6
+  (one query and one unpack per sample) and the plain in-memory loop.
 """
 
 from __future__ import annotations
@@ -19,99 +18,91 @@ import json
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bench import transport
 from bench.profiles import FULL, QUICK
-from bench.util import MIB, RESULTS, Context, median, paired_ratio
+from bench.util import MIB, RESULTS, Context, bench_broker, median, paired_ratio
 
-SPOOL_PRAGMAS = "wal_autocheckpoint=100000,synchronous=OFF"
-TRANSPORT_ARMS = {
-    "unchanged": [],
-    "spool pragmas": ["--spool-pragma", SPOOL_PRAGMAS],
-    "group commit": ["--group-commit"],
-    "group commit + pragmas": ["--group-commit", "--spool-pragma", SPOOL_PRAGMAS],
+# name -> (proto-recv options, extra environment of the cloud process)
+TRANSPORT_ARMS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "as shipped": ([], {}),
+    "every chunk persisted on arrival, then copied into samples (no in-memory assembly)": (["--hold-s", "0"], {}),
+    "4 KiB pages instead of 64 KiB": (["--spool-page-size", "4096"], {}),
+    "WAL checkpoints on the collector's path (no background thread)": (["--no-checkpoint-thread"], {}),
+    "Nagle's algorithm on the cloud's connection": (["--nagle"], {}),
+    "suggested: MALLOC_MMAP_THRESHOLD_=64 MiB, MALLOC_TRIM_THRESHOLD_=256 MiB in the cloud": (
+        [],
+        {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)},
+    ),
 }
+NAGLE_BROKER_ARM = "broker without set_tcp_nodelay (mosquitto's default)"
 
 
-def transport_arms(ctx: Context, mib: int, repeats: int) -> dict[str, Any]:
+def transport_arms(ctx: Context, plain_broker: tuple[str, int | None], mib: int, repeats: int) -> dict[str, Any]:
     from common import constants as C
 
     blob = transport.transfer_bytes()
     transfers = max(1, round(mib * MIB / blob))
     chunks = transfers * math.ceil(blob / C.DEFAULT_CHUNK_BYTES)
     raw: list[float] = []
-    arms: dict[str, list[float]] = {k: [] for k in TRANSPORT_ARMS}
+    arms: dict[str, list[dict[str, Any]]] = {k: [] for k in [*TRANSPORT_ARMS, NAGLE_BROKER_ARM]}
     for r in range(repeats):
         raw.append(transport.run_raw(ctx, chunks, C.DEFAULT_CHUNK_BYTES)["mb_per_s"])
-        for name, extra in TRANSPORT_ARMS.items():
-            arms[name].append(transport.run_proto(ctx, transfers, extra)["mb_per_s"])
+        for name, (extra, env) in TRANSPORT_ARMS.items():
+            arms[name].append(transport.run_proto(ctx, transfers, extra, env))
+        arms[NAGLE_BROKER_ARM].append(transport.run_proto(ctx, transfers, broker=plain_broker))
         ctx.log(
             f"transport arms {r + 1}/{repeats}: raw {raw[-1]:.0f} MB/s, "
-            + ", ".join(f"{k} {v[-1]:.0f}" for k, v in arms.items())
+            + ", ".join(f"{k[:24]} {v[-1]['mb_per_s']:.0f}" for k, v in arms.items())
         )
-    return {
-        "megabytes": transfers * blob / 1e6,
-        "raw_mb_per_s": median(raw),
-        "arms": {k: {"mb_per_s": median(v), "ratio_to_raw": paired_ratio(v, raw), "runs": v} for k, v in arms.items()},
-    }
+    out: dict[str, Any] = {}
+    for name, runs in arms.items():
+        rates = [x["mb_per_s"] for x in runs]
+        out[name] = {
+            "mb_per_s": median(rates),
+            "ratio_to_raw": paired_ratio(rates, raw),
+            "runs": rates,
+            "receiver_cpu_s_per_mb": median([x["cpu_s"]["proto-recv"] / (x["bytes"] / 1e6) for x in runs]),
+            "spilled_chunks": median([x["spilled_chunks"] for x in runs]),
+        }
+    return {"megabytes": transfers * blob / 1e6, "raw_mb_per_s": median(raw), "raw_runs": raw, "arms": out}
 
 
-def batched_loader(trainer: Any, batch: int) -> Any:
-    """The trainer's data, read one SQL query per batch and decoded with one unpackbits per batch."""
-    from torch.utils.data import DataLoader
+class PerSample(torch.utils.data.Dataset[Any]):
+    """The spool read one sample (one query) at a time: the data path before issue #6."""
 
-    from cloud_agent.spool import StoredSample, _layout
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.data[index]
+
+
+def per_sample_collate(samples: list[Any]) -> Any:
+    """The collate before issue #6: each sample's bits unpacked on their own, then stacked."""
     from cloud_agent.tasks import Batch
     from common.datasets.mnist import decode_label
-    from common.protocol import packed_size
+    from common.privacy import decode_features
 
-    data = trainer.data
-
-    class Batched(torch.utils.data.Dataset[StoredSample]):
-        def __len__(self) -> int:
-            return len(data)
-
-        def __getitem__(self, index: int) -> StoredSample:
-            return data[index]
-
-        def __getitems__(self, indices: list[int]) -> list[StoredSample]:
-            rowids = [data.rowids[i] for i in indices]
-            marks = ",".join("?" * len(rowids))
-            rows = data.spool.db.execute(
-                f"SELECT rowid, node, id, bits, layout, label, features FROM samples WHERE rowid IN ({marks})", rowids
-            ).fetchall()
-            by_rowid = {r[0]: r for r in rows}
-            out = []
-            for rowid in rowids:
-                _, node, sid, bits, layout, label, features = by_rowid[rowid]
-                out.append(StoredSample(node, int(sid), bytes(label), int(bits), _layout(layout), bytes(features)))
-            return out
-
-    def collate(samples: list[StoredSample]) -> Any:
-        layout = samples[0].layout
-        sizes = packed_size(layout, 1)
-        raw = np.frombuffer(b"".join(s.features for s in samples), np.uint8).reshape(len(samples), -1)
-        features, offset = {}, 0
-        for f, size in zip(layout, sizes, strict=True):
-            bits = np.unpackbits(raw[:, offset : offset + size], axis=1, count=math.prod(f.shape))
-            features[f.layer] = torch.from_numpy(bits.reshape(len(samples), *f.shape)).float()
-            offset += size
-        labels = torch.tensor([decode_label(s.label) for s in samples], dtype=torch.long)
-        return Batch(features, labels)
-
-    return DataLoader(Batched(), batch_size=batch, shuffle=True, collate_fn=collate)
+    decoded = [decode_features(s.layout, s.features, s.bits) for s in samples]
+    features = {layer: torch.stack([d[layer] for d in decoded]) for layer in decoded[0]}
+    return Batch(features, torch.tensor([decode_label(s.label) for s in samples], dtype=torch.long))
 
 
-def training_arms(ctx: Context, repeats: int) -> dict[str, Any]:
+def training_arms(ctx: Context, samples: int, repeats: int) -> dict[str, Any]:
     import copy
 
-    from bench.train import fill_spool, plain_epoch
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from bench.train import fill_spool, plain_epoch, timed
     from cloud_agent.spool import Spool, SpoolFeatures
     from cloud_agent.tasks import Classification
     from cloud_agent.trainer import TrainConfig, Trainer, freeze_head, param_groups
@@ -122,6 +113,10 @@ def training_arms(ctx: Context, repeats: int) -> dict[str, Any]:
     torch.set_num_threads(ctx.cpus)
     split = prepare_mnist(ctx.workdir / "data" / "mnist-exp", 1)
     dataset = MnistShard(split.edges[0])
+    if samples < len(dataset):
+        path = split.edges[0].with_name("exp-subset.npz")
+        np.savez(path, images=dataset.images[:samples], labels=dataset.labels[:samples])
+        dataset = MnistShard(path)
     task = Classification(split.test)
     model = LeNet5()
     spool = Spool(ctx.workdir / "exp-train.sqlite")
@@ -131,31 +126,31 @@ def training_arms(ctx: Context, repeats: int) -> dict[str, Any]:
     trainer = Trainer(copy.deepcopy(model), 2, task, data, config, ctx.workdir / "exp-state", feature_transform({}))
     plain_model = copy.deepcopy(model)
     opt = torch.optim.SGD(param_groups(freeze_head(plain_model, 2), 5e-4), lr=0.001, momentum=0.937, nesterov=True)
-    batches = [task.collate([data[i] for i in range(s, min(s + 64, n))]) for s in range(0, n, 64)]
+    batches = [task.collate(data.__getitems__(list(range(s, min(s + 64, n))))) for s in range(0, n, 64)]
 
-    def timed(fn: Any) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return n / (time.perf_counter() - t0)
+    def before() -> DataLoader[Any]:
+        return DataLoader(PerSample(data), batch_size=64, shuffle=True, collate_fn=per_sample_collate)
 
     arms: dict[str, list[float]] = {
         "plain in-memory loop": [],
-        "trainer, unchanged loader": [],
-        "trainer, batched read + vectorised unpack": [],
+        "trainer, as shipped (one query + one unpack per batch)": [],
+        "trainer, before (one query + one unpack per sample)": [],
     }
-    for warm in (True, *([False] * repeats)):
-        rates = [
+    for r in range(repeats + 1):  # the first round warms up, untimed
+        shuffle = torch.Generator().manual_seed(r)
+        seconds = [
             timed(lambda: plain_epoch(plain_model, 2, task, batches, opt)),
-            timed(lambda: trainer.train_epoch(trainer.loader(torch.Generator().manual_seed(0)), 1, None)),
-            timed(lambda: trainer.train_epoch(batched_loader(trainer, 64), 1, None)),
+            timed(lambda: trainer.train_epoch(trainer.loader(shuffle), 1, None)),  # noqa: B023 (called at once)
+            timed(lambda: trainer.train_epoch(before(), 1, None)),
         ]
-        if not warm:
-            for name, rate in zip(arms, rates, strict=True):
-                arms[name].append(rate)
+        if r:
+            for name, s in zip(arms, seconds, strict=True):
+                arms[name].append(n / s)
     spool.close()
     plain = arms["plain in-memory loop"]
     return {
         "samples": n,
+        "threads": torch.get_num_threads(),
         "arms": {
             k: {"images_per_s": median(v), "ratio_to_plain": paired_ratio(v, plain), "runs": v} for k, v in arms.items()
         },
@@ -172,15 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     prof = QUICK if args.quick else FULL
     workdir = Path(tempfile.mkdtemp(prefix="mistnet-bench-exp-"))
     result: dict[str, Any] = {}
-    with local_mosquitto(workdir / "broker").start() as broker:
+    with bench_broker(workdir / "broker").start() as broker, local_mosquitto(workdir / "plain-broker").start() as plain:
         pid = broker.process.pid if broker.process else None
         ctx = Context(prof, "cpu", workdir, broker.url, lambda s: print(s, file=sys.stderr), broker_pid=pid)
         from bench.util import LoadRecord, machine
 
         load = LoadRecord().start()
         result["machine"] = machine()
-        result["transport"] = transport_arms(ctx, 32 if args.quick else 128, 2 if args.quick else 3)
-        result["training_mnist"] = training_arms(ctx, 2 if args.quick else 5)
+        plain_broker = (plain.url, plain.process.pid if plain.process else None)
+        result["transport"] = transport_arms(ctx, plain_broker, 32 if args.quick else 128, 2 if args.quick else 5)
+        result["training_mnist"] = training_arms(ctx, 1000 if args.quick else 3000, 2 if args.quick else 5)
         result["load"] = load.stop()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -189,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "transport": {k: round(v["ratio_to_raw"], 3) for k, v in result["transport"]["arms"].items()},
                 "training": {k: round(v["ratio_to_plain"], 3) for k, v in result["training_mnist"]["arms"].items()},
-            }
+            },
+            indent=1,
         )
     )
     return 0

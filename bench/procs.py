@@ -499,9 +499,18 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
         agent.spool.written = lambda nbytes: None  # type: ignore[method-assign]
         page = int(agent.spool.db.execute("PRAGMA page_size").fetchone()[0])
         agent.spool.db.execute(f"PRAGMA wal_autocheckpoint={max(1000, (64 << 20) // page)}")
+    acks: Counter[str] = Counter()
+    send = agent.collector.send_ack
+
+    def counted(ack: Any) -> None:
+        acks[ack.kind.value] += 1
+        send(ack)
+
+    agent.collector.send_ack = counted
     agent.link.connect()
-    if args.nagle:  # leave Nagle's algorithm on for the cloud's broker connection
-        agent._nodelay_socket = agent.link.client.socket()
+    sock = agent.link.client.socket()
+    if args.nagle and sock is not None:  # leave Nagle's algorithm on for the cloud's broker connection
+        agent._nodelay_socket = sock
     ready(False)
     agent.collect()
     t1 = time.time()
@@ -510,7 +519,7 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
     agent.spool.close()
     emit({"t_end": t1, "samples": counts.samples, "wire_bytes": counts.wire_bytes,
           "duplicates": agent.collector.duplicates, "spilled": agent.collector.spilled,
-          "acks": agent.acks_sent, "maxrss": maxrss()})
+          "acks": dict(acks), "maxrss": maxrss()})
     return 0
 
 

@@ -78,14 +78,23 @@ def run_raw(ctx: Context, count: int, size: int) -> dict[str, Any]:
             "cpu_s": {n: rss.cpu_between(n, out["t_start"], out["t_end"]) for n in ("raw-pub", "raw-sub", "broker")}}
 
 
-def run_proto(ctx: Context, transfers: int, recv_extra: list[str] | None = None) -> dict[str, Any]:
+def run_proto(
+    ctx: Context,
+    transfers: int,
+    recv_extra: list[str] | None = None,
+    recv_env: dict[str, str] | None = None,
+    broker: tuple[str, int | None] | None = None,
+) -> dict[str, Any]:
+    """One protocol run; ``recv_extra``/``recv_env``: options and environment of the cloud process,
+    ``broker``: (url, pid) of another broker than the context's (experiments)."""
     tag = ctx.unique("tx")
     node = f"{tag}-edge"
     logdir = ctx.workdir / "logs" / tag
-    common = ["--broker", ctx.broker_url, "--job", tag, "--node", node, "--batch", str(BATCH)]
+    url, broker_pid = broker or (ctx.broker_url, ctx.broker_pid)
+    common = ["--broker", url, "--job", tag, "--node", node, "--batch", str(BATCH)]
     with children() as started, RssSampler() as rss:
         recv = spawn("proto-recv", procs_args("proto-recv", *common, "--workdir", str(ctx.workdir / "cloud" / tag),
-                                              *(recv_extra or [])), logdir, child_env())
+                                              *(recv_extra or [])), logdir, {**child_env(), **(recv_env or {})})
         send = spawn("proto-send", procs_args("proto-send", *common, "--transfers", str(transfers),
                                               "--sample-bytes", str(SAMPLE_BYTES),
                                               "--chunk-bytes", str(C.DEFAULT_CHUNK_BYTES),
@@ -94,8 +103,8 @@ def run_proto(ctx: Context, transfers: int, recv_extra: list[str] | None = None)
         started += [recv, send]
         for k in started:
             rss.watch(k.name, k.pid)
-        if ctx.broker_pid:
-            rss.watch("broker", ctx.broker_pid)
+        if broker_pid:
+            rss.watch("broker", broker_pid)
         wait_ready(started, ctx.timeout("ready"))
         send.send("go")
         out = await_result(send, [recv], ctx.timeout())
@@ -104,6 +113,7 @@ def run_proto(ctx: Context, transfers: int, recv_extra: list[str] | None = None)
     moved = transfers * transfer_bytes()
     return {"mb_per_s": moved / seconds / 1e6, "seconds": seconds, "bytes": moved, "samples": got["samples"],
             "wire_bytes": out["wire_bytes"], "resent": out["resent"], "duplicates": got["duplicates"],
+            "spilled_chunks": got.get("spilled", 0), "acks": got.get("acks", {}),
             "cpu_s": {n: rss.cpu_between(n, out["t_start"], out["t_end"])
                       for n in ("proto-send", "proto-recv", "broker")}}
 
@@ -137,6 +147,8 @@ def run(ctx: Context) -> dict[str, Any]:
         "transport_ratio": paired_ratio(proto_rate, raw_rate),
         "raw_received_all": all(x["received"] >= x["messages"] for x in raw),
         "protocol_resent_chunks": sum(x["resent"] for x in proto),
+        "protocol_spilled_chunks": sum(x["spilled_chunks"] for x in proto),
+        "protocol_acks_per_transfer": median([sum(x["acks"].values()) / transfers for x in proto]),
         "cpu_s_per_mb": {
             "raw": {k: median([x["cpu_s"][k] / (x["bytes"] / 1e6) for x in raw]) for k in raw[0]["cpu_s"]},
             "protocol": {k: median([x["cpu_s"][k] / mb for x in proto]) for k in proto[0]["cpu_s"]},
