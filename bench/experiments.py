@@ -30,7 +30,10 @@ from bench.util import MIB, RESULTS, Context, bench_broker, median, paired_ratio
 # name -> (proto-recv options, extra environment of the cloud process)
 TRANSPORT_ARMS: dict[str, tuple[list[str], dict[str, str]]] = {
     "as shipped": ([], {}),
-    "every chunk persisted on arrival, then copied into samples (no in-memory assembly)": (["--hold-s", "0"], {}),
+    "no in-memory assembly: each chunk persisted in its own transaction, then copied into samples": (
+        ["--hold-s", "0", "--max-batch-bytes", "1"],
+        {},
+    ),
     "4 KiB pages instead of 64 KiB": (["--spool-page-size", "4096"], {}),
     "WAL checkpoints on the collector's path (no background thread)": (["--no-checkpoint-thread"], {}),
     "Nagle's algorithm on the cloud's connection": (["--nagle"], {}),

@@ -30,12 +30,12 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from common.protocol import NodeState, NodeStatus, Topics
+
+if TYPE_CHECKING:  # torch is imported where it is used: the transport processes start without it
+    import torch
 
 
 def maxrss() -> int:
@@ -86,6 +86,8 @@ def plain_head(model: torch.nn.Module, cut: int) -> Any:
 
 
 def cmd_bare(args: argparse.Namespace) -> int:
+    import torch
+
     from common.models.registry import build
     from common.tasks import open_edge_dataset
     from edge_agent.extractor import Extractor, check_device
@@ -259,6 +261,9 @@ def cmd_cloud(args: argparse.Namespace) -> int:
 def legacy_features(self: Any, good: list[Any]) -> tuple[list[Any], Any]:
     """The extractor's encode path before the optimisation: the batch privatized with torch's
     ``rand`` (a float per activation), then each sample packed on its own."""
+    import numpy as np
+    import torch
+
     from common.privacy import pack_bits
     from common.protocol import FeatureLayout
     from common.split import run_head
@@ -493,8 +498,10 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
     agent = CloudAgent(spec, BrokerOptions(url=args.broker), Path(args.workdir))
     for pragma in filter(None, args.spool_pragma.split(",")):  # to measure other spool settings
         agent.spool.db.execute(f"PRAGMA {pragma}")
-    if args.hold_s is not None:  # how long incomplete transfers stay in memory (0: persist every chunk)
+    if args.hold_s is not None:  # how long incomplete transfers stay in memory (0: persist at batch end)
         agent.collector.hold_s = args.hold_s
+    if args.max_batch_bytes is not None:  # 1: one batch (transaction, flush) per message
+        agent.collector.max_batch_bytes = args.max_batch_bytes
     if args.no_checkpoint_thread:  # SQLite's own autocheckpoint, on the collector's path, every 64 MB
         agent.spool.written = lambda nbytes: None  # type: ignore[method-assign]
         page = int(agent.spool.db.execute("PRAGMA page_size").fetchone()[0])
@@ -587,8 +594,11 @@ def parser() -> argparse.ArgumentParser:
                            help="checkpoint the WAL on the collector's path (SQLite's autocheckpoint)")
             q.add_argument("--nagle", action="store_true", help="no TCP_NODELAY on the cloud's broker connection")
             q.add_argument("--hold-s", type=float, default=None,
-                           help="the collector's hold time for incomplete transfers (0: every chunk persisted and "
-                           "acknowledged on arrival, then copied into samples: the receive path before issue #6)")
+                           help="the collector's hold time for incomplete transfers (0: persisted at the batch's end)")
+            q.add_argument("--max-batch-bytes", type=int, default=None,
+                           help="the collector's batch limit (1 with --hold-s 0: every chunk persisted and "
+                           "acknowledged on arrival in its own transaction, then copied into samples: the shape of "
+                           "the receive path before issue #6)")
     return p
 
 

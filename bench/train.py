@@ -2,9 +2,10 @@
 
 The spool is filled with real features (the edge extractor on COCO128 or MNIST, randomized at the
 profile's ε, committed as the collector commits transfers). *System*: ``Trainer.train_epoch`` over
-``Trainer.loader`` (``SpoolFeatures``: one SQLite read per sample, bits unpacked and batched by the
-task's ``collate``; learning-rate schedule, gradient clipping, the task's loss). *Baseline*: the same
-tail, loss and optimizer in a plain loop over the same batches already decoded in memory. Both run
+``Trainer.loader`` (``SpoolFeatures.__getitems__``: one SQLite query per batch, the batch's bits
+unpacked at once by the task's ``collate``; learning-rate schedule, gradient clipping, the task's
+loss). *Baseline*: the same tail, loss and optimizer in a plain loop over the same batches already
+decoded in memory. Both run
 in this process with the same threads, one epoch each, interleaved, after one untimed warm-up step.
 
 YOLO scenarios use ``cloud_agent.detection.Detection`` (upstream's YOLOv5 loss); MNIST uses

@@ -38,7 +38,8 @@ from common.models.cutdecoder import attach
 from common.privacy import BitEncoder, feature_transform
 from common.spec import AdaptSpec
 from edge_agent.extractor import Extractor
-from mistnet.demo import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS, link_yolo_folder, split_images
+from mistnet.demo import link_yolo_folder, split_images
+from mistnet.flags import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS
 
 log = logging.getLogger("mistnet.bench.utility")
 

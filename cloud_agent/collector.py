@@ -3,27 +3,26 @@
 An acknowledgement means "verified and persisted", and every feature byte is written to the spool
 once:
 
-- Chunks of a transfer are assembled in memory. When the last one is in, the whole transfer is
-  verified (size and sha256 over the reassembled bytes, then its msgpack and sample ids) and its
-  samples are written to the spool; only after that COMMIT is the transfer acknowledged (one
-  acknowledgement with ``transfer_done``, which settles all its chunks at the edge).
+- Each chunk is checked against its own sha256 on arrival; a corrupt one is rejected at once (so
+  the edge resends it instead of waiting for its retransmission timer). Verified chunks of a
+  transfer are assembled in memory. When the last one is in, the whole transfer is verified (size
+  and sha256 over the reassembled bytes, then its msgpack and sample ids) and its samples are
+  written to the spool; only after that COMMIT is the transfer acknowledged (one acknowledgement
+  with ``transfer_done``, which settles all its chunks at the edge).
 - The collector works in batches (:meth:`Collector.batch`: the cloud agent opens one per inbox
   drain): everything a batch stores goes into one SQLite transaction, and the batch's
-  acknowledgements are published after its COMMIT.
+  acknowledgements (and rejections) are published after its COMMIT.
 - Chunks of a transfer that stays incomplete longer than ``hold_s`` (an edge whose window is
   smaller than a transfer, a slow or rate-limited link, a lost chunk), or while more than
-  ``max_held_bytes`` wait in memory, are verified one by one (their own sha256), written to the
-  ``chunks`` table and acknowledged one by one; their transfer's commit deletes those rows. That
-  is the only path that writes a byte twice.
+  ``max_held_bytes`` wait in memory, are written to the ``chunks`` table and acknowledged one by
+  one; their transfer's commit deletes those rows. That is the only path that writes a byte twice.
 - Which transfers are committed, and which chunks of unfinished transfers are persisted, is kept
   in memory and rebuilt from the spool when the cloud restarts. Chunks held in memory and not yet
   acknowledged are simply lost by a crash: the edge still has them in its window and resends them.
 
-Duplicates are re-acknowledged, never stored twice. A corrupt chunk is rejected (so the edge
-resends it at once instead of waiting for its retransmission timer): when its transfer's bytes do
-not verify, each held chunk is checked against its own sha256 and the bad ones are rejected. When
-chunks of a transfer arrive with a different transfer sha256 than the chunks before (an edge that
-restarted re-extracts a transfer with fresh randomization), the newer version replaces the older.
+Duplicates are re-acknowledged, never stored twice. When chunks of a transfer arrive with another
+transfer sha256 than the chunks before (an edge that restarted re-extracts a transfer with fresh
+randomization), the newer version replaces the older; late chunks of the older are ignored.
 
 With the S3 transmitter a transfer arrives as a :class:`FeatureObject` claim instead: the object is
 downloaded (its size checked before reading), verified against the claim's sha256, committed and
@@ -74,16 +73,10 @@ MAX_BATCH_BYTES = 32 * 1024 * 1024
 
 @dataclass
 class _Held:
-    """A chunk in memory: not persisted, not acknowledged, its own sha256 not checked yet."""
+    """A verified chunk in memory: not persisted, not acknowledged."""
 
     payload: bytes
-    sha256: bytes
     wire_bytes: int
-    verified: bool = False
-
-    def verify(self) -> bool:
-        self.verified = self.verified or hashlib.sha256(self.payload).digest() == self.sha256
-        return self.verified
 
 
 @dataclass
@@ -210,10 +203,6 @@ class Collector:
         for asm in spills:
             for seq in sorted(asm.held):
                 held = asm.held[seq]
-                if not held.verify():
-                    self._drop_held(asm, seq)
-                    self._reject(asm.node, asm.transfer, seq, "chunk sha256 mismatch")
-                    continue
                 meta = StoredChunk(asm.node, asm.transfer, seq, asm.total, asm.size, asm.digest, held.wire_bytes)
                 rows.append((meta, held.payload))
                 spilled.append((asm, seq, held))
@@ -231,8 +220,8 @@ class Collector:
                         self.spool.put_chunks(rows)
                 self.spool.written(sum(len(c.batch.data) for c in commits) + sum(len(p) for _, p in rows))
         except BaseException:
-            # Nothing of this batch is acknowledged; the edges resend it.
-            self._reset_batch()
+            # Nothing of this batch is acknowledged: the edges resend it. Stale rows stay to delete.
+            self._reset_batch(keep_drops=True)
             raise
         # Committed: now it may be said.
         for c in commits:
@@ -247,8 +236,10 @@ class Collector:
         for ack in acks:
             self.send_ack(ack)
 
-    def _reset_batch(self) -> None:
-        self._commits, self._drops, self._acks = [], set(), []
+    def _reset_batch(self, keep_drops: bool = False) -> None:
+        self._commits, self._acks = [], []
+        if not keep_drops:
+            self._drops = set()
         self._committing.clear()
         self._dup_acked.clear()
         self._batch_bytes = 0
@@ -295,6 +286,9 @@ class Collector:
 
     def _on_chunk(self, node: str, chunk: Chunk, wire_bytes: int) -> None:
         transfer, seq = chunk.transfer, chunk.seq
+        if hashlib.sha256(chunk.payload).digest() != chunk.sha256:
+            self._reject(node, transfer, seq, "chunk sha256 mismatch")
+            return
         if self._is_committed(node, transfer):
             self._duplicate(node, transfer, seq)
             return
@@ -303,9 +297,6 @@ class Collector:
         if asm is None:
             asm = self.assemblies[key] = _Assembly(node, transfer, chunk.total, chunk.size, chunk.transfer_sha256)
         elif not asm.matches(chunk):
-            if hashlib.sha256(chunk.payload).digest() != chunk.sha256:
-                self._reject(node, transfer, seq, "chunk sha256 mismatch")
-                return
             if chunk.transfer_sha256 in asm.superseded:
                 log.info("transfer %d of %s: chunk %d of a replaced version ignored", transfer, node, seq)
                 return
@@ -321,25 +312,14 @@ class Collector:
             # Persisted and acknowledged before: that acknowledgement was lost.
             self._ack(node, transfer, seq, done=False)
             return
-        held = asm.held.get(seq)
-        if held is not None:
-            if held.payload != chunk.payload:
-                self._conflict(asm, held, chunk)
+        if seq in asm.held:
             return  # a redelivery of a held chunk: acknowledged with its transfer
         if not asm.held:
             asm.since = time.monotonic()
-        asm.held[seq] = _Held(chunk.payload, chunk.sha256, wire_bytes)
+        asm.held[seq] = _Held(chunk.payload, wire_bytes)
         self.held_bytes += len(chunk.payload)
         if asm.complete:
             self._complete(asm, seq)
-
-    def _conflict(self, asm: _Assembly, held: _Held, chunk: Chunk) -> None:
-        """Two different payloads for one chunk: keep the one that matches its own sha256."""
-        if hashlib.sha256(chunk.payload).digest() != chunk.sha256:
-            self._reject(asm.node, asm.transfer, chunk.seq, "chunk sha256 mismatch")
-        elif not held.verify():
-            self.held_bytes += len(chunk.payload) - len(held.payload)
-            asm.held[chunk.seq] = _Held(chunk.payload, chunk.sha256, held.wire_bytes, verified=True)
 
     def _supersede(self, old: _Assembly, chunk: Chunk) -> _Assembly:
         key = (old.node, old.transfer)
@@ -363,12 +343,6 @@ class Collector:
         parts = [asm.held[s].payload if s in asm.held else from_spool.get(s, b"") for s in range(asm.total)]
         blob = b"".join(parts)
         if len(blob) != asm.size or hashlib.sha256(blob).digest() != asm.digest:
-            bad = [s for s, h in asm.held.items() if not h.verify()]
-            if bad:  # only these are resent; the rest stays held
-                for s in bad:
-                    self._drop_held(asm, s)
-                    self._reject(node, transfer, s, "chunk sha256 mismatch")
-                return
             self._corrupt(asm, "whole-transfer sha256 or size mismatch")
             return
         try:
@@ -384,7 +358,7 @@ class Collector:
         self._queue_commit(_Commit(node, batch, wire, bool(asm.stored)), last_seq)
 
     def _corrupt(self, asm: _Assembly, reason: str) -> None:
-        """The transfer verified chunk by chunk but not as a whole: ask for all of it again."""
+        """Every chunk verified, the transfer did not: ask for all of it again."""
         log.warning("transfer %d from %s is corrupt (%s): asking for all of it again", asm.transfer, asm.node, reason)
         self.rejected["corrupt transfer"] += 1
         self._forget(asm)
@@ -400,8 +374,13 @@ class Collector:
         self.assemblies.pop((asm.node, asm.transfer), None)
 
     def _queue_commit(self, commit: _Commit, seq: int) -> None:
+        key = (commit.node, commit.batch.transfer)
+        stray = self.assemblies.get(key)  # chunks of a transfer that arrived whole otherwise (S3)
+        if stray is not None:
+            self._forget(stray)
+            commit.had_stored = commit.had_stored or bool(stray.stored)
         self._commits.append(commit)
-        self._committing.add((commit.node, commit.batch.transfer))
+        self._committing.add(key)
         self._ack(commit.node, commit.batch.transfer, seq, done=True)
 
     def _is_committed(self, node: str, transfer: int) -> bool:

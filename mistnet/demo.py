@@ -35,13 +35,10 @@ from common.models.lenet import LeNet5
 from common.protocol import JobSummary
 from common.spec import AdaptSpec, CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec
 from common.transport import BrokerOptions
+from mistnet.flags import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS
 from mistnet.monitor import StatusBoard, drain, status_link
 
 SCENARIOS = ("mnist", "coco128")
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DEFAULT_COCO128 = SHARED / "data" / "coco128"
-DEFAULT_YOLO_WEIGHTS = SHARED / "weights" / "yolov5n.pt"
 
 MNIST_EPOCHS = 6
 MNIST_CUT = 2

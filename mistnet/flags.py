@@ -1,4 +1,4 @@
-"""Command-line flags shared by every command that talks to a broker."""
+"""Command-line flags and defaults shared by the commands."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ from pathlib import Path
 
 from common import constants as C
 from common.transport import BrokerOptions, broker_options
+
+# The read-only data beside a checkout (COCO128, the official yolov5n weights): the commands' defaults.
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DEFAULT_COCO128 = SHARED / "data" / "coco128"
+DEFAULT_YOLO_WEIGHTS = SHARED / "weights" / "yolov5n.pt"
 
 
 def image_size(text: str) -> int:

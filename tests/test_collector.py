@@ -152,33 +152,22 @@ def test_duplicates_in_one_batch_are_acknowledged_once_and_not_stored(collector)
 def test_corrupt_chunk_is_rejected_then_accepted_when_resent(collector):
     msgs = payloads(0)
     collector.on_features("edge1", corrupt(msgs[1]))
-    for m in msgs[:1] + msgs[2:]:
-        collector.on_features("edge1", m)
-    # The transfer did not verify: only the chunk that fails its own sha256 is asked for again.
-    rejected = [a for a in collector.acks if a.kind == AckKind.REJECTED]
-    assert [a.seq for a in rejected] == [1] and collector.spool.sample_ids("edge1") == []
-    collector.on_features("edge1", msgs[1])
-    assert collector.spool.sample_ids("edge1") == list(range(8)) and collector.acks[-1].transfer_done
-
-
-def test_a_good_copy_replaces_a_held_corrupt_one(collector):
-    msgs = payloads(0)
-    collector.on_features("edge1", corrupt(msgs[1]))
-    for m in msgs:
-        collector.on_features("edge1", m)
-    assert collector.spool.sample_ids("edge1") == list(range(8))
-    assert not [a for a in collector.acks if a.kind == AckKind.REJECTED]
-
-
-def test_corrupt_chunk_is_rejected_at_once_when_persisted_on_arrival(collector):
-    collector.hold_s = 0  # every chunk persisted (and verified) as it arrives
-    msgs = payloads(0)
-    collector.on_features("edge1", corrupt(msgs[1]))
     assert collector.acks[-1].kind == AckKind.REJECTED and collector.acks[-1].seq == 1
     for m in msgs:
         collector.on_features("edge1", m)
     assert collector.spool.sample_ids("edge1") == list(range(8))
-    assert chunk_rows(collector.spool) == 0  # the transfer's commit deleted its persisted chunks
+
+
+def test_corrupt_copies_are_rejected_whatever_is_held_or_committed(collector):
+    msgs = payloads(0)
+    collector.on_features("edge1", msgs[1])  # held
+    collector.on_features("edge1", corrupt(msgs[1]))
+    assert collector.acks[-1].kind == AckKind.REJECTED
+    for m in msgs:
+        collector.on_features("edge1", m)
+    collector.on_features("edge1", corrupt(msgs[2]))  # transfer 0 is committed now
+    assert collector.acks[-1].kind == AckKind.REJECTED and collector.rejected["chunk sha256 mismatch"] == 2
+    assert collector.spool.sample_ids("edge1") == list(range(8))
 
 
 def test_garbage_and_foreign_nodes_are_counted_not_stored(collector):

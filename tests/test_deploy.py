@@ -53,9 +53,10 @@ MQTT_PORT = 1883
 # heavy dependencies, and the cloud's own code. An edge run with these blocked proves it needs none.
 EDGE_BLOCKED = {
     "torchvision", "matplotlib", "pycocotools", "mlxtend", "scipy", "sklearn", "pandas", "amqtt", "moto",
-    "psutil", "cloud_agent",
+    "psutil", "skimage", "cloud_agent",
 }  # fmt: skip
-IMPORT_NAMES = {"paho-mqtt": "paho", "pyyaml": "yaml", "pillow": "PIL", "prometheus-client": "prometheus_client"}
+IMPORT_NAMES = {"paho-mqtt": "paho", "pyyaml": "yaml", "pillow": "PIL", "prometheus-client": "prometheus_client",
+                "scikit-image": "skimage"}
 
 
 # Reading the files ------------------------------------------------------------------------------------
@@ -348,8 +349,10 @@ def test_dockerfiles_install_the_declared_dependencies_and_all_code():
     assert not missing, f"Dockerfile.edge installs {missing}, spelled differently or absent in pyproject.toml"
     leaves_out = {re.split(r"[<>=!~ ]", d)[0].lower() for d in deps} - {re.split(r"[<>=!~ ]", s)[0] for s in specs}
     # the edge needs neither the cloud's training/eval stack nor the fallback broker or benchmark tools
-    assert leaves_out == {"torch", "torchvision", "pycocotools", "matplotlib", "mlxtend", "amqtt", "psutil"}
-    assert leaves_out - {"torch"} <= EDGE_BLOCKED
+    assert leaves_out == {
+        "torch", "torchvision", "pycocotools", "matplotlib", "mlxtend", "amqtt", "psutil", "scikit-image"
+    }  # fmt: skip
+    assert {IMPORT_NAMES.get(d, d) for d in leaves_out - {"torch"}} <= EDGE_BLOCKED
     assert any(re.search(r"pip install \.( |$)", line) for line in cloud)  # everything in pyproject
 
     patterns = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mistnet.flags import image_size, positive_int
+from mistnet.flags import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS, image_size, positive_int
 
 
 def _epsilons(text: str) -> list[float]:
@@ -22,8 +22,6 @@ def _epsilons(text: str) -> list[float]:
 
 
 def register(sub: Any) -> None:
-    from mistnet.demo import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS
-
     p: argparse.ArgumentParser = sub.add_parser(
         "privacy-report",
         help="measure how well the cloud can reconstruct edge images from their features",
