@@ -27,20 +27,19 @@ from bench import transport
 from bench.profiles import FULL, QUICK
 from bench.util import MIB, RESULTS, Context, bench_broker, median, paired_ratio
 
-# name -> (proto-recv options, extra environment of the cloud process)
-TRANSPORT_ARMS: dict[str, tuple[list[str], dict[str, str]]] = {
-    "as shipped": ([], {}),
+# name -> (proto-recv options, extra environment of the cloud process, the edge's window in chunks)
+TRANSPORT_ARMS: dict[str, tuple[list[str], dict[str, str], int | None]] = {
+    "as shipped": ([], {}, None),
     "no in-memory assembly: each chunk persisted in its own transaction, then copied into samples": (
         ["--hold-s", "0", "--max-batch-bytes", "1"],
         {},
+        None,
     ),
-    "4 KiB pages instead of 64 KiB": (["--spool-page-size", "4096"], {}),
-    "WAL checkpoints on the collector's path (no background thread)": (["--no-checkpoint-thread"], {}),
-    "Nagle's algorithm on the cloud's connection": (["--nagle"], {}),
-    "suggested: MALLOC_MMAP_THRESHOLD_=64 MiB, MALLOC_TRIM_THRESHOLD_=256 MiB in the cloud": (
-        [],
-        {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)},
-    ),
+    "4 KiB pages instead of 64 KiB": (["--spool-page-size", "4096"], {}, None),
+    "WAL checkpoints on the collector's path (no background thread)": (["--no-checkpoint-thread"], {}, None),
+    "Nagle's algorithm on the cloud's connection": (["--nagle"], {}, None),
+    "glibc's malloc defaults in the cloud (no reuse of large buffers)": (["--default-malloc"], {}, None),
+    "window of 16 chunks (4 MiB) instead of 64": ([], {}, 16),
 }
 NAGLE_BROKER_ARM = "broker without set_tcp_nodelay (mosquitto's default)"
 
@@ -55,8 +54,8 @@ def transport_arms(ctx: Context, plain_broker: tuple[str, int | None], mib: int,
     arms: dict[str, list[dict[str, Any]]] = {k: [] for k in [*TRANSPORT_ARMS, NAGLE_BROKER_ARM]}
     for r in range(repeats):
         raw.append(transport.run_raw(ctx, chunks, C.DEFAULT_CHUNK_BYTES)["mb_per_s"])
-        for name, (extra, env) in TRANSPORT_ARMS.items():
-            arms[name].append(transport.run_proto(ctx, transfers, extra, env))
+        for name, (extra, env, window) in TRANSPORT_ARMS.items():
+            arms[name].append(transport.run_proto(ctx, transfers, extra, env, window=window))
         arms[NAGLE_BROKER_ARM].append(transport.run_proto(ctx, transfers, broker=plain_broker))
         ctx.log(
             f"transport arms {r + 1}/{repeats}: raw {raw[-1]:.0f} MB/s, "

@@ -476,6 +476,7 @@ def cmd_proto_send(args: argparse.Namespace) -> int:
 
 def cmd_proto_recv(args: argparse.Namespace) -> int:
     from cloud_agent.agent import CloudAgent
+    from cloud_agent.malloc import reuse_large_buffers
     from common.spec import CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec
     from common.transport import BrokerOptions
 
@@ -495,6 +496,8 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
         db.execute(f"PRAGMA page_size={int(args.spool_page_size)}")
         db.execute("VACUUM")
         db.close()
+    if not args.default_malloc:  # as `mistnet cloud` does
+        reuse_large_buffers()
     agent = CloudAgent(spec, BrokerOptions(url=args.broker), Path(args.workdir))
     for pragma in filter(None, args.spool_pragma.split(",")):  # to measure other spool settings
         agent.spool.db.execute(f"PRAGMA {pragma}")
@@ -593,6 +596,7 @@ def parser() -> argparse.ArgumentParser:
             q.add_argument("--no-checkpoint-thread", action="store_true",
                            help="checkpoint the WAL on the collector's path (SQLite's autocheckpoint)")
             q.add_argument("--nagle", action="store_true", help="no TCP_NODELAY on the cloud's broker connection")
+            q.add_argument("--default-malloc", action="store_true", help="glibc's malloc defaults in the cloud")
             q.add_argument("--hold-s", type=float, default=None,
                            help="the collector's hold time for incomplete transfers (0: persisted at the batch's end)")
             q.add_argument("--max-batch-bytes", type=int, default=None,

@@ -158,15 +158,7 @@ def workers_loader(trainer: Trainer, path: Path, workers: int) -> DataLoader[Any
         if info is not None:
             info.dataset.spool = Spool(path)  # type: ignore[attr-defined]
 
-    return DataLoader(
-        trainer.data,
-        batch_size=trainer.config.batch_size,
-        shuffle=True,
-        collate_fn=trainer.task.collate,
-        num_workers=workers,
-        worker_init_fn=reopen,
-        persistent_workers=False,
-    )
+    return trainer.loader(None, num_workers=workers, worker_init_fn=reopen, persistent_workers=False)
 
 
 def bench_yolo(ctx: Context, scn: Scenario) -> dict[str, Any]:

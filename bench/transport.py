@@ -85,9 +85,11 @@ def run_proto(
     recv_extra: list[str] | None = None,
     recv_env: dict[str, str] | None = None,
     broker: tuple[str, int | None] | None = None,
+    window: int | None = None,
 ) -> dict[str, Any]:
     """One protocol run; ``recv_extra``/``recv_env``: options and environment of the cloud process,
-    ``broker``: (url, pid) of another broker than the context's (experiments)."""
+    ``broker``: (url, pid) of another broker than the context's, ``window``: another window than the
+    default (experiments)."""
     tag = ctx.unique("tx")
     node = f"{tag}-edge"
     logdir = ctx.workdir / "logs" / tag
@@ -99,7 +101,7 @@ def run_proto(
         send = spawn("proto-send", procs_args("proto-send", *common, "--transfers", str(transfers),
                                               "--sample-bytes", str(SAMPLE_BYTES),
                                               "--chunk-bytes", str(C.DEFAULT_CHUNK_BYTES),
-                                              "--window", str(C.DEFAULT_WINDOW_CHUNKS), "--wait-go"),
+                                              "--window", str(window or C.DEFAULT_WINDOW_CHUNKS), "--wait-go"),
                      logdir, child_env(), stdin=True)
         started += [recv, send]
         for k in started:

@@ -7,8 +7,8 @@ data; unlabelled images are enough):
    activations, so every level is equally likely. The thresholds travel to the edges in the job
    assignment, which is why this runs before the job is offered.
 2. **Cut decoder** (``cloud.adapt.decoder``): a small network trained to map the job's levels,
-   randomized exactly as the edges will randomize them (at each edge's ε), back to the real
-   activations; the pretrained tail then runs on its output (:mod:`common.models.cutdecoder`).
+   randomized exactly as the edges will randomize them (at each edge's ε) and clean, back to the
+   real activations; the pretrained tail then runs on its output (:mod:`common.models.cutdecoder`).
 
 Public images are augmented (two scales, horizontal flips) so a few dozen images give enough
 variety. The result is stored in the job's directory, so a restarted cloud reuses it: the edges
@@ -192,8 +192,14 @@ def train_decoder(
     schedule: DecoderSchedule,
     on_epoch: Callable[[int, float], None],
 ) -> CutDecoder:
-    """Regress the real head outputs from their levels, randomized as each edge will (one encoder per
-    distinct ε, taken in turn batch by batch), plus the distillation loss; AdamW, warmup, cosine decay."""
+    """Regress the real head outputs from their levels, plus the distillation loss; AdamW, warmup,
+    cosine decay.
+
+    Every other batch is randomized as an edge will randomize it (one encoder per distinct ε, taken
+    in turn); the batches between stay clean. The decoder serves both: the edges' randomized bits
+    while the tail is fine-tuned, and clean levels when the model runs where the image is (held-out
+    evaluation, deployment). Trained on randomized bits only, it loses accuracy on clean ones at small
+    ε (ε = 4, held-out mAP50-95: 0.270 against 0.288 with clean batches mixed in)."""
     device = schedule.device
     decoder.to(device).train()
     count = len(next(iter(outputs.values())))
@@ -207,9 +213,10 @@ def train_decoder(
     for epoch in range(1, schedule.epochs + 1):
         total = 0.0
         for batch in torch.randperm(count, generator=generator).split(DECODER_BATCH):
-            encoder = encoders[step % len(encoders)]
+            encoder = encoders[(step // 2) % len(encoders)]
             real = {i: y[batch].float() for i, y in outputs.items()}
-            levels = {i: encoder.privatize(y, i).to(device) for i, y in real.items()}
+            encode = encoder.privatize if step % 2 == 0 else encoder.quantized
+            levels = {i: encode(y, i).to(device) for i, y in real.items()}
             real = {i: y.to(device) for i, y in real.items()}
             decoded = decoder(levels)
             loss = torch.stack(

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -233,7 +234,10 @@ class Trainer:
 
     # loop --------------------------------------------------------------------------------------
 
-    def loader(self, generator: torch.Generator | None, shuffle: bool = True) -> DataLoader[StoredSample]:
+    def loader(
+        self, generator: torch.Generator | None, shuffle: bool = True, **options: Any
+    ) -> DataLoader[StoredSample]:
+        """``options``: further DataLoader arguments (the benchmarks try worker processes)."""
         return DataLoader(
             self.data,
             batch_size=self.config.batch_size,
@@ -241,6 +245,7 @@ class Trainer:
             collate_fn=self.task.collate,
             generator=generator,
             pin_memory=self.device_type == "cuda",
+            **options,
         )
 
     def fit(

@@ -223,6 +223,10 @@ class BitEncoder:
             raise ValueError(f"no thresholds for head output {layer}")
         return quantize(y, t)
 
+    def quantized(self, x: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """Levels of a batch without randomization, as float ``level / (K - 1)``: the deployed path."""
+        return self.levels(layer, x).float() / (2**self.bits - 1)
+
     def privatize(self, x: torch.Tensor, layer: int = -1) -> torch.Tensor:
         """Randomized levels of a batch, as float ``level / (K - 1)``: what the cloud's tail reads."""
         levels = self.levels(layer, x).cpu().numpy().reshape(len(x), -1)
@@ -320,12 +324,11 @@ def feature_transform(
     encoder = BitEncoder(
         float(metadata.get("epsilon", 100.0)), bits=bits, thresholds=thresholds_from_metadata(metadata)
     )
-    top = 2**bits - 1
 
     def transform(outputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         if randomize:
             return {i: encoder.privatize(y, i).to(y.device) for i, y in outputs.items()}
-        return {i: encoder.levels(i, y).float() / top for i, y in outputs.items()}
+        return {i: encoder.quantized(y, i) for i, y in outputs.items()}
 
     return transform
 

@@ -9,7 +9,7 @@ for what each step is worth on a CPU edge):
   cuDNN (CUDA) convolve much faster than the default NCHW;
 - the tail's parameters, which an edge never runs, are released (moved to the ``meta`` device;
   the layers keep their routing attributes so the head still knows which outputs to ship);
-- the head runs on micro-batches of about four 640-px images, decoded just before, so the edge's
+- the head runs on micro-batches of two 640-px images, decoded just before, so the edge's
   memory does not grow with the transfer size (a transfer of 16 images at 640 px would otherwise
   hold ~0.5 GB of activations);
 - binarization, randomized response and packing run vectorised over the micro-batch, in the
@@ -81,7 +81,7 @@ class Extractor:
     channels_last: bool | None = None  # None: for inputs of CHANNELS_LAST_MIN_PIXELS or more
     release_tail = True
     prefetch = False  # decode the next micro-batch in a background thread while the head runs
-    pixels_per_step = 4 * 640 * 640  # input pixels per head pass (x4 on CUDA)
+    pixels_per_step = 2 * 640 * 640  # input pixels per head pass (x4 on CUDA)
 
     def __init__(
         self,
@@ -128,7 +128,7 @@ class Extractor:
         return range(start, min(start + self.batch_size, len(self.dataset)))
 
     def step_for(self, image: torch.Tensor) -> int:
-        """Images per head pass: about ``pixels_per_step`` input pixels (4 at 640 px, 16 at 320 px,
+        """Images per head pass: about ``pixels_per_step`` input pixels (2 at 640 px, 8 at 320 px,
         a whole MNIST batch), so the head's activations stay small whatever the transfer size."""
         budget = self.pixels_per_step * (4 if torch.device(self.device).type == "cuda" else 1)
         return max(1, budget // max(1, image.shape[-1] * image.shape[-2]))

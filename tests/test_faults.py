@@ -11,6 +11,7 @@ import time
 import pytest
 
 from broker.launcher import local_mosquitto
+from common import constants as C
 from tests.agents import committed_transfers, finish, spool_query, start_cloud, start_edge, wait_for
 from tests.harness import job_status, log_numbers, mnist_base, node_status, single_thread, stop, wait_log, write_job
 
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.fault]
 __all__ = ["single_thread"]
 
 NODES = ("edge1", "edge2")
-WINDOW = 16  # DEFAULT_WINDOW_CHUNKS: what an edge may have unacknowledged
+WINDOW = C.DEFAULT_WINDOW_CHUNKS  # what an edge may have unacknowledged
 
 
 @pytest.fixture

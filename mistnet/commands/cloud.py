@@ -29,9 +29,11 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cloud_agent.agent import CloudAgent
+    from cloud_agent.malloc import reuse_large_buffers
     from common.jobfile import load_job
     from common.protocol import JobPhase
 
+    reuse_large_buffers()
     serve(args.metrics_port)
     spec = load_job(args.job)
     workdir = args.workdir or Path("runs") / spec.name
