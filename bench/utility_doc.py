@@ -67,7 +67,7 @@ def ratios(rows: list[dict[str, Any]], epsilons: list[float]) -> list[str]:
         goal = GOALS.get(e)
         met = "n/a" if goal is None else ("yes" if ratio >= goal else "no")
         goal_text = "none set" if goal is None else f"≥ {goal:g}×"
-        lines.append(f"| {e:g} | {best['method']} | {best['held_out'][1]:.3f} | {ratio:.2f} | {goal_text} | {met} |")
+        lines.append(f"| {e:g} | {best['method']} | {best['held_out'][1]:.3f} | {ratio:.3f} | {goal_text} | {met} |")
     return lines
 
 
@@ -91,7 +91,7 @@ def plot(rows: list[dict[str, Any]], epsilons: list[float], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    fig, ax = plt.subplots(figsize=(9.5, 4.6))
     full = next(r for r in rows if r["method"] == "pretrained")["held_out"][1]
     ax.axhline(full, color="black", linestyle="--", linewidth=1, label="pretrained, full precision")
     for e, goal in GOALS.items():
@@ -108,7 +108,7 @@ def plot(rows: list[dict[str, Any]], epsilons: list[float], path: Path) -> None:
     ax.set_ylabel("held-out mAP@0.5:0.95")
     ax.set_title("YOLOv5n, cut 4, 640 px: held-out accuracy against privacy budget")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

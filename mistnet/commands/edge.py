@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from common.metrics import add_metrics_flag, serve
-from edge_agent.agent import EdgeAgent
 from mistnet.flags import add_broker_flags, broker_from_args
 
 
@@ -32,6 +31,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from common.protocol import check_name
+    from edge_agent.agent import EdgeAgent
 
     serve(args.metrics_port)
     agent = EdgeAgent(
