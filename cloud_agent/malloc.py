@@ -4,7 +4,7 @@ Every chunk payload and every joined transfer is a transient buffer of hundreds 
 With glibc's defaults such a buffer is mapped and unmapped (or the heap top trimmed) as soon as it is
 freed, so the next one starts on fresh pages the kernel must fault in and zero. Keeping freed memory
 for reuse (larger buffers than the mmap threshold are still mapped; up to the trim threshold stays in
-the heap) cut the cloud's CPU per MB received by about a fifth on the transport benchmark
+the heap) cut the cloud's CPU per MB received by about a sixth on the transport benchmark
 (``docs/benchmarks.md``). Elsewhere than glibc it does nothing.
 """
 

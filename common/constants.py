@@ -23,7 +23,7 @@ MIN_CHUNK_BYTES = 1024
 ENVELOPE_OVERHEAD_BYTES = 512
 # Application-level window: chunks sent but not yet acknowledged by the cloud (16 MiB at the default
 # chunk size). The cloud acknowledges a transfer once it is committed, so the window must span a few
-# transfers: 64 chunks moved ~20% more than 16 on loopback (docs/benchmarks.md).
+# transfers: 64 chunks moved 2-11% more than 16 on loopback (docs/benchmarks.md).
 DEFAULT_WINDOW_CHUNKS = 64
 # Resend a chunk whose acknowledgement has not arrived after this long.
 RETRANSMIT_AFTER_S = 10.0
