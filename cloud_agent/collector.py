@@ -6,7 +6,7 @@ once:
 - Each chunk is checked against its own sha256 on arrival; a corrupt one is rejected at once (so
   the edge resends it instead of waiting for its retransmission timer). Verified chunks of a
   transfer are assembled in memory. When the last one is in, the whole transfer is verified (size
-  and sha256 over the reassembled bytes, then its msgpack and sample ids) and its samples are
+  and its digest over the chunks' digests, then its msgpack and sample ids) and its samples are
   written to the spool; only after that COMMIT is the transfer acknowledged (one acknowledgement
   with ``transfer_done``, which settles all its chunks at the edge).
 - The collector works in batches (:meth:`Collector.batch`: the cloud agent opens one per inbox
@@ -54,6 +54,7 @@ from common.protocol import (
     Topics,
     decode_batch,
     decode_features,
+    transfer_digest,
 )
 from common.transport import Rejections
 
@@ -76,6 +77,7 @@ class _Held:
     """A verified chunk in memory: not persisted, not acknowledged."""
 
     payload: bytes
+    sha256: bytes  # checked on arrival; the transfer's digest is computed over these
     wire_bytes: int
 
 
@@ -316,7 +318,7 @@ class Collector:
             return  # a redelivery of a held chunk: acknowledged with its transfer
         if not asm.held:
             asm.since = time.monotonic()
-        asm.held[seq] = _Held(chunk.payload, wire_bytes)
+        asm.held[seq] = _Held(chunk.payload, chunk.sha256, wire_bytes)
         self.held_bytes += len(chunk.payload)
         if asm.complete:
             self._complete(asm, seq)
@@ -341,8 +343,9 @@ class Collector:
         node, transfer = asm.node, asm.transfer
         from_spool = self.spool.chunk_payloads(node, transfer) if asm.stored else {}
         parts = [asm.held[s].payload if s in asm.held else from_spool.get(s, b"") for s in range(asm.total)]
+        digests = [asm.held[s].sha256 if s in asm.held else hashlib.sha256(parts[s]).digest() for s in range(asm.total)]
         blob = b"".join(parts)
-        if len(blob) != asm.size or hashlib.sha256(blob).digest() != asm.digest:
+        if len(blob) != asm.size or transfer_digest(digests) != asm.digest:
             self._corrupt(asm, "whole-transfer sha256 or size mismatch")
             return
         try:

@@ -27,6 +27,7 @@ from common.protocol import (
     join_transfer,
     split_transfer,
     to_json,
+    transfer_digest,
 )
 
 
@@ -157,8 +158,19 @@ def test_status_and_ack_are_plain_json():
 
 def test_chunk_digest_helpers_agree():
     (chunk,) = split_transfer("job", "e", 0, b"abc", 1024)
-    assert chunk.sha256 == hashlib.sha256(b"abc").digest() == chunk.transfer_sha256
+    assert chunk.sha256 == hashlib.sha256(b"abc").digest()
+    assert chunk.transfer_sha256 == transfer_digest([chunk.sha256]) == hashlib.sha256(chunk.sha256).digest()
     assert isinstance(chunk, Chunk)
+
+
+def test_transfer_digest_covers_chunk_order():
+    blob = bytes(i % 251 for i in range(3000))  # no two chunks alike
+    chunks = list(split_transfer("job", "e", 0, blob, 1024))
+    payloads = [c.payload for c in chunks]
+    assert join_transfer(payloads, chunks[0].size, chunks[0].transfer_sha256) == blob
+    swapped = [payloads[1], payloads[0], *payloads[2:]]
+    with pytest.raises(ProtocolError, match="mismatch"):
+        join_transfer(swapped, chunks[0].size, chunks[0].transfer_sha256)
 
 
 def test_privacy_params_thresholds_must_fit_bits_and_ascend():
