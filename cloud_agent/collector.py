@@ -54,7 +54,7 @@ from common.protocol import (
     Topics,
     decode_batch,
     decode_features,
-    transfer_digest,
+    join_transfer,
 )
 from common.transport import Rejections
 
@@ -344,12 +344,8 @@ class Collector:
         from_spool = self.spool.chunk_payloads(node, transfer) if asm.stored else {}
         parts = [asm.held[s].payload if s in asm.held else from_spool.get(s, b"") for s in range(asm.total)]
         digests = [asm.held[s].sha256 if s in asm.held else hashlib.sha256(parts[s]).digest() for s in range(asm.total)]
-        blob = b"".join(parts)
-        if len(blob) != asm.size or transfer_digest(digests) != asm.digest:
-            self._corrupt(asm, "whole-transfer sha256 or size mismatch")
-            return
         try:
-            batch = decode_batch(blob)
+            batch = decode_batch(join_transfer(parts, digests, asm.size, asm.digest))
             if batch.transfer != transfer:
                 raise ProtocolError(f"the chunks of transfer {transfer} hold transfer {batch.transfer}")
             self._check_ids(node, batch)

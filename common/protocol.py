@@ -622,10 +622,13 @@ def split_transfer(job: str, node: str, transfer: int, blob: bytes, chunk_bytes:
         )
 
 
-def join_transfer(payloads: list[bytes], size: int, digest: bytes) -> bytes:
-    """Reassemble a complete transfer (payloads in seq order) and verify its digest."""
+def join_transfer(payloads: list[bytes], chunk_digests: list[bytes], size: int, digest: bytes) -> bytes:
+    """Reassemble a complete transfer (payloads in seq order) and verify its digest.
+
+    ``chunk_digests`` are the payloads' sha256 digests, each already checked against its payload
+    when the chunk arrived, so no byte is hashed again here."""
     blob = b"".join(payloads)
-    if len(blob) != size or transfer_digest(hashlib.sha256(p).digest() for p in payloads) != digest:
+    if len(blob) != size or transfer_digest(chunk_digests) != digest:
         raise ProtocolError("whole-transfer sha256 or size mismatch")
     return blob
 

@@ -75,7 +75,9 @@ def test_transfer_split_and_join_round_trip():
     assert len(chunks) == -(-len(blob) // 1024)
     decoded = [decode_chunk(encode_chunk(c)) for c in reversed(chunks)]
     decoded.sort(key=lambda c: c.seq)
-    joined = join_transfer([c.payload for c in decoded], decoded[0].size, decoded[0].transfer_sha256)
+    joined = join_transfer(
+        [c.payload for c in decoded], [c.sha256 for c in decoded], decoded[0].size, decoded[0].transfer_sha256
+    )
     assert decode_batch(joined) == make_batch(40)
 
 
@@ -95,7 +97,9 @@ def test_corrupt_chunk_is_detected():
 def test_whole_transfer_digest_is_checked():
     chunks = list(split_transfer("job", "e", 0, b"a" * 3000, 1024))
     with pytest.raises(ProtocolError, match="mismatch"):
-        join_transfer([c.payload for c in chunks[:-1]], chunks[0].size, chunks[0].transfer_sha256)
+        join_transfer(
+            [c.payload for c in chunks[:-1]], [c.sha256 for c in chunks[:-1]], chunks[0].size, chunks[0].transfer_sha256
+        )
 
 
 def test_oversized_claims_are_refused_before_allocation():
@@ -166,11 +170,11 @@ def test_chunk_digest_helpers_agree():
 def test_transfer_digest_covers_chunk_order():
     blob = bytes(i % 251 for i in range(3000))  # no two chunks alike
     chunks = list(split_transfer("job", "e", 0, blob, 1024))
-    payloads = [c.payload for c in chunks]
-    assert join_transfer(payloads, chunks[0].size, chunks[0].transfer_sha256) == blob
+    payloads, digests = [c.payload for c in chunks], [c.sha256 for c in chunks]
+    assert join_transfer(payloads, digests, chunks[0].size, chunks[0].transfer_sha256) == blob
     swapped = [payloads[1], payloads[0], *payloads[2:]]
     with pytest.raises(ProtocolError, match="mismatch"):
-        join_transfer(swapped, chunks[0].size, chunks[0].transfer_sha256)
+        join_transfer(swapped, [digests[1], digests[0], *digests[2:]], chunks[0].size, chunks[0].transfer_sha256)
 
 
 def test_privacy_params_thresholds_must_fit_bits_and_ascend():
