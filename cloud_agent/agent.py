@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
+from safetensors.torch import load_file
 from torch import nn
 
 from cloud_agent import report
@@ -22,8 +23,16 @@ from cloud_agent.adaptation import Adaptation, adapt
 from cloud_agent.checkpoints import load_pretrained, save_model
 from cloud_agent.collector import Collector
 from cloud_agent.spool import Spool, SpoolFeatures
-from cloud_agent.tasks import make_task
-from cloud_agent.trainer import EpochResult, History, TrainConfig, Trainer
+from cloud_agent.tasks import CloudTask, make_task
+from cloud_agent.trainer import (
+    EpochResult,
+    History,
+    Selection,
+    TrainConfig,
+    Trainer,
+    selection_split,
+    shipped_weights,
+)
 from common import constants as C
 from common import metrics
 from common.errors import MistnetError, ProtocolError, SpecError, TransportError
@@ -385,7 +394,9 @@ class CloudAgent:
                 "no held-out data (cloud.validation): held-out metrics are not computed, and metrics "
                 "on training data are never reported in their place"
             )
-        data = SpoolFeatures(self.spool, self.delivered())
+        data, selection = selection_split(
+            SpoolFeatures(self.spool, self.delivered()), spec.cloud.selection_fraction, spec.seed
+        )
         config = TrainConfig(
             epochs=spec.cloud.epochs,
             batch_size=spec.cloud.batch_size,
@@ -397,7 +408,9 @@ class CloudAgent:
             recalibrate_bn=self.adaptation.decoder is None,
             tail_layers=spec.cloud.tail_layers,
         )
-        trainer = Trainer(self.model, self.cut, task, data, config, self.workdir / "state", self.privatize)
+        trainer = Trainer(
+            self.model, self.cut, task, data, config, self.workdir / "state", self.privatize, selection
+        )
         history = History.from_json(self.spool.get_meta("history"))
         if history.epochs:
             # A restart: the trainer reloads workdir/state (model, optimizer, step) of the last epoch.
@@ -436,7 +449,26 @@ class CloudAgent:
 
         trainer.fit(history, on_epoch, on_step)
         self.spool.set_meta("history", history.to_json())
+        chosen = trainer.restore_selected()
+        if chosen is not None:
+            self.record_selection(chosen, task, history)
         self.set_phase(JobPhase.EVALUATING)
+
+    def record_selection(self, chosen: Selection, task: CloudTask, history: History) -> None:
+        """The shipped epoch and its held-out metrics (measured now if that epoch was not evaluated)."""
+        evaluated = {e.epoch: e.metrics for e in history.epochs if e.metrics}
+        before = json.loads(self.spool.get_meta("metrics_before") or "{}")
+        after = before if chosen.epoch == 0 else evaluated.get(chosen.epoch)
+        if after is None:
+            after = task.evaluate(self.model, self.cut, self.privatize, self.device)
+        self.spool.set_meta("selection", json.dumps({**chosen.__dict__, "metrics": after}))
+        if chosen.epoch == 0 and self.spec.cloud.epochs > 0:
+            message = (
+                "no training epoch beat the starting model on the held-back received samples "
+                f"(loss {chosen.before:.4f}): the checkpoint is the model as it was before training"
+            )
+            log.warning("job %s: %s", self.spec.name, message)
+            self.spool.set_meta("message", message)
 
     def privatize(self, features: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Held-out inputs take the deployed path: the job's quantisation, no randomization."""
@@ -445,14 +477,26 @@ class CloudAgent:
     # finishing ---------------------------------------------------------------------------------
 
     def metrics(self) -> dict[str, float]:
+        """Held-out metrics of the shipped model (the selected epoch's, else the last evaluated) and before."""
         history = History.from_json(self.spool.get_meta("history"))
         with_metrics = [e for e in history.epochs if e.metrics]
         before = json.loads(self.spool.get_meta("metrics_before") or "{}")
         after = with_metrics[-1].metrics if with_metrics else {}
+        selection = self.spool.get_meta("selection")
+        if selection:
+            after = json.loads(selection)["metrics"]
         return {**after, **{f"{k}_before": v for k, v in before.items()}}
+
+    @property
+    def selected_epoch(self) -> int | None:
+        selection = self.spool.get_meta("selection")
+        return int(json.loads(selection)["epoch"]) if selection else None
 
     def finish(self) -> None:
         url = self.checkpoint_url()
+        trained = shipped_weights(self.workdir / "state")
+        if trained is not None:  # also after a restart between training and here
+            self.model.load_state_dict(load_file(str(trained), device=self.device))
         blob = save_model(
             self.model,
             self.spec,
@@ -467,7 +511,7 @@ class CloudAgent:
         history = History.from_json(self.spool.get_meta("history"))
         announcement = CheckpointAnnouncement(
             job=self.spec.name,
-            epoch=len(history.epochs),
+            epoch=len(history.epochs) if self.selected_epoch is None else self.selected_epoch,
             url=url,
             sha256=hashlib.sha256(blob).hexdigest(),
             size=len(blob),
@@ -575,4 +619,5 @@ class CloudAgent:
             checkpoint=self.spool.get_meta("checkpoint"),
             duration_s=round(duration_s, 3),
             message=self.spool.get_meta("message") or "",
+            selected_epoch=self.selected_epoch,
         )

@@ -51,7 +51,10 @@ class Detection:
         return Batch(stack_features(samples), targets_of(labels))
 
     def loss(self, model: nn.Module, output: Any, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """``output``: the Detect layer's training-mode maps, one ``[B, na, ny, nx, 5+nc]`` per level."""
+        """``output``: the Detect layer's maps, one ``[B, na, ny, nx, 5+nc]`` per level (in evaluation
+        mode it returns ``(boxes, maps)``: the maps are what the loss reads)."""
+        if isinstance(output, tuple):
+            output = output[1]
         if self._loss is None or self._loss_model is not model:
             self._loss, self._loss_model = YoloLoss(model), model
         return self._loss(output, targets)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ def stack_features(samples: list[StoredSample]) -> dict[int, torch.Tensor]:
 class CloudTask(Protocol):
     headline: str
 
-    def collate(self, samples: list[StoredSample]) -> Batch: ...
+    def collate(self, samples: list[Any]) -> Batch: ...
 
     def loss(
         self, model: nn.Module, output: torch.Tensor, targets: torch.Tensor

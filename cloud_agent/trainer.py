@@ -22,15 +22,15 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, random_split
 
-from cloud_agent.spool import SpoolFeatures, StoredSample
 from cloud_agent.tasks import Batch, CloudTask, Privatize
+from common import constants as C
 from common.models.cutdecoder import attached
 from common.split import layers_of, run_tail
 from common.storage import write_atomic
@@ -40,6 +40,14 @@ log = logging.getLogger("mistnet.cloud.trainer")
 WARMUP_MAX_STEPS = 300
 WARMUP_MAX_EPOCHS = 3
 WARMUP_MOMENTUM = 0.8
+
+
+class Samples(Protocol):
+    """What the trainer batches: spooled features, or images for the centralized baseline."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
 
 
 @dataclass
@@ -57,6 +65,7 @@ class TrainConfig:
     amp: bool = True  # float16 autocast + gradient scaling, only when the device is CUDA
     recalibrate_bn: bool = True  # re-estimate the tail's BatchNorm statistics before epoch 1
     tail_layers: int | None = None  # train only this many tail layers next to the cut (None: all)
+    train_decoder: bool = True  # the cut decoder (when the model has one) is trained with the tail
 
 
 @dataclass
@@ -66,6 +75,17 @@ class EpochResult:
     metrics: dict[str, float]
     seconds: float
     images_per_s: float
+    selection_loss: float | None = None  # mean loss on the received samples held back for selection
+
+
+@dataclass
+class Selection:
+    """The epoch whose weights ship: the lowest loss on held-back received samples, epoch 0 being
+    the model before any training (so a job never ships a model worse than it started from)."""
+
+    epoch: int
+    loss: float
+    before: float  # the starting model's loss on the same samples
 
 
 @dataclass
@@ -80,6 +100,25 @@ class History:
         return cls([EpochResult(**e) for e in json.loads(text)] if text else [])
 
 
+def selection_split(data: Samples, fraction: float, seed: int) -> tuple[Samples, Samples | None]:
+    """A seeded share of the received samples held back to choose the epoch that ships, and the rest
+    to train on; no split when there are too few samples to tell epochs apart."""
+    held = int(len(data) * fraction)
+    if fraction <= 0 or len(data) < C.MIN_SELECTION_SAMPLES or held < 1:
+        return data, None
+    generator = torch.Generator().manual_seed(seed)
+    train, selection = random_split(cast(Dataset[Any], data), [len(data) - held, held], generator=generator)
+    return train, selection
+
+
+def shipped_weights(state_dir: Path) -> Path | None:
+    """The weights a finished training ships: the selected epoch's, else the last epoch's (None: untrained)."""
+    for name in ("best.safetensors", "last.safetensors"):
+        if (state_dir / name).exists():
+            return state_dir / name
+    return None
+
+
 def freeze_head(model: nn.Module, cut: int) -> list[nn.Parameter]:
     """Head frozen; returns the tail's parameters, the only ones the optimizer sees."""
     tail = []
@@ -91,7 +130,9 @@ def freeze_head(model: nn.Module, cut: int) -> list[nn.Parameter]:
     return tail
 
 
-def trainable_parameters(model: nn.Module, cut: int, tail_layers: int | None) -> tuple[list[nn.Parameter], range]:
+def trainable_parameters(
+    model: nn.Module, cut: int, tail_layers: int | None, train_decoder: bool = True
+) -> tuple[list[nn.Parameter], range]:
     """The parameters the optimizer sees, and the tail layers they belong to: the cut decoder's (when
     the model has one) and those of the first ``tail_layers`` tail layers (all when None). The
     rest of the model is frozen: on ~100 images, fewer trainable layers memorise less."""
@@ -104,7 +145,9 @@ def trainable_parameters(model: nn.Module, cut: int, tail_layers: int | None) ->
     decoder = attached(model)
     extra = list(decoder.parameters()) if decoder is not None else []
     for p in extra:
-        p.requires_grad_(True)
+        p.requires_grad_(train_decoder)
+    if not train_decoder:
+        extra = []
     return extra + [p for p in tail if id(p) in keep], trained
 
 
@@ -148,19 +191,23 @@ class Trainer:
         model: nn.Module,
         cut: int,
         task: CloudTask,
-        data: SpoolFeatures,
+        data: Samples,
         config: TrainConfig,
         state_dir: Path,
         privatize: Privatize,
+        selection: Samples | None = None,
     ) -> None:
+        """``selection``: received samples never trained on, which choose the epoch to ship; without
+        them the last epoch ships."""
         self.model = model.to(config.device)
+        self.selection_data = selection
         self.cut = cut
         self.task = task
         self.data = data
         self.config = config
         self.state_dir = state_dir
         self.privatize = privatize
-        self.params, self.trained_layers = trainable_parameters(model, cut, config.tail_layers)
+        self.params, self.trained_layers = trainable_parameters(model, cut, config.tail_layers, config.train_decoder)
         self.optimizer = torch.optim.SGD(
             param_groups(self.params, config.weight_decay),
             lr=config.learning_rate,
@@ -199,6 +246,57 @@ class Trainer:
     def _optim_path(self) -> Path:
         return self.state_dir / "last.optim.pt"
 
+    @property
+    def _best_path(self) -> Path:
+        return self.state_dir / "best.safetensors"  # as shipped_weights() finds it
+
+    @property
+    def _selection_path(self) -> Path:
+        return self.state_dir / "selection.json"
+
+    @property
+    def selection(self) -> Selection | None:
+        """The epoch chosen so far (None: no selection samples, or no epoch considered yet)."""
+        if not self._selection_path.exists():
+            return None
+        return Selection(**json.loads(self._selection_path.read_text()))
+
+    def consider(self, epoch: int) -> float | None:
+        """Scores this epoch's weights on the selection samples and keeps them if they are the best so far."""
+        if not self.selection_data:
+            return None
+        loss = self.selection_loss()
+        best = self.selection
+        if best is None or loss < best.loss:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(self._best_path))
+            chosen = Selection(epoch, loss, loss if best is None else best.before)
+            write_atomic(self._selection_path, json.dumps(chosen.__dict__).encode())
+        return loss
+
+    def restore_selected(self) -> Selection | None:
+        """Loads the chosen epoch's weights into the model (a no-op without selection samples)."""
+        chosen = self.selection
+        if chosen is not None:
+            self.model.load_state_dict(load_file(str(self._best_path), device=self.config.device))
+            log.info("selected epoch %d (selection loss %.4f; %.4f before training)", chosen.epoch, chosen.loss,
+                     chosen.before)  # fmt: skip
+        return chosen
+
+    @torch.no_grad()
+    def selection_loss(self) -> float:
+        """Mean loss per batch on the selection samples, BatchNorm on its running statistics."""
+        self.model.eval()
+        total, batches = 0.0, 0
+        loader = DataLoader(cast(Dataset[Any], self.selection_data), batch_size=self.config.batch_size,
+                            collate_fn=self.task.collate)  # fmt: skip
+        for batch in loader:
+            batch = batch.to(self.config.device)
+            loss, _ = self.forward_loss(batch)
+            total += float(loss)
+            batches += 1
+        return total / max(batches, 1)
+
     def save_state(self, epoch: int) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self._weights_path.with_suffix(".tmp")
@@ -236,10 +334,10 @@ class Trainer:
 
     def loader(
         self, generator: torch.Generator | None, shuffle: bool = True, **options: Any
-    ) -> DataLoader[StoredSample]:
+    ) -> DataLoader[Any]:
         """``options``: further DataLoader arguments (the benchmarks try worker processes)."""
         return DataLoader(
-            self.data,
+            cast(Dataset[Any], self.data),
             batch_size=self.config.batch_size,
             shuffle=shuffle,
             collate_fn=self.task.collate,
@@ -258,6 +356,8 @@ class Trainer:
         history.epochs = [e for e in history.epochs if e.epoch <= start]
         if start == 0 and self.config.recalibrate_bn and len(self.data):
             self.recalibrate_batchnorm()
+        if start == 0:
+            self.consider(0)
         for epoch in range(start + 1, self.config.epochs + 1):
             t0 = time.monotonic()
             # One seed per epoch: a resumed job shuffles exactly as an uninterrupted one would.
@@ -266,8 +366,9 @@ class Trainer:
             metrics: dict[str, float] = {}
             if epoch % self.config.eval_interval == 0 or epoch == self.config.epochs:
                 metrics = self.task.evaluate(self.model, self.cut, self.privatize, self.config.device)
+            selection_loss = self.consider(epoch)
             seconds = time.monotonic() - t0
-            result = EpochResult(epoch, losses, metrics, seconds, len(self.data) / max(seconds, 1e-9))
+            result = EpochResult(epoch, losses, metrics, seconds, len(self.data) / max(seconds, 1e-9), selection_loss)
             history.epochs.append(result)
             self.save_state(epoch)
             on_epoch(result)
@@ -282,14 +383,17 @@ class Trainer:
         """Training mode, except that frozen layers' BatchNorm keeps its statistics (the Detect layer
         stays in training mode whatever is trained: the loss reads its training-mode output)."""
         self.model.train()
-        for i, layer in enumerate(layers_of(self.model)):
-            if i not in self.trained_layers:
-                for m in layer.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.eval()
+        frozen = [layer for i, layer in enumerate(layers_of(self.model)) if i not in self.trained_layers]
+        decoder = attached(self.model)
+        if decoder is not None and not self.config.train_decoder:
+            frozen.append(decoder)
+        for layer in frozen:
+            for m in layer.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
     def train_epoch(
-        self, loader: DataLoader[StoredSample], epoch: int, on_step: Callable[[int, int, float], None] | None
+        self, loader: DataLoader[Any], epoch: int, on_step: Callable[[int, int, float], None] | None
     ) -> dict[str, float]:
         self.train_mode()
         totals: dict[str, float] = {}

@@ -51,7 +51,18 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_EPOCHS = 10
 DEFAULT_LEARNING_RATE = 0.01
 DEFAULT_DECODER_EPOCHS = 10
+DEFAULT_SELECTION_FRACTION = 0.1
+# Fewer received samples than this: no selection split (too few to tell epochs apart), the last epoch ships.
+MIN_SELECTION_SAMPLES = 20
 DEFAULT_DECODER_WIDTH = 128
 DEFAULT_DECODER_LEARNING_RATE = 2e-3
 DEFAULT_COLLECT_TIMEOUT_S = 600.0
 STATUS_INTERVAL_S = 1.0
+
+# COCO-C corruptions (``mistnet data shift``, ``common.datasets.shift``) and their severities.
+CORRUPTIONS = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+    "speckle_noise", "gaussian_blur", "spatter", "saturate",
+)  # fmt: skip
+SEVERITIES = range(1, 6)

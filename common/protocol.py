@@ -658,3 +658,6 @@ class JobSummary(Message):
     checkpoint: str | None
     duration_s: float
     message: str = ""  # why the job failed or was cancelled
+    # The epoch whose weights shipped, chosen on received samples held back from training (0: none
+    # beat the model before training); None: no selection (too few samples, or selection_fraction 0).
+    selected_epoch: int | None = None

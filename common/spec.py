@@ -146,6 +146,14 @@ class CloudSpec(Strict):
         ge=0,
         description="train the cut decoder and only this many tail layers next to the cut; none: the whole tail",
     )
+    selection_fraction: float = Field(
+        default=C.DEFAULT_SELECTION_FRACTION,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="share of the received samples held back from training to choose the epoch that ships "
+        "(lowest loss; epoch 0, the model before training, included); 0: train on all, ship the last epoch",
+    )
 
 
 class S3Spec(Strict):

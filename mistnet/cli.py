@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from common.errors import MistnetError
 
 # Each module exposes ``register(subparsers)`` and sets ``func`` (args -> exit code) on its parser.
-COMMANDS = ["edge", "cloud", "monitor", "broker", "demo", "job", "eval", "report", "bench", "privacy-report"]
+COMMANDS = [
+    "edge", "cloud", "monitor", "broker", "demo", "job", "eval", "train", "data", "report", "bench", "privacy-report",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,12 +1,18 @@
 """``mistnet demo``: broker, cloud and edges as separate processes on this machine, over MQTT only.
 
-Two scenarios:
+Three scenarios:
 
 - ``mnist`` (default): LeNet-5 pretrained on a public slice of MNIST, edges holding private slices.
 - ``coco128``: the pretrained YOLOv5 checkpoint (default ``../shared/weights/yolov5n.pt``) on COCO128
   (default ``../shared/data/coco128``). The images are split deterministically into one folder per
   edge and a held-out folder the cloud evaluates on; the folders hold symlinks to the original
   images and labels, so no data is copied.
+- ``coco-person``: the same checkpoint on person images it was never trained on (default
+  ``../shared/data/coco-person``), optionally under a COCO-C shift that every labelled image gets
+  (edges and held-out, never the cloud's public images: the cloud does not have the edges'
+  conditions); the cloud adapts on a folder of unlabelled public photos (default
+  ``../shared/data/public-images``). With ``baselines``, the same images also train a centralized
+  fine-tune (what uploading them would give) and the pretrained model is scored beside it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from pydantic import Field
 from rich.console import Console
 from rich.live import Live
 from safetensors.torch import save_file
@@ -29,16 +36,18 @@ from broker.launcher import start_embedded_broker
 from cloud_agent.pretrain import pretrain_classifier
 from common import constants as C
 from common.datasets.mnist import load_tensors, prepare_mnist
+from common.datasets.shift import Shift, shift_dataset
 from common.datasets.yolo import discover_images, img2label_path
 from common.errors import DatasetError, MistnetError, SpecError
+from common.jobfile import load_job
 from common.models.lenet import LeNet5
-from common.protocol import JobSummary
+from common.protocol import JobSummary, Message
 from common.spec import AdaptSpec, CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec
 from common.transport import BrokerOptions
-from mistnet.flags import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS
+from mistnet.flags import DEFAULT_COCO128, DEFAULT_COCO_PERSON, DEFAULT_PUBLIC_IMAGES, DEFAULT_YOLO_WEIGHTS
 from mistnet.monitor import StatusBoard, drain, status_link
 
-SCENARIOS = ("mnist", "coco128")
+SCENARIOS = ("mnist", "coco128", "coco-person")
 
 MNIST_EPOCHS = 6
 MNIST_CUT = 2
@@ -47,6 +56,7 @@ COCO_CUT = 4  # edges run layers 0-3, as the reference example
 COCO_IMAGE_SIZE = 320
 COCO_HELD_OUT = 32
 COCO_PUBLIC = 32  # the cloud's public images: threshold calibration and cut decoder (privacy-utility.md)
+PERSON_HELD_OUT = 200  # of coco-person's 800 images; the other 600 go to the edges
 COCO_BATCH_SIZE = 16
 # Fine-tuning on ~100 images memorises them: at 0.01 held-out mAP collapses within a few epochs
 # (see shared/notes/mistnet-utility-measurements.md); 0.001, the Sedna example's rate, keeps it.
@@ -66,9 +76,13 @@ class DemoOptions:
     data: Path | None = None  # coco128: the YOLO-format dataset to split
     model: Path | None = None  # coco128: the pretrained YOLOv5 checkpoint
     image_size: int = COCO_IMAGE_SIZE
-    per_edge: int | None = None  # coco128: images per edge; None: all that the held-out split leaves
-    held_out: int = COCO_HELD_OUT  # coco128: images the cloud keeps for evaluation
-    public: int = COCO_PUBLIC  # coco128: unlabelled images the cloud adapts with (0: no adaptation)
+    per_edge: int | None = None  # detection: images per edge; None: all that the held-out split leaves
+    held_out: int | None = None  # detection: images the cloud keeps for evaluation; None: the scenario's
+    # detection: unlabelled images the cloud adapts with: a number split off the data (0: no adaptation)
+    # or a folder of images; None: the scenario's default
+    public: int | Path | None = None
+    shift: Shift | None = None  # detection: a COCO-C corruption of every labelled image
+    baselines: bool = False  # detection: also the pretrained model's score and a centralized fine-tune
     bits: int = 1  # bits per activation on the wire
     decoder_epochs: int = C.DEFAULT_DECODER_EPOCHS
     learning_rate: float | None = None
@@ -111,7 +125,7 @@ def prepare_mnist_job(opts: DemoOptions, root: Path) -> Path:
     return write_job(spec, root / "job.yaml")
 
 
-# coco128 -----------------------------------------------------------------------------------------
+# detection ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -160,25 +174,83 @@ def link_yolo_folder(images: list[Path], dest: Path, labels: bool = True) -> Pat
     return dest
 
 
-def prepare_coco128_job(opts: DemoOptions, root: Path) -> Path:
+@dataclass(frozen=True)
+class DetectionScenario:
+    """A detection scenario's defaults."""
+
+    name: str
+    data: Path
+    held_out: int
+    public: int | Path  # images split off the data, or a folder of unlabelled images
+
+
+DETECTION_SCENARIOS = {
+    "coco128": DetectionScenario("coco128", DEFAULT_COCO128, COCO_HELD_OUT, COCO_PUBLIC),
+    "coco-person": DetectionScenario("coco-person", DEFAULT_COCO_PERSON, PERSON_HELD_OUT, DEFAULT_PUBLIC_IMAGES),
+}
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A scenario's job file and the folders its baselines read."""
+
+    path: Path
+    spec: JobSpec
+    edges: list[Path]  # detection: the edges' labelled folders (the centralized baseline trains on them)
+
+
+def shifted_copy(data: Path, shift: Shift, dest: Path) -> Path:
+    """``data`` under ``shift`` in ``dest``, made once per work directory (a marker says it is whole)."""
+    done = dest / ".complete"
+    if done.exists():
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)
+    console = Console(stderr=True)
+    console.print(f"shifting {data} to {shift} in {dest}")
+
+    def progress(done: int, total: int) -> None:
+        if done % 100 == 0 or done == total:
+            console.print(f"  {done}/{total} images")
+
+    shift_dataset(data, dest, shift, progress)
+    done.touch()
+    return dest
+
+
+def public_folder(public: int | Path, split: ImageSplit, folders: Path) -> Path | None:
+    """The cloud's unlabelled images: a folder as given, or the images split off the data (no labels)."""
+    if isinstance(public, Path):
+        if not public.is_dir():
+            raise DatasetError(f"public images not found at {public}: pass --public DIR or a number")
+        return public.resolve()
+    return link_yolo_folder(split.public, folders / "public", labels=False) if split.public else None
+
+
+def prepare_detection_job(opts: DemoOptions, root: Path) -> PreparedJob:
     """Per-role dataset folders (symlinks) and the job file for the pretrained YOLOv5 checkpoint."""
     from common.checkpoint import load_weights
 
-    data = opts.data or DEFAULT_COCO128
+    scenario = DETECTION_SCENARIOS[opts.scenario]
+    data = opts.data or scenario.data
     weights = opts.model or DEFAULT_YOLO_WEIGHTS
     if not data.exists():
-        raise DatasetError(f"COCO128 not found at {data}: pass --data DIR (YOLO layout: images/ and labels/)")
+        raise DatasetError(f"{scenario.name} data not found at {data}: pass --data DIR (YOLO layout: images/, labels/)")
     if not weights.is_file():
         raise MistnetError(f"pretrained YOLOv5 weights not found at {weights}: pass --model PATH")
-    split = split_images(discover_images(data), opts.edges, opts.per_edge, opts.held_out, public=opts.public)
     folders = root / "data"
+    if opts.shift is not None:
+        data = shifted_copy(data, opts.shift, folders / f"shifted-{opts.shift.corruption}-{opts.shift.severity}")
+    public = scenario.public if opts.public is None else opts.public
+    held_out = scenario.held_out if opts.held_out is None else opts.held_out
+    count = public if isinstance(public, int) else 0
+    split = split_images(discover_images(data), opts.edges, opts.per_edge, held_out, public=count)
     edge_dirs = [link_yolo_folder(imgs, folders / f"edge{k}") for k, imgs in enumerate(split.edges, 1)]
     validation = link_yolo_folder(split.held_out, folders / "held-out")
-    # Images only: adaptation needs no labels, and the cloud is given none.
-    public = link_yolo_folder(split.public, folders / "public", labels=False) if split.public else None
+    adapt_on = public_folder(public, split, folders)
     loaded = load_weights(weights)
+    name = f"{scenario.name}-demo"
     spec = JobSpec(
-        name="coco128-demo",
+        name=name,
         model=ModelSpec(
             arch=loaded.arch,
             num_classes=loaded.num_classes,
@@ -196,24 +268,25 @@ def prepare_coco128_job(opts: DemoOptions, root: Path) -> Path:
             batch_size=opts.batch_size or COCO_BATCH_SIZE,
             learning_rate=opts.learning_rate or COCO_LEARNING_RATE,
             validation=str(validation),
-            output=str(root / "coco128-demo.safetensors"),
-            public=str(public) if public else None,
+            output=str(root / f"{name}.safetensors"),
+            public=str(adapt_on) if adapt_on else None,
             adapt=AdaptSpec(epochs=opts.decoder_epochs),
         ),
         collect=CollectSpec(timeout_s=300),
     )
-    return write_job(spec, root / "job.yaml")
+    return PreparedJob(write_job(spec, root / "job.yaml"), spec, edge_dirs)
 
 
 # running -----------------------------------------------------------------------------------------
 
 
-def prepare_job(opts: DemoOptions, root: Path) -> tuple[Path, str]:
-    """The scenario's job file and the job's name."""
+def prepare_job(opts: DemoOptions, root: Path) -> PreparedJob:
+    """The scenario's job file and spec, and the folders its baselines read."""
     if opts.scenario == "mnist":
-        return prepare_mnist_job(opts, root), "mnist-demo"
-    if opts.scenario == "coco128":
-        return prepare_coco128_job(opts, root), "coco128-demo"
+        path = prepare_mnist_job(opts, root)
+        return PreparedJob(path, load_job(path), [])
+    if opts.scenario in DETECTION_SCENARIOS:
+        return prepare_detection_job(opts, root)
     raise SpecError(f"unknown demo scenario {opts.scenario!r}; choose one of {', '.join(SCENARIOS)}")
 
 
@@ -221,14 +294,28 @@ def mistnet_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "mistnet.cli", *args]
 
 
-def run_demo(opts: DemoOptions) -> JobSummary:
+class BaselineResult(Message):
+    """A model the demo scores beside MistNet's on the same held-out images."""
+
+    checkpoint: str | None = None
+    metrics: dict[str, float]
+
+
+class DemoSummary(JobSummary):
+    """``mistnet demo --json``: the job's summary, plus its baselines when asked for."""
+
+    baselines: dict[str, BaselineResult] = Field(default_factory=dict)
+
+
+def run_demo(opts: DemoOptions) -> DemoSummary:
     root = opts.workdir or Path(tempfile.mkdtemp(prefix="mistnet-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
     console.print(
         f"[bold]MistNet demo[/]: {opts.scenario}, {opts.edges} edges, epsilon {opts.epsilon:g}, workdir {root}"
     )
-    job, name = prepare_job(opts, root)
+    prepared = prepare_job(opts, root)
+    job, name = prepared.path, prepared.spec.name
     with start_embedded_broker(root / "broker") as broker:
         console.print(f"broker: {broker.kind} at {broker.url}")
         logs = root / "logs"
@@ -259,7 +346,38 @@ def run_demo(opts: DemoOptions) -> JobSummary:
                 p.wait(timeout=10)
     if cloud.returncode != 0:
         raise MistnetError(f"the cloud agent failed (exit {cloud.returncode}); see {logs / 'cloud.log'}")
-    return JobSummary.model_validate_json(out)
+    summary = JobSummary.model_validate_json(out)
+    baselines = run_baselines(prepared, root, console) if opts.baselines else {}
+    return DemoSummary(**summary.model_dump(), baselines=baselines)
+
+
+def run_baselines(prepared: PreparedJob, root: Path, console: Console) -> dict[str, BaselineResult]:
+    """The pretrained model and a centralized fine-tune on the edges' raw images (same epochs,
+    batch size and learning rate as the job), scored on the job's held-out images."""
+    from cloud_agent.centralized import ImageDetection, fine_tune, save_fine_tuned
+    from cloud_agent.trainer import TrainConfig
+    from common.checkpoint import load_model
+    from mistnet.progress import EpochProgress
+
+    spec = prepared.spec
+    if not prepared.edges or spec.cloud.validation is None or spec.model.pretrained is None:
+        raise SpecError(f"the {spec.name} scenario has no baselines (they need labelled images and a checkpoint)")
+    weights, size = Path(spec.model.pretrained), spec.model.image_size or 640
+    task = ImageDetection(Path(spec.cloud.validation), size)
+    console.print("baseline: the pretrained model, full precision, on the held-out images")
+    pretrained = task.evaluate(load_model(weights)[0], 0, lambda f: f, "cpu")
+    console.print(f"baseline: centralized fine-tune on the edges' raw images, {spec.cloud.epochs} epochs")
+    config = TrainConfig(spec.cloud.epochs, spec.cloud.batch_size, spec.cloud.learning_rate, seed=spec.seed)
+    out = root / "centralized.safetensors"
+    with EpochProgress("centralized", config.epochs) as progress:
+        result = fine_tune(weights, prepared.edges, Path(spec.cloud.validation), size, config, out.with_suffix(".run"),
+                           progress.epoch, progress.step)  # fmt: skip
+    save_fine_tuned(result, weights, size, out)
+    last = next((e.metrics for e in reversed(result.history.epochs) if e.metrics), result.before)
+    return {
+        "pretrained": BaselineResult(metrics=pretrained),
+        "centralized": BaselineResult(checkpoint=str(out), metrics=last),
+    }
 
 
 def watch(broker: BrokerOptions, cloud: subprocess.Popen[bytes], console: Console, job: str = "mnist-demo") -> None:
@@ -294,3 +412,8 @@ def print_summary(summary: JobSummary, console: Console, started: float) -> None
         shown = f"{before:.4f} before training -> {value:.4f} after" if before is not None else f"{value:.4f}"
         console.print(f"  held-out {key}: {shown}")
     console.print(f"  checkpoint: {summary.checkpoint}")
+    if isinstance(summary, DemoSummary):
+        for name, baseline in summary.baselines.items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in baseline.metrics.items())
+            where = f" ({baseline.checkpoint})" if baseline.checkpoint else ""
+            console.print(f"  baseline {name}: held-out {shown}{where}")
