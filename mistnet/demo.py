@@ -31,6 +31,7 @@ from common import constants as C
 from common.datasets.mnist import load_tensors, prepare_mnist
 from common.datasets.yolo import discover_images, img2label_path
 from common.errors import DatasetError, MistnetError, SpecError
+from common.lifecycle import child_options
 from common.models.lenet import LeNet5
 from common.protocol import JobSummary
 from common.spec import AdaptSpec, CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec
@@ -238,6 +239,7 @@ def run_demo(opts: DemoOptions) -> JobSummary:
                 mistnet_command("edge", "--node", f"edge{k}", "--broker", broker.url, "--once"),
                 stdout=subprocess.DEVNULL,
                 stderr=(logs / f"edge{k}.log").open("wb"),
+                **child_options(),
             )
             for k in range(1, opts.edges + 1)
         ]
@@ -247,6 +249,7 @@ def run_demo(opts: DemoOptions) -> JobSummary:
             ),
             stdout=subprocess.PIPE,
             stderr=(logs / "cloud.log").open("wb"),
+            **child_options(),
         )
         try:
             watch(BrokerOptions(url=broker.url), cloud, console, name)
@@ -255,8 +258,8 @@ def run_demo(opts: DemoOptions) -> JobSummary:
             for p in [*procs, cloud]:
                 if p.poll() is None:
                     p.terminate()
-            for p in procs:
-                p.wait(timeout=10)
+            for p in [*procs, cloud]:  # none may outlive the demo (Ctrl-C, SIGTERM)
+                p.wait(timeout=30)
     if cloud.returncode != 0:
         raise MistnetError(f"the cloud agent failed (exit {cloud.returncode}); see {logs / 'cloud.log'}")
     return JobSummary.model_validate_json(out)
