@@ -22,7 +22,6 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
-from rich.live import Live
 from safetensors.torch import save_file
 
 from broker.launcher import start_embedded_broker
@@ -37,7 +36,7 @@ from common.protocol import JobSummary
 from common.spec import AdaptSpec, CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec
 from common.transport import BrokerOptions
 from mistnet.flags import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS
-from mistnet.monitor import StatusBoard, drain, status_link
+from mistnet.monitor import StatusBoard, follow, status_link
 
 SCENARIOS = ("mnist", "coco128")
 
@@ -266,17 +265,12 @@ def run_demo(opts: DemoOptions) -> JobSummary:
 
 
 def watch(broker: BrokerOptions, cloud: subprocess.Popen[bytes], console: Console, job: str = "mnist-demo") -> None:
-    """Live progress from the status topics until the cloud process ends."""
+    """Progress from the status topics until the cloud process ends (plain lines when not on a terminal)."""
     board = StatusBoard(job)
     link = status_link(broker)
     link.connect()
     try:
-        with Live(board.render(), console=console, refresh_per_second=4, transient=False) as live:
-            while cloud.poll() is None:
-                drain(link, board, 0.25)
-                live.update(board.render())
-            drain(link, board, 0.3)
-            live.update(board.render())
+        follow(link, board, console, lambda: cloud.poll() is None, tail_s=0.3)
     finally:
         link.close()
 
