@@ -12,7 +12,7 @@ from common.errors import MistnetError
 from common.lifecycle import Terminated, interrupt_exit_code, sigterm_as_interrupt
 
 # Each module exposes ``register(subparsers)`` and sets ``func`` (args -> exit code) on its parser.
-COMMANDS = ["edge", "cloud", "monitor", "broker", "demo", "job", "eval", "report", "bench", "privacy-report"]
+COMMANDS = ["edge", "cloud", "monitor", "broker", "demo", "job", "eval", "report", "bench", "privacy-report", "fetch"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ from common.models.lenet import LeNet5
 from common.protocol import JobSummary
 from common.spec import AdaptSpec, CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec
 from common.transport import BrokerOptions
-from mistnet.flags import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS
+from mistnet.flags import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS, find_default, missing_hint
 from mistnet.monitor import StatusBoard, follow, status_link
 
 SCENARIOS = ("mnist", "coco128")
@@ -164,12 +164,14 @@ def prepare_coco128_job(opts: DemoOptions, root: Path) -> Path:
     """Per-role dataset folders (symlinks) and the job file for the pretrained YOLOv5 checkpoint."""
     from common.checkpoint import load_weights
 
-    data = opts.data or DEFAULT_COCO128
-    weights = opts.model or DEFAULT_YOLO_WEIGHTS
+    data = opts.data or find_default(DEFAULT_COCO128, "coco128")
+    weights = opts.model or find_default(DEFAULT_YOLO_WEIGHTS, "yolov5n")
     if not data.exists():
-        raise DatasetError(f"COCO128 not found at {data}: pass --data DIR (YOLO layout: images/ and labels/)")
+        hint = missing_hint("coco128", "--data DIR (YOLO layout: images/ and labels/)")
+        raise DatasetError(f"COCO128 not found at {data}: {hint}")
     if not weights.is_file():
-        raise MistnetError(f"pretrained YOLOv5 weights not found at {weights}: pass --model PATH")
+        hint = missing_hint("yolov5n", "--model PATH")
+        raise MistnetError(f"pretrained YOLOv5 weights not found at {weights}: {hint}")
     split = split_images(discover_images(data), opts.edges, opts.per_edge, opts.held_out, public=opts.public)
     folders = root / "data"
     edge_dirs = [link_yolo_folder(imgs, folders / f"edge{k}") for k, imgs in enumerate(split.edges, 1)]
