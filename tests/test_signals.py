@@ -24,12 +24,12 @@ ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.integration
 
 
-def start(log: Path, *args: str) -> subprocess.Popen[bytes]:
+def start(log: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """``mistnet ARGS`` with stdout and stderr in ``log``."""
     with log.open("wb") as out:
         return subprocess.Popen([sys.executable, "-m", "mistnet.cli", *args], cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def wait_until(condition: Callable[[], bool], what: str, proc: subprocess.Popen[bytes], log: Path,
@@ -124,6 +124,14 @@ def test_killed_broker_launcher_leaves_no_mosquitto(tmp_path: Path) -> None:
     proc.kill()  # no clean-up runs: the kernel's parent-death signal must stop mosquitto
     proc.wait()
     assert_all_gone(children)
+
+
+def test_amqtt_fallback_stops_on_sigterm(tmp_path: Path) -> None:
+    port, log = free_port(), tmp_path / "amqtt.log"
+    proc = start(log, "broker", "run", "--port", str(port), env={"MISTNET_MOSQUITTO": "none"})
+    wait_until(lambda: "running at" in log.read_text(), "amqtt started", proc, log)
+    terminate(proc, log, expected=0)
+    assert not port_in_use(port, "127.0.0.1")
 
 
 def test_edge_stops_on_sigterm_and_says_it_is_offline(tmp_path: Path, mosquitto: Mosquitto) -> None:
