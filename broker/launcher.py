@@ -354,7 +354,9 @@ class AmqttBroker:
         try:
             from amqtt.broker import Broker
         except ImportError:
-            raise BrokerError("neither mosquitto nor amqtt is installed (apt-get install mosquitto)") from None
+            raise BrokerError(
+                "neither mosquitto nor amqtt is installed (apt-get install mosquitto, or pip install 'mistnet[cloud]')"
+            ) from None
         amqtt_log = logging.getLogger("amqtt")
         if amqtt_log.level == logging.NOTSET:
             amqtt_log.setLevel(logging.WARNING)
