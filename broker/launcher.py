@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from common.errors import MistnetError
+from common.lifecycle import child_options
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,11 @@ class Mosquitto:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
         with self.log.open("ab") as log_file:
             self.process = subprocess.Popen(
-                [binary, "-c", str(self.config)], stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL
+                [binary, "-c", str(self.config)],
+                stdout=log_file,
+                stderr=log_file,
+                stdin=subprocess.DEVNULL,
+                **child_options(),
             )
         try:
             wait_for_port(self.host, self.port, timeout_s, self.process)
@@ -349,7 +354,9 @@ class AmqttBroker:
         try:
             from amqtt.broker import Broker
         except ImportError:
-            raise BrokerError("neither mosquitto nor amqtt is installed (apt-get install mosquitto)") from None
+            raise BrokerError(
+                "neither mosquitto nor amqtt is installed (apt-get install mosquitto, or pip install 'mistnet[cloud]')"
+            ) from None
         amqtt_log = logging.getLogger("amqtt")
         if amqtt_log.level == logging.NOTSET:
             amqtt_log.setLevel(logging.WARNING)

@@ -9,10 +9,12 @@ import sys
 from collections.abc import Sequence
 
 from common.errors import MistnetError
+from common.lifecycle import Terminated, interrupt_exit_code, sigterm_as_interrupt
 
 # Each module exposes ``register(subparsers)`` and sets ``func`` (args -> exit code) on its parser.
 COMMANDS = [
-    "edge", "cloud", "monitor", "broker", "demo", "job", "eval", "train", "data", "report", "bench", "privacy-report",
+    "edge", "cloud", "monitor", "broker", "demo", "job", "eval", "train", "data", "report", "bench",
+    "privacy-report", "fetch",
 ]
 
 
@@ -33,13 +35,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return int(args.func(args))
+        with sigterm_as_interrupt():  # containers and service managers stop us with SIGTERM
+            return int(args.func(args))
     except MistnetError as exc:
         print(f"mistnet {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"mistnet {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"mistnet {args.command}: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}",
+              file=sys.stderr)
+        return interrupt_exit_code(exc)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from pathlib import Path
 import yaml
 from pydantic import Field
 from rich.console import Console
-from rich.live import Live
 from safetensors.torch import save_file
 
 from broker.launcher import start_embedded_broker
@@ -40,12 +39,20 @@ from common.datasets.shift import Shift, shift_dataset
 from common.datasets.yolo import discover_images, img2label_path
 from common.errors import DatasetError, MistnetError, SpecError
 from common.jobfile import load_job
+from common.lifecycle import child_options
 from common.models.lenet import LeNet5
 from common.protocol import JobSummary, Message
 from common.spec import AdaptSpec, CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec
 from common.transport import BrokerOptions
-from mistnet.flags import DEFAULT_COCO128, DEFAULT_COCO_PERSON, DEFAULT_PUBLIC_IMAGES, DEFAULT_YOLO_WEIGHTS
-from mistnet.monitor import StatusBoard, drain, status_link
+from mistnet.flags import (
+    DEFAULT_COCO128,
+    DEFAULT_COCO_PERSON,
+    DEFAULT_PUBLIC_IMAGES,
+    DEFAULT_YOLO_WEIGHTS,
+    find_default,
+    missing_hint,
+)
+from mistnet.monitor import StatusBoard, follow, status_link
 
 SCENARIOS = ("mnist", "coco128", "coco-person")
 
@@ -179,14 +186,25 @@ class DetectionScenario:
     """A detection scenario's defaults."""
 
     name: str
+    title: str
     data: Path
     held_out: int
     public: int | Path  # images split off the data, or a folder of unlabelled images
+    fetchable: bool  # `mistnet fetch NAME` installs the data
+
+    def default_data(self) -> Path:
+        return find_default(self.data, self.name) if self.fetchable else self.data
+
+    def missing_hint(self) -> str:
+        flag = "--data DIR (YOLO layout: images/ and labels/)"
+        return missing_hint(self.name, flag) if self.fetchable else f"pass {flag}"
 
 
 DETECTION_SCENARIOS = {
-    "coco128": DetectionScenario("coco128", DEFAULT_COCO128, COCO_HELD_OUT, COCO_PUBLIC),
-    "coco-person": DetectionScenario("coco-person", DEFAULT_COCO_PERSON, PERSON_HELD_OUT, DEFAULT_PUBLIC_IMAGES),
+    "coco128": DetectionScenario("coco128", "COCO128", DEFAULT_COCO128, COCO_HELD_OUT, COCO_PUBLIC, True),
+    "coco-person": DetectionScenario(
+        "coco-person", "coco-person", DEFAULT_COCO_PERSON, PERSON_HELD_OUT, DEFAULT_PUBLIC_IMAGES, False
+    ),
 }
 
 
@@ -231,12 +249,13 @@ def prepare_detection_job(opts: DemoOptions, root: Path) -> PreparedJob:
     from common.checkpoint import load_weights
 
     scenario = DETECTION_SCENARIOS[opts.scenario]
-    data = opts.data or scenario.data
-    weights = opts.model or DEFAULT_YOLO_WEIGHTS
+    data = opts.data or scenario.default_data()
+    weights = opts.model or find_default(DEFAULT_YOLO_WEIGHTS, "yolov5n")
     if not data.exists():
-        raise DatasetError(f"{scenario.name} data not found at {data}: pass --data DIR (YOLO layout: images/, labels/)")
+        raise DatasetError(f"{scenario.title} not found at {data}: {scenario.missing_hint()}")
     if not weights.is_file():
-        raise MistnetError(f"pretrained YOLOv5 weights not found at {weights}: pass --model PATH")
+        hint = missing_hint("yolov5n", "--model PATH")
+        raise MistnetError(f"pretrained YOLOv5 weights not found at {weights}: {hint}")
     folders = root / "data"
     if opts.shift is not None:
         data = shifted_copy(data, opts.shift, folders / f"shifted-{opts.shift.corruption}-{opts.shift.severity}")
@@ -325,6 +344,7 @@ def run_demo(opts: DemoOptions) -> DemoSummary:
                 mistnet_command("edge", "--node", f"edge{k}", "--broker", broker.url, "--once"),
                 stdout=subprocess.DEVNULL,
                 stderr=(logs / f"edge{k}.log").open("wb"),
+                **child_options(),
             )
             for k in range(1, opts.edges + 1)
         ]
@@ -334,6 +354,7 @@ def run_demo(opts: DemoOptions) -> DemoSummary:
             ),
             stdout=subprocess.PIPE,
             stderr=(logs / "cloud.log").open("wb"),
+            **child_options(),
         )
         try:
             watch(BrokerOptions(url=broker.url), cloud, console, name)
@@ -342,8 +363,8 @@ def run_demo(opts: DemoOptions) -> DemoSummary:
             for p in [*procs, cloud]:
                 if p.poll() is None:
                     p.terminate()
-            for p in procs:
-                p.wait(timeout=10)
+            for p in [*procs, cloud]:  # none may outlive the demo (Ctrl-C, SIGTERM)
+                p.wait(timeout=30)
     if cloud.returncode != 0:
         raise MistnetError(f"the cloud agent failed (exit {cloud.returncode}); see {logs / 'cloud.log'}")
     summary = JobSummary.model_validate_json(out)
@@ -381,17 +402,12 @@ def run_baselines(prepared: PreparedJob, root: Path, console: Console) -> dict[s
 
 
 def watch(broker: BrokerOptions, cloud: subprocess.Popen[bytes], console: Console, job: str = "mnist-demo") -> None:
-    """Live progress from the status topics until the cloud process ends."""
+    """Progress from the status topics until the cloud process ends (plain lines when not on a terminal)."""
     board = StatusBoard(job)
     link = status_link(broker)
     link.connect()
     try:
-        with Live(board.render(), console=console, refresh_per_second=4, transient=False) as live:
-            while cloud.poll() is None:
-                drain(link, board, 0.25)
-                live.update(board.render())
-            drain(link, board, 0.3)
-            live.update(board.render())
+        follow(link, board, console, lambda: cloud.poll() is None, tail_s=0.3)
     finally:
         link.close()
 

@@ -17,6 +17,18 @@ DEFAULT_PUBLIC_IMAGES = SHARED / "data" / "public-images"
 DEFAULT_YOLO_WEIGHTS = SHARED / "weights" / "yolov5n.pt"
 
 
+def find_default(shared: Path, asset: str) -> Path:
+    """``shared`` when it exists, else where ``mistnet fetch ASSET`` installs the asset (there or not)."""
+    from mistnet.fetch import installed_path
+
+    return shared if shared.exists() else installed_path(asset)
+
+
+def missing_hint(asset: str, flag: str) -> str:
+    """What to tell a user whose data or weights are nowhere to be found."""
+    return f"run `mistnet fetch {asset}` (downloads it into the cache the commands look in) or pass {flag}"
+
+
 def image_size(text: str) -> int:
     """An argparse type: a positive multiple of 32 (YOLOv5's largest stride)."""
     value = int(text)

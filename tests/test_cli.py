@@ -52,7 +52,23 @@ def test_demo_json_meets_its_promises(tmp_path):
     result = mistnet("demo", "--json", "--workdir", str(tmp_path), timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
-    assert set(summary) == {"job", "phase", "edges", "metrics", "checkpoint", "duration_s", "message"}
+    assert set(summary) == {"job", "phase", "edges", "metrics", "checkpoint", "duration_s", "message",
+                            "selected_epoch", "baselines"}  # fmt: skip
     assert summary["phase"] == "done" and len(summary["edges"]) == 2 and summary["message"] == ""
+    # 10% of the 3000 received samples chose the epoch that shipped; MNIST improves on the start.
+    assert 1 <= summary["selected_epoch"] <= 6 and summary["baselines"] == {}
     assert summary["metrics"]["accuracy"] >= 0.90
     assert summary["metrics"]["accuracy"] > summary["metrics"]["accuracy_before"]
+    # stderr is a pipe, not a terminal: one plain line per phase and epoch instead of a live table
+    lines = [line.split(" ", 1)[1] for line in result.stderr.splitlines()[2:]]
+    assert len(lines) < 40, result.stderr
+    for epoch in range(1, 7):
+        assert sum(line.startswith(f"job mnist-demo: training, epoch {epoch}/6,") for line in lines) == 1, lines
+    for phase in ("collecting", "training", "evaluating", "done"):
+        assert any(line.startswith(f"job mnist-demo: {phase}") for line in lines), lines
+    assert any(line.startswith("edge edge1: done, job mnist-demo: 1500/1500") for line in lines), lines
+    # the cloud and the edges, logging to files, write a line per phase and per epoch too
+    cloud_log = (tmp_path / "logs" / "cloud.log").read_text()
+    assert all(f"epoch {epoch}/6 loss" in cloud_log for epoch in range(1, 7))
+    assert all(f"job mnist-demo: {phase}" in cloud_log for phase in ("collecting", "training", "evaluating", "done"))
+    assert "job mnist-demo done: 1500 samples acknowledged" in (tmp_path / "logs" / "edge1.log").read_text()

@@ -330,7 +330,6 @@ def test_images_tags_and_ports_agree_everywhere():
 
 
 def test_dockerfiles_install_the_declared_dependencies_and_all_code():
-    deps = set(PYPROJECT["project"]["dependencies"])
     torch_pin = re.search(r"TORCH\s*\?=\s*torch==(\S+) torchvision==(\S+)", (REPO / "Makefile").read_text())
     assert torch_pin
     edge, cloud = (dockerfile(p) for p in DOCKERFILES.values())
@@ -343,17 +342,19 @@ def test_dockerfiles_install_the_declared_dependencies_and_all_code():
     gpu = yaml_docs(COMPOSE_GPU)[0]["services"]["cloud"]["build"]["args"]["TORCH_INDEX"]
     assert gpu == cloud_args["TORCH_INDEX"]
 
-    installs = [line for line in edge if "pip install" in line and "TORCH" not in line]
-    specs = [s for line in installs for s in re.findall(r'"([^"]+)"', line)]
-    missing = [s for s in specs if s not in deps]
-    assert not missing, f"Dockerfile.edge installs {missing}, spelled differently or absent in pyproject.toml"
-    leaves_out = {re.split(r"[<>=!~ ]", d)[0].lower() for d in deps} - {re.split(r"[<>=!~ ]", s)[0] for s in specs}
+    # Each image installs its extra of pyproject.toml and nothing else.
+    for lines, extra in ((edge, "edge"), (cloud, "cloud")):
+        installs = [line for line in lines if "pip install" in line and "TORCH" not in line]
+        assert installs == [f'RUN pip install ".[{extra}]" && rm -rf /src'], installs
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    leaves_out = {re.split(r"[<>=!~ ]", d)[0].lower() for d in extras["cloud"]} - {
+        re.split(r"[<>=!~ ]", d)[0].lower() for d in extras["edge"]
+    }
     # the edge needs neither the cloud's training/eval stack nor the fallback broker or benchmark tools
     assert leaves_out == {
-        "torch", "torchvision", "pycocotools", "matplotlib", "mlxtend", "amqtt", "psutil", "scikit-image"
+        "torchvision", "pycocotools", "matplotlib", "mlxtend", "amqtt", "psutil", "scikit-image"
     }  # fmt: skip
-    assert {IMPORT_NAMES.get(d, d) for d in leaves_out - {"torch"}} <= EDGE_BLOCKED
-    assert any(re.search(r"pip install \.( |$)", line) for line in cloud)  # everything in pyproject
+    assert {IMPORT_NAMES.get(d, d) for d in leaves_out} <= EDGE_BLOCKED
 
     patterns = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
     packages = {

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.checkpoint import load_weights
-from mistnet.demo import DemoOptions, prepare_coco128_job
+from mistnet.demo import DemoOptions, prepare_detection_job
 from tests.agents import finish, spool_query, start_cloud, start_edge
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -38,7 +38,7 @@ def test_two_edge_detection_job_reports_held_out_map_and_learns(tmp_path: Path, 
         public=16,
         decoder_epochs=2,
     )
-    job = prepare_coco128_job(opts, tmp_path)
+    job = prepare_detection_job(opts, tmp_path).path
     # Per-role folders are symlinks into the shared data, never copies.
     linked = sorted((tmp_path / "data" / "edge1" / "images").iterdir())
     assert len(linked) == PER_EDGE and all(p.is_symlink() for p in linked)

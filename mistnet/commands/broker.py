@@ -26,6 +26,7 @@ from broker.launcher import (
 )
 from broker.tls import tls_init
 from common.errors import MistnetError
+from common.lifecycle import child_options, interrupt_exit_code, sigterm_as_interrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,12 +35,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["broker", *(sys.argv[1:] if argv is None else argv)])
     try:
-        return int(args.func(args))
+        with sigterm_as_interrupt():
+            return int(args.func(args))
     except MistnetError as exc:
         print(f"mistnet broker: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:
+        return interrupt_exit_code(exc)
 
 
 def _csv(value: str) -> list[str]:
@@ -66,7 +68,8 @@ def register(subparsers: Any) -> None:
         "run",
         help="run mosquitto in the foreground (amqtt when mosquitto is missing)",
         description="Run mosquitto in the foreground; without mosquitto, an in-process "
-        "amqtt broker (MQTT 3.1.1 only, no auth, for small demos).  Ctrl-C stops it.",
+        "amqtt broker (MQTT 3.1.1 only, no auth, for small demos).  Ctrl-C or SIGTERM stops it (mosquitto "
+        "saves --persistence first); mosquitto never outlives this command.",
     )
     run_p.add_argument("--port", type=_port, help="TCP port (default 1883, or the config's first listener)")
     run_p.add_argument("--config", type=Path, help="mosquitto config file (e.g. from `broker init-auth`)")
@@ -175,7 +178,8 @@ def _run_mosquitto(args: argparse.Namespace, binary: str, workdir: Path) -> int:
         url = f"mqtt://{host}:{port}"
     if port_in_use(port, bind if bind not in ("0.0.0.0", "::") else ""):
         raise BrokerError(f"port {port} is already in use (another broker?); choose one with --port")
-    process = subprocess.Popen([binary, "-c", str(config)], stdin=subprocess.DEVNULL)
+    # SIGTERM or Ctrl-C stops mosquitto below; child_options() also stops it if we are killed outright.
+    process = subprocess.Popen([binary, "-c", str(config)], stdin=subprocess.DEVNULL, **child_options())
     try:
         try:
             wait_for_port(host, port, 10.0, process)
@@ -184,7 +188,7 @@ def _run_mosquitto(args: argparse.Namespace, binary: str, workdir: Path) -> int:
         version = mosquitto_version(binary)
         print(f"mosquitto {version} running at {url} (config {config}); Ctrl-C stops it", flush=True)
         return process.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (sigterm_as_interrupt)
         print("stopping mosquitto", file=sys.stderr)
         return 0
     finally:

@@ -31,12 +31,14 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--data",
         type=Path,
-        help="coco128: YOLO-format dataset to split (default ../shared/data/coco128 beside the checkout)",
+        help="coco128: YOLO-format dataset to split (default ../shared/data/coco128 beside the checkout, "
+        "else the copy `mistnet fetch coco128` installs)",
     )
     p.add_argument(
         "--model",
         type=Path,
-        help="coco128: pretrained YOLOv5 checkpoint (default ../shared/weights/yolov5n.pt beside the checkout)",
+        help="coco128: pretrained YOLOv5 checkpoint (default ../shared/weights/yolov5n.pt beside the checkout, "
+        "else the copy `mistnet fetch yolov5n` installs)",
     )
     p.add_argument("--imgsz", type=int, default=320, help="detection: input size in pixels (default 320)")
     p.add_argument(

@@ -15,7 +15,8 @@ def register(sub: Any) -> None:
         "monitor",
         help="live view of nodes and jobs from the MQTT status topics",
         description="Subscribes to the retained node and job status topics and shows progress bars, phases "
-        "and metrics. With --json, prints one status object per line instead.",
+        "and metrics (on a terminal; elsewhere one plain line per state, phase or epoch change). With --json, "
+        "prints one status object per line instead.",
     )
     p.add_argument("--job", help="only this job (and exit when it finishes)")
     p.add_argument("--json", action="store_true", help="stream one status object per line")
@@ -26,25 +27,25 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.live import Live
 
-    from mistnet.monitor import StatusBoard, drain, status_link
+    from mistnet.monitor import StatusBoard, drain, follow, status_link
 
     board = StatusBoard(args.job)
     link = status_link(broker_from_args(args))
     link.connect()
     end = time.monotonic() + args.timeout if args.timeout else float("inf")
+
+    def running() -> bool:
+        return not board.finished() and time.monotonic() < end
+
     try:
         if args.json:
-            while not board.finished() and time.monotonic() < end:
+            while running():
                 for status in drain(link, board, 0.5):
                     sys.stdout.write(status.model_dump_json() + "\n")
                     sys.stdout.flush()
         else:
-            with Live(board.render(), console=Console(stderr=False), refresh_per_second=4) as live:
-                while not board.finished() and time.monotonic() < end:
-                    drain(link, board, 0.25)
-                    live.update(board.render())
+            follow(link, board, Console(stderr=False), running)
     finally:
         link.close()
     return 0

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mistnet.flags import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS, image_size, positive_int
+from mistnet.flags import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS, find_default, image_size, positive_int
 
 
 def _epsilons(text: str) -> list[float]:
@@ -29,9 +29,17 @@ def register(sub: Any) -> None:
         "what an edge sends, at each epsilon and from real-valued features (no MistNet), and scores it on "
         "held-out images with SSIM and PSNR. Writes privacy-report.json and reconstructions.png to --out.",
     )
-    p.add_argument("--data", type=Path, default=DEFAULT_COCO128, help="YOLO-format images (default: COCO128)")
     p.add_argument(
-        "--model", type=Path, default=DEFAULT_YOLO_WEIGHTS, help="pretrained weights or a MistNet checkpoint"
+        "--data",
+        type=Path,
+        default=find_default(DEFAULT_COCO128, "coco128"),
+        help="YOLO-format images (default: COCO128 in ../shared, else from `mistnet fetch coco128`)",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=find_default(DEFAULT_YOLO_WEIGHTS, "yolov5n"),
+        help="pretrained weights or a MistNet checkpoint (default: yolov5n in ../shared, else fetched)",
     )
     p.add_argument("--cut", type=positive_int, help="cut layer (default: the checkpoint's, else 4)")
     p.add_argument("--imgsz", type=image_size, default=192, help="input size in pixels (default 192)")
