@@ -86,11 +86,12 @@ def plain_head(model: torch.nn.Module, cut: int) -> Any:
 
 
 def cmd_bare(args: argparse.Namespace) -> int:
+    import numpy as np
     import torch
 
     from common.models.registry import build
     from common.tasks import open_edge_dataset
-    from edge_agent.extractor import Extractor, check_device
+    from edge_agent.torch_head import TorchExtractor, check_device
 
     device = check_device(args.device)
     model = build(args.arch, args.num_classes).eval()
@@ -98,7 +99,7 @@ def cmd_bare(args: argparse.Namespace) -> int:
     if args.optimised:
         from common.privacy import BitEncoder
 
-        extractor = Extractor(model, args.cut, BitEncoder(100.0), dataset, args.batch, device)
+        extractor = TorchExtractor(model, args.cut, BitEncoder(100.0), dataset, args.batch, device)
         head = extractor.head
         first_image = dataset.load(0).image
         step = extractor.step_for(first_image) if first_image is not None else args.batch
@@ -115,7 +116,7 @@ def cmd_bare(args: argparse.Namespace) -> int:
             stop = min(start + args.batch, len(dataset))
             for first in range(start, stop, step):  # the prepared head runs the extractor's micro-batches
                 samples = [dataset.load(i) for i in range(first, min(first + step, stop))]
-                x = torch.stack([s.image for s in samples if s.image is not None]).to(device)
+                x = torch.from_numpy(np.stack([s.image for s in samples if s.image is not None])).to(device)
                 head(x)
                 if cuda:
                     torch.cuda.synchronize()
@@ -268,7 +269,7 @@ def legacy_features(self: Any, good: list[Any]) -> tuple[list[Any], Any]:
     from common.protocol import FeatureLayout
     from common.split import run_head
 
-    x = torch.stack([s.image for s in good if s.image is not None]).to(self.device)
+    x = torch.from_numpy(np.stack([s.image for s in good if s.image is not None])).to(self.device)
     with torch.inference_mode():
         outputs = run_head(self.model, x, self.cut)
     per_layer = {i: self.encoder.privatize(y.detach().cpu()) for i, y in outputs.items()}
@@ -279,8 +280,8 @@ def legacy_features(self: Any, good: list[Any]) -> tuple[list[Any], Any]:
 
 
 def apply_extractor_opts(opts: str) -> dict[str, Any]:
-    """``fuse_bn=0,channels_last=0,release_tail=0,prefetch=1,encoder=legacy`` onto the Extractor."""
-    from edge_agent.extractor import Extractor
+    """``fuse_bn=0,channels_last=0,release_tail=0,prefetch=1,encoder=legacy`` onto the torch extractor."""
+    from edge_agent.torch_head import TorchExtractor as Extractor
 
     applied: dict[str, Any] = {}
     for item in filter(None, opts.split(",")):

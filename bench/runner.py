@@ -26,7 +26,7 @@ def default_docs(profile: str, out: Path) -> Path:
 
 
 def check_device(device: str) -> None:
-    from edge_agent.extractor import check_device as check
+    from edge_agent.torch_head import check_device as check
 
     check(device)
 

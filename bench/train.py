@@ -32,14 +32,14 @@ from cloud_agent.trainer import TrainConfig, Trainer, freeze_head, param_groups
 from common.models.registry import build
 from common.privacy import BitEncoder, feature_transform
 from common.split import run_tail
-from edge_agent.extractor import Extractor
+from edge_agent.torch_head import TorchExtractor
 
 
 def fill_spool(spool: Spool, node: str, model: nn.Module, cut: int, dataset: Any, batch: int, epsilon: float) -> int:
     """Features of every sample, extracted by a copy of ``model``'s head and committed as the
     collector commits verified transfers."""
     head = copy.deepcopy(model)
-    extractor = Extractor(head, cut, BitEncoder(epsilon), dataset, batch)
+    extractor = TorchExtractor(head, cut, BitEncoder(epsilon), dataset, batch)
     spool.set_total(node, len(dataset))
     for t in range(extractor.transfers):
         spool.commit_transfer(node, extractor.extract(t))

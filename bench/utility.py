@@ -2,7 +2,7 @@
 
 ``python -m bench.utility`` (``make utility``) writes ``bench/results/utility.json`` and regenerates
 the table and plot of ``docs/privacy-utility.md``. Everything runs through the shipped code: the
-edges' :class:`~edge_agent.extractor.Extractor` and encoder fill a real spool, the cloud's
+edges' :class:`~edge_agent.torch_head.TorchExtractor` and encoder fill a real spool, the cloud's
 :func:`~cloud_agent.adaptation.adapt` and :class:`~cloud_agent.trainer.Trainer` adapt and train,
 and every model is scored by :func:`~common.evaluation.evaluate_model` through the deployed path
 (head → levels → decoder → tail), without randomization at evaluation (as the cloud evaluates).
@@ -37,7 +37,7 @@ from common.evaluation import evaluate_model, model_predict_fn, split_predict_fn
 from common.models.cutdecoder import attach
 from common.privacy import BitEncoder, feature_transform
 from common.spec import AdaptSpec
-from edge_agent.extractor import Extractor
+from edge_agent.torch_head import TorchExtractor
 from mistnet.demo import link_yolo_folder, split_images
 from mistnet.flags import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS
 
@@ -118,7 +118,7 @@ def fill_spool(setup: Setup, model: nn.Module, encoder: BitEncoder, name: str) -
     for node in setup.edges:
         if spool.counts(node).samples:
             continue
-        extractor = Extractor(
+        extractor = TorchExtractor(
             copy.deepcopy(model), CUT, encoder, YoloEdgeDataset(setup.folders[node], setup.imgsz), TRANSFER
         )
         for t in range(extractor.transfers):

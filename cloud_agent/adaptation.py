@@ -110,7 +110,7 @@ def augmented_inputs(paths: Sequence[Path], image_size: int) -> Iterator[torch.T
         image = decode_image(path)
         for scale in PUBLIC_SCALES:
             pixels, _ = letterbox(image, max(32, round(image_size * scale)), (image_size, image_size))
-            x = to_tensor(pixels)
+            x = torch.from_numpy(to_tensor(pixels))
             batch += [x, x.flip(-1)]
         while len(batch) >= HEAD_BATCH:
             yield torch.stack(batch[:HEAD_BATCH])

@@ -22,6 +22,7 @@ from cloud_agent import report
 from cloud_agent.adaptation import Adaptation, adapt
 from cloud_agent.checkpoints import load_pretrained, save_model
 from cloud_agent.collector import Collector
+from cloud_agent.export import export_head
 from cloud_agent.spool import Spool, SpoolFeatures
 from cloud_agent.tasks import CloudTask, make_task
 from cloud_agent.trainer import (
@@ -36,8 +37,9 @@ from cloud_agent.trainer import (
 from common import constants as C
 from common import metrics
 from common.errors import MistnetError, ProtocolError, SpecError, TransportError
+from common.heads import head_chunks
 from common.models.cutdecoder import attach
-from common.models.registry import build, default_image_size, is_detector
+from common.models.registry import build, default_image_size, input_channels, is_detector
 from common.privacy import feature_transform
 from common.protocol import (
     Ack,
@@ -56,6 +58,7 @@ from common.protocol import (
     NodeState,
     NodeStatus,
     ObjectStoreRef,
+    OnnxHead,
     PrivacyParams,
     Topics,
     from_json,
@@ -66,7 +69,7 @@ from common.spec import JobSpec, OnTimeout
 from common.split import check_cut, head_state_dict, tail_inputs
 from common.storage import ObjectStore, S3Options, put_object, s3_options, split_s3
 from common.transport import BrokerOptions, Inbound, LinkEvent, MqttLink
-from common.weights import head_chunks, pack_state
+from common.weights import pack_state
 
 log = logging.getLogger("mistnet.cloud")
 
@@ -88,6 +91,7 @@ class CloudAgent:
         self.spool = Spool(workdir / "spool.sqlite")
         self.model = self.build_model()
         self.adaptation = Adaptation(spec.privacy.bits, {}, None)
+        self.onnx: tuple[bytes, OnnxHead] | None = None  # the head for edges without torch, once offered
         self.transform = feature_transform(self.adaptation.encoding())
         self.edge_state: dict[str, NodeStatus] = {}
         self.missing: dict[str, str] = json.loads(self.spool.get_meta("missing") or "{}")
@@ -241,6 +245,7 @@ class CloudAgent:
             dataset=s.edge(node).dataset,
             batch_size=s.edge(node).batch_size,
             head=manifest,
+            onnx=self.onnx[1] if self.onnx else None,
             seed=s.seed,
             store=self.store_ref,
         )
@@ -261,15 +266,33 @@ class CloudAgent:
             self.spool.set_meta("collect_started", str(time.time()))
         head = pack_state(head_state_dict(self.model, self.cut))
         _, chunks = head_chunks(self.spec.name, head, C.DEFAULT_CHUNK_BYTES)
+        self.onnx = self.export_onnx_head()
+        _, graph_chunks = head_chunks(self.spec.name, self.onnx[0], C.DEFAULT_CHUNK_BYTES) if self.onnx else (0, [])
         for edge in self.spec.edges:
             for chunk in chunks:
                 self.link.publish(
                     Topics.head_chunk(edge.node, self.spec.name, chunk.seq), to_msgpack(chunk), retain=True
                 )
+            for chunk in graph_chunks:
+                self.link.publish(
+                    Topics.onnx_chunk(edge.node, self.spec.name, chunk.seq), to_msgpack(chunk), retain=True
+                )
             self.link.publish(
                 Topics.job_assignment(edge.node, self.spec.name), to_json(self.assignment(edge.node, head)), retain=True
             )
         self.set_phase(JobPhase.COLLECTING, f"waiting for {len(self.spec.edges)} edge(s)")
+
+    def export_onnx_head(self) -> tuple[bytes, OnnxHead] | None:
+        """The head as ONNX for edges that run it without torch; None (and a warning) if it cannot be
+        exported: edges with the torch runtime still run the job, onnx ones fail saying why."""
+        shape = [input_channels(self.spec.model.arch), self.image_size, self.image_size]
+        try:
+            blob, outputs = export_head(self.model, self.cut, shape)
+        except MistnetError as exc:
+            log.warning("job %s: %s; edges with the onnx runtime cannot run it", self.spec.name, exc)
+            return None
+        manifest, _ = head_chunks(self.spec.name, blob, C.DEFAULT_CHUNK_BYTES)
+        return blob, OnnxHead(manifest=manifest, input_shape=shape, outputs=outputs)
 
     def collect(self) -> None:
         deadline = float(self.spool.get_meta("collect_started") or time.time()) + self.spec.collect.timeout_s

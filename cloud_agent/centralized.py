@@ -59,7 +59,7 @@ class ImageSamples(torch.utils.data.Dataset[ImageSample]):
         sample = dataset.load(i)
         if sample.image is None:
             raise DatasetError(f"{sample.path}: {sample.error}")
-        image, labels = sample.image, torch.from_numpy(sample.labels.copy())
+        image, labels = torch.from_numpy(sample.image), torch.from_numpy(sample.labels.copy())
         if self.flip and float(torch.rand(())) < FLIP_PROBABILITY:
             image = image.flip(-1)
             labels[:, 1] = 1.0 - labels[:, 1]

@@ -40,6 +40,7 @@ MAX_FEATURE_ELEMENTS = 64 * 1024 * 1024
 MAX_THRESHOLD_CHANNELS = 4096  # channels of one head output that may carry quantisation thresholds
 MAX_JSON_MESSAGE_BYTES = 1024 * 1024
 MAX_HEAD_BYTES = 512 * 1024 * 1024
+MAX_ONNX_NODES = 10_000  # operators in a head graph an edge accepts (yolov5s up to cut 10: ~150)
 # Head chunks an edge buffers for jobs it has no assignment for yet (retained order is not guaranteed).
 MAX_UNASSIGNED_HEAD_BYTES = 64 * 1024 * 1024
 # Object keys of the S3 transmitter (claim-check): at most this long.

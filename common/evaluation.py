@@ -158,7 +158,7 @@ def evaluate_model(predict_fn: PredictFn, dataset: YoloDataset, imgsz: int = 640
     for samples in _batches(dataset, imgsz, batch_size, rect):
         good = [s for s in samples if s.image is not None and s.letterbox is not None]
         if good:
-            x = torch.stack([s.image for s in good if s.image is not None]).to(device)
+            x = torch.from_numpy(np.stack([s.image for s in good if s.image is not None])).to(device)
             with torch.inference_mode():
                 pred = predictions_of(predict_fn(x)).float().cpu()
             num_classes = pred.shape[2] - 5

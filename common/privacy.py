@@ -30,58 +30,60 @@ import numpy as np
 import torch
 
 from common.errors import ProtocolError
-from common.protocol import FeatureLayout, PrivacyParams, packed_size
+from common.mechanism import FLIP_PRECISION_BITS as FLIP_PRECISION_BITS
+from common.mechanism import (
+    MIN_FLIP_PROBABILITY,
+    LevelEncoder,
+    keep_probability,
+    quantize_array,
+    randomized_response_levels,
+    unpack_levels,
+)
+from common.mechanism import flip_mask as flip_mask
+from common.mechanism import flip_threshold as flip_threshold
+from common.mechanism import make_rng as make_rng
+from common.mechanism import pack_levels as pack_levels
+from common.protocol import FeatureLayout, packed_size
 
-# Resolution of the packed-domain flip probability: 1 - p is rounded up to a multiple of 2^-32.
-FLIP_PRECISION_BITS = 32
-# Below this flip probability randomized response is skipped (epsilon >= ~55: pure binarization).
-MIN_FLIP_PROBABILITY = 1e-12
-_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
-
-
-def keep_probability(epsilon: float, levels: int = 2) -> float:
-    """Probability that randomized response reports an activation's level truthfully."""
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon}")
-    if levels < 2:
-        raise ValueError(f"randomized response needs at least 2 levels, got {levels}")
-    return 1.0 / (1.0 + (levels - 1) * math.exp(-epsilon / 2.0))
-
+# Where no public value lies above a threshold: how far above the highest one (relative, at least absolute).
+TIE_MARGIN = 2.0**-8
 
 Thresholds = Mapping[int, torch.Tensor]  # head output layer -> [C, 2^bits - 1] ascending per channel
 
 
-def binarize(x: torch.Tensor, threshold: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """Bit per activation of a batch ``[B, C, ...]``; a per-channel ``[C]`` threshold broadcasts."""
-    if isinstance(threshold, torch.Tensor):
-        threshold = threshold.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 2)))
-    return x > threshold
-
-
 def quantize(x: torch.Tensor, thresholds: torch.Tensor | None) -> torch.Tensor:
-    """Levels (uint8) of a batch ``[B, C, ...]``: how many of its channel's thresholds (``[C, K-1]``)
-    each activation exceeds. ``None``: one bit, ``x > 0``."""
-    if thresholds is None:
-        return binarize(x).to(torch.uint8)
-    if thresholds.shape[1] == 1:
-        return binarize(x, thresholds[:, 0]).to(torch.uint8)
-    t = thresholds.to(x.device, x.dtype)
-    levels = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-    for j in range(t.shape[1]):
-        levels += binarize(x, t[:, j]).to(torch.uint8)
-    return levels
+    """Levels (uint8) of a batch ``[B, C, ...]`` on ``x``'s device, computed on the host by
+    :func:`common.mechanism.quantize_array` (the one implementation both edge runtimes share)."""
+    t = None if thresholds is None else thresholds.detach().cpu().numpy()
+    return torch.from_numpy(quantize_array(x.detach().cpu().numpy(), t)).to(x.device)
 
 
 def calibrate_thresholds(x: torch.Tensor, bits: int, max_samples: int = 1 << 20) -> torch.Tensor:
     """Per-channel thresholds ``[C, 2^bits - 1]`` at the quantiles ``j / 2^bits`` of public
     activations ``[N, C, ...]``: every level is equally likely on data like the public set, so
     each transmitted bit carries as much information as it can (``x > 0`` sends 56% ones at
-    YOLOv5n's cut 4, and far more skewed levels at other layers)."""
+    YOLOv5n's cut 4, and far more skewed levels at other layers). Each is then moved off the
+    public values (:func:`off_ties`), which leaves every public activation's level as it was."""
     levels = 2**bits
     per_channel = x.transpose(0, 1).reshape(x.shape[1], -1).float()
-    stride = max(1, per_channel.shape[1] // max_samples)
+    sample = per_channel[:, :: max(1, per_channel.shape[1] // max_samples)]
     q = torch.arange(1, levels, dtype=torch.float32) / levels
-    return torch.quantile(per_channel[:, ::stride], q, dim=1).T.contiguous()
+    return off_ties(sample, torch.quantile(sample, q, dim=1).T.contiguous())
+
+
+def off_ties(sample: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """Thresholds ``at`` (``[C, K-1]``) moved to the middle of the gap between the channel's sampled
+    values (``[C, n]``) that contains them: the largest value at or below, the smallest above (or,
+    with none above, ``TIE_MARGIN`` of the value's magnitude higher).
+
+    A quantile often *is* a value many activations share exactly (the letterbox padding, a dead
+    channel, ReLU's zeros); on a threshold, those activations' levels are decided by float
+    rounding, which differs between PyTorch and ONNX Runtime (and between CPU kernels). In the
+    middle of the gap they are a whole half-gap away from it."""
+    below = torch.stack([torch.where(sample <= t, sample, -torch.inf).amax(1) for t in at.T.unsqueeze(-1)], 1)
+    above = torch.stack([torch.where(sample > t, sample, torch.inf).amin(1) for t in at.T.unsqueeze(-1)], 1)
+    above = torch.where(torch.isinf(above), below + TIE_MARGIN * below.abs().clamp(min=1.0), above)
+    return ((below + above) / 2).contiguous()
 
 
 def randomized_response(bits: torch.Tensor, epsilon: float, generator: torch.Generator) -> torch.Tensor:
@@ -91,32 +93,6 @@ def randomized_response(bits: torch.Tensor, epsilon: float, generator: torch.Gen
         return bits
     flips = torch.rand(bits.shape, generator=generator, device=bits.device) < flip_p
     return bits ^ flips
-
-
-def randomized_response_levels(levels: np.ndarray, count: int, epsilon: float, rng: np.random.Generator) -> np.ndarray:
-    """K-ary randomized response on uint8 levels (in place): each level is kept with probability
-    ``keep_probability(ε, K)`` and otherwise replaced by one of the other ``K - 1``, uniformly."""
-    replace_p = 1.0 - keep_probability(epsilon, count)
-    if replace_p < MIN_FLIP_PROBABILITY:
-        return levels
-    replace = rng.random(levels.shape, dtype=np.float32) < replace_p
-    shift = rng.integers(1, count, size=int(replace.sum()), dtype=np.uint8)
-    levels[replace] = (levels[replace] + shift) % count
-    return levels
-
-
-def pack_levels(levels: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 levels ``[B, n]`` to ``[B, ceil(n·bits/8)]``: each level's ``bits`` low bits, MSB first,
-    back to back; for ``bits`` = 1 the same bytes as :func:`pack_rows`."""
-    spread = np.unpackbits(levels[:, :, None], axis=2)[:, :, 8 - bits :]
-    return np.packbits(spread.reshape(len(levels), -1), axis=1)
-
-
-def unpack_levels(rows: np.ndarray, count: int, bits: int) -> np.ndarray:
-    """The inverse of :func:`pack_levels`: ``count`` levels per row."""
-    spread = np.unpackbits(rows, axis=1, count=count * bits).reshape(len(rows), count, bits)
-    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.uint8)
-    return (spread * weights).sum(axis=2, dtype=np.uint8)
 
 
 def pack_bits(bits: torch.Tensor) -> bytes:
@@ -139,89 +115,23 @@ def make_generator(seed: int | None = None) -> torch.Generator:
     return g
 
 
-def make_rng(seed: int | None = None) -> np.random.Generator:
-    """The packed path's generator (PCG64); unseeded by default, like :func:`make_generator`."""
-    return np.random.Generator(np.random.PCG64(secrets.randbits(128) if seed is None else seed))
-
-
-def flip_threshold(epsilon: float, precision: int = FLIP_PRECISION_BITS) -> int:
-    """``ceil((1 - p) · 2^precision)``: the flip probability as an integer numerator (0: no flips)."""
-    flip_p = 1.0 - keep_probability(epsilon)
-    if flip_p < MIN_FLIP_PROBABILITY:
-        return 0
-    return min(math.ceil(flip_p * (1 << precision)), (1 << precision) - 1)
-
-
-def flip_mask(
-    rng: np.random.Generator, nbytes: int, threshold: int, precision: int = FLIP_PRECISION_BITS
-) -> np.ndarray:
-    """``nbytes`` bytes whose bits are independent, each 1 with probability ``threshold / 2^precision``.
-
-    Binary-expansion construction, 64 bits at a time: with ``q = 0.b1 b2 … bk`` in binary, start
-    from a uniform random word at the lowest set bit of ``q`` and walk up to ``b1``, OR-ing in a
-    fresh uniform word where the bit is 1 and AND-ing one where it is 0. Each step maps a bit's
-    probability ``v`` to ``(1 + v) / 2`` or ``v / 2``, which ends at exactly ``q`` for every bit
-    position independently. Costs ``precision`` random words per 64 output bits, no floats.
-    """
-    words = -(-nbytes // 8)
-    if threshold <= 0 or words == 0:
-        return np.zeros(nbytes, np.uint8)
-    low = (threshold & -threshold).bit_length() - 1
-    mask: np.ndarray = rng.bit_generator.random_raw(words)
-    for i in range(low + 1, precision):
-        word = rng.bit_generator.random_raw(words)
-        if (threshold >> i) & 1:
-            np.bitwise_or(mask, word, out=mask)
-        else:
-            np.bitwise_and(mask, word, out=mask)
-    return mask.view(np.uint8)[:nbytes]
-
-
-def pack_rows(bits: torch.Tensor) -> np.ndarray:
-    """Bool ``[B, ...]`` to uint8 ``[B, ceil(n/8)]``: each sample's bits packed (MSB first) and padded
-    with zeros on its own, exactly as :func:`pack_bits` packs one sample. CUDA tensors are packed on
-    the device, so only the packed bytes cross to the host (8x less than the bits)."""
-    flat = bits.reshape(bits.shape[0], -1)
-    if flat.device.type == "cpu":
-        return np.packbits(flat.contiguous().numpy(), axis=1)
-    n = flat.shape[1]
-    pad = -n % 8
-    as_bytes = flat.to(torch.uint8)
-    if pad:
-        as_bytes = torch.nn.functional.pad(as_bytes, (0, pad))
-    groups = as_bytes.view(flat.shape[0], -1, 8)
-    packed = torch.zeros(groups.shape[:2], dtype=torch.uint8, device=flat.device)
-    for j, weight in enumerate(_BIT_WEIGHTS):
-        packed |= groups[:, :, j] * weight
-    return packed.cpu().numpy()
-
-
-class BitEncoder:
-    """What the edge applies to each head output before it leaves the device."""
+class BitEncoder(LevelEncoder):
+    """The encoder of :class:`common.mechanism.LevelEncoder` for torch tensors (thresholds too)."""
 
     def __init__(
         self, epsilon: float, seed: int | None = None, bits: int = 1, thresholds: Thresholds | None = None
     ) -> None:
-        if bits > 1 and not thresholds:
-            raise ValueError(f"{bits}-bit features need thresholds")
         for layer, t in (thresholds or {}).items():
             if t.dim() != 2 or t.shape[1] != 2**bits - 1:
                 raise ValueError(f"layer {layer}: {bits} bits need [C, {2**bits - 1}] thresholds, got {list(t.shape)}")
-        self.epsilon = epsilon
-        self.bits = bits
+        arrays = {layer: t.detach().cpu().numpy() for layer, t in (thresholds or {}).items()}
+        super().__init__(epsilon, seed, bits, arrays)
         self.thresholds = dict(thresholds or {})
         self.generator = make_generator(seed)
-        self.rng = make_rng(seed)
-        self.threshold = flip_threshold(epsilon)
 
     def levels(self, layer: int, y: torch.Tensor) -> torch.Tensor:
         """Unrandomized levels of one head output (checks the thresholds fit its channels)."""
-        t = self.thresholds.get(layer)
-        if t is not None and t.shape[0] != y.shape[1]:
-            raise ValueError(f"layer {layer} has {y.shape[1]} channels but {t.shape[0]} thresholds")
-        if t is None and self.bits > 1:
-            raise ValueError(f"no thresholds for head output {layer}")
-        return quantize(y, t)
+        return torch.from_numpy(self.array_levels(layer, y.detach().cpu().numpy())).to(y.device)
 
     def quantized(self, x: torch.Tensor, layer: int = -1) -> torch.Tensor:
         """Levels of a batch without randomization, as float ``level / (K - 1)``: the deployed path."""
@@ -229,49 +139,18 @@ class BitEncoder:
 
     def privatize(self, x: torch.Tensor, layer: int = -1) -> torch.Tensor:
         """Randomized levels of a batch, as float ``level / (K - 1)``: what the cloud's tail reads."""
-        levels = self.levels(layer, x).cpu().numpy().reshape(len(x), -1)
+        levels = self.array_levels(layer, x.detach().cpu().numpy()).reshape(len(x), -1)
         noisy = randomized_response_levels(levels, 2**self.bits, self.epsilon, self.rng)
         return torch.from_numpy(noisy).view(x.shape).float() / (2**self.bits - 1)
 
-    def randomize_packed(self, packed: np.ndarray, count: int) -> np.ndarray:
-        """Randomized response on rows of packed bits (``[B, ceil(count/8)]``, in place). Padding
-        bits past ``count`` in each row stay zero."""
-        if self.threshold == 0 or packed.size == 0:
-            return packed
-        mask = flip_mask(self.rng, packed.size, self.threshold).reshape(packed.shape)
-        if count % 8:
-            mask[:, -1] &= np.uint8((0xFF << (8 - count % 8)) & 0xFF)
-        np.bitwise_xor(packed, mask, out=packed)
-        return packed
-
-    def encode_rows(self, layer: int, y: torch.Tensor) -> np.ndarray:
-        """One head output of a batch, privatized and packed: uint8 ``[B, ceil(n·bits/8)]``."""
-        count = math.prod(y.shape[1:])
-        if self.bits == 1:
-            return self.randomize_packed(pack_rows(self.levels(layer, y.detach()).bool()), count)
-        levels = self.levels(layer, y.detach()).cpu().numpy().reshape(len(y), count)
-        return pack_levels(randomized_response_levels(levels, 2**self.bits, self.epsilon, self.rng), self.bits)
-
-    def encode_packed(self, outputs: dict[int, torch.Tensor]) -> tuple[list[FeatureLayout], np.ndarray]:
-        """The batch's layout and its privatized features as uint8 ``[B, sample_bytes]``: row ``b``
-        is sample ``b``'s head outputs, each packed and padded to a whole byte, back to back (the
-        wire format of ``FeatureBatch.data``). Vectorised over the batch; 1-bit features are
-        binarized, packed, then randomized in the packed domain."""
-        layout = [FeatureLayout(layer=i, shape=list(y.shape[1:])) for i, y in outputs.items()]
-        rows = [self.encode_rows(i, y) for i, y in outputs.items()]
-        data = rows[0] if len(rows) == 1 else np.concatenate(rows, axis=1)
-        return layout, data
+    def encode_packed(self, outputs: Mapping[int, torch.Tensor]) -> tuple[list[FeatureLayout], np.ndarray]:
+        """:meth:`~common.mechanism.LevelEncoder.encode_arrays` of torch head outputs."""
+        return self.encode_arrays({i: y.detach().cpu().numpy() for i, y in outputs.items()})
 
     def encode(self, outputs: dict[int, torch.Tensor]) -> tuple[list[FeatureLayout], list[bytes]]:
         """The batch's layout and, per sample, its head outputs packed back to back."""
         layout, data = self.encode_packed(outputs)
         return layout, [row.tobytes() for row in data]
-
-
-def encoder_for(params: PrivacyParams, seed: int | None = None) -> BitEncoder:
-    """The edge's encoder for a job's privacy parameters (thresholds as the cloud calibrated them)."""
-    thresholds = {t.layer: torch.tensor(t.values, dtype=torch.float32) for t in params.thresholds or []}
-    return BitEncoder(params.epsilon, seed, params.bits, thresholds)
 
 
 def decode_features(layout: list[FeatureLayout], data: bytes, bits: int = 1) -> dict[int, torch.Tensor]:

@@ -9,6 +9,7 @@ topic                                            direction  format  meaning
 ``{root}/node/{node}/status``                    edge→all   JSON    retained birth / progress / last will
 ``{root}/node/{node}/jobs/{job}``                cloud→edge JSON    retained job assignment (empty = withdrawn)
 ``{root}/node/{node}/head/{job}/{seq}``          cloud→edge msgpack retained head-weight chunks
+``{root}/node/{node}/head/{job}/onnx/{seq}``     cloud→edge msgpack retained chunks of the head as ONNX
 ``{root}/node/{node}/features/{job}``            edge→cloud msgpack feature chunks, or object claims (S3)
 ``{root}/node/{node}/ack/{job}``                 cloud→edge JSON    acknowledgements and resume points
 ``{root}/job/{job}/status``                      cloud→all  JSON    retained job status
@@ -84,6 +85,15 @@ class Topics:
         return f"{cls.root}/node/{node}/head/#"
 
     @classmethod
+    def onnx_chunk(cls, node: str, job: str, seq: int) -> str:
+        return f"{cls.root}/node/{node}/head/{job}/onnx/{seq}"
+
+    @classmethod
+    def node_head_form(cls, node: str, runtime: str) -> str:
+        """The head chunks an edge of this runtime reads: weights (torch) or the ONNX graph (onnx)."""
+        return f"{cls.root}/node/{node}/head/+/onnx/+" if runtime == "onnx" else f"{cls.root}/node/{node}/head/+/+"
+
+    @classmethod
     def features(cls, node: str, job: str) -> str:
         return f"{cls.root}/node/{node}/features/{job}"
 
@@ -130,6 +140,8 @@ class Topics:
                 return "job_assignment", {"node": node, "job": job}
             case ["node", node, "head", job, seq]:
                 return "head_chunk", {"node": node, "job": job, "seq": seq}
+            case ["node", node, "head", job, "onnx", seq]:
+                return "onnx_chunk", {"node": node, "job": job, "seq": seq}
             case ["node", node, "features", job]:
                 return "features", {"node": node, "job": job}
             case ["node", node, "ack", job]:
@@ -232,6 +244,17 @@ class HeadManifest(Message):
     chunks: int = Field(ge=1)
 
 
+class OnnxHead(Message):
+    """The head as an ONNX graph, for edges without torch (``mistnet edge --runtime onnx``): its
+    chunks, and the shapes it must have, per sample: input ``input`` of ``input_shape`` and one
+    output ``layer{i}`` per entry of ``outputs`` (the head outputs the tail reads). The batch axis
+    is the graph's only free dimension."""
+
+    manifest: HeadManifest
+    input_shape: list[int] = Field(min_length=1, max_length=3)
+    outputs: list[FeatureLayout] = Field(min_length=1, max_length=64)
+
+
 class JobState(StrEnum):
     ACTIVE = "active"
     CANCELLED = "cancelled"
@@ -271,6 +294,7 @@ class JobAssignment(Message):
     chunk_bytes: int = Field(default=C.DEFAULT_CHUNK_BYTES, ge=C.MIN_CHUNK_BYTES, le=C.MAX_CHUNK_BYTES)
     window: int = Field(default=C.DEFAULT_WINDOW_CHUNKS, ge=1, le=1024)
     head: HeadManifest
+    onnx: OnnxHead | None = None  # absent when the cloud could not export the head
     seed: int = 0
     store: ObjectStoreRef | None = None
 

@@ -235,7 +235,7 @@ class JobSpec(Strict):
 def registry_layer_count(arch: str) -> int:
     """``common.models.registry.layer_count`` when importable, else a small built-in table."""
     try:
-        from common.models.registry import layer_count
+        from common.models.archs import layer_count
     except ImportError:
         if arch not in _FALLBACK_LAYERS:
             raise SpecError(f"unknown model arch {arch!r}; choose one of {', '.join(_FALLBACK_LAYERS)}") from None
@@ -246,7 +246,7 @@ def registry_layer_count(arch: str) -> int:
 def known_archs() -> tuple[str, ...]:
     """Architecture names the registry knows (the built-in table when it cannot be imported)."""
     try:
-        from common.models.registry import ARCHS
+        from common.models.archs import ARCHS
     except ImportError:
         return tuple(_FALLBACK_LAYERS)
     return tuple(ARCHS)

@@ -7,7 +7,7 @@ from pathlib import Path
 from common.datasets.base import EdgeDataset
 from common.datasets.mnist import MnistShard
 from common.errors import DatasetError
-from common.models.registry import YOLO_ARCHS, default_image_size
+from common.models.archs import YOLO_ARCHS, default_image_size
 
 
 def open_edge_dataset(arch: str, path: Path, image_size: int = 0) -> EdgeDataset:

@@ -17,8 +17,8 @@ from pathlib import Path
 from common import constants as C
 from common import metrics
 from common.errors import DatasetError, MistnetError, ProtocolError, TransportError
-from common.models.registry import build
-from common.privacy import encoder_for
+from common.heads import join_head
+from common.mechanism import encoder_for
 from common.protocol import (
     Ack,
     AckKind,
@@ -37,8 +37,8 @@ from common.protocol import (
 from common.storage import ObjectStore, S3Options, s3_options
 from common.tasks import open_edge_dataset
 from common.transport import BrokerOptions, Inbound, LinkEvent, MqttLink, Rejections
-from common.weights import join_head, load_head, unpack_state
 from edge_agent.extractor import Extractor
+from edge_agent.runtime import default_runtime, head_manifest, make_extractor
 from edge_agent.sender import SendWindow
 
 log = logging.getLogger("mistnet.edge")
@@ -91,10 +91,13 @@ class EdgeAgent:
         once: bool = False,
         rate_limit: float | None = None,
         s3_credentials: Path | None = None,
+        runtime: str | None = None,
     ) -> None:
         """``s3_credentials``: a KEY=VALUE file with MISTNET_S3_* values (else the environment) for jobs
-        with the S3 transmitter; S3 credentials never come over MQTT."""
+        with the S3 transmitter; S3 credentials never come over MQTT. ``runtime``: what runs the head,
+        ``onnx`` or ``torch`` (default: :func:`~edge_agent.runtime.default_runtime`)."""
         self.node = node
+        self.runtime = runtime or default_runtime()
         self.s3_credentials = s3_credentials
         self.rate_limit = rate_limit
         self.data = data
@@ -111,7 +114,7 @@ class EdgeAgent:
         self.link = MqttLink(
             broker,
             client_id=f"mistnet-edge-{node}",
-            subscriptions=[Topics.node_jobs(node), Topics.node_heads(node), Topics.node_acks(node)],
+            subscriptions=[Topics.node_jobs(node), Topics.node_head_form(node, self.runtime), Topics.node_acks(node)],
             will=(Topics.node_status(node), to_json(NodeStatus(node=node, state=NodeState.OFFLINE))),
         )
 
@@ -135,11 +138,15 @@ class EdgeAgent:
 
     def next_runnable(self) -> JobAssignment | None:
         for name, job in self.jobs.items():
-            parts = self.heads.get(name, {})
-            if name in self.finished or job.state != JobState.ACTIVE or len(parts) != job.head.chunks:
+            parts, manifest = self.heads.get(name, {}), head_manifest(self.runtime, job)
+            if name in self.finished or job.state != JobState.ACTIVE:
+                continue
+            if manifest is None:
+                return job  # no head this runtime can read: the job fails at once, saying why
+            if len(parts) != manifest.chunks:
                 continue
             try:
-                join_head(job.head, parts)
+                join_head(manifest, parts)
             except ProtocolError:
                 continue  # pieces of an older head: the cloud's republished chunks replace them
             return job
@@ -162,7 +169,7 @@ class EdgeAgent:
                 raise ProtocolError(f"message for node {ids.get('node')!r} on {item.topic}")
             if kind == "job_assignment":
                 self.on_job(ids["job"], item.payload)
-            elif kind == "head_chunk":
+            elif kind in ("head_chunk", "onnx_chunk"):
                 self.on_head_chunk(ids["job"], item.payload)
             elif kind == "ack":
                 self.on_ack(from_json(Ack, item.payload))
@@ -191,12 +198,13 @@ class EdgeAgent:
             raise ProtocolError(f"job assignment for {job.job}/{job.node} on topic of {name}/{self.node}")
         if job.state == JobState.CANCELLED:
             self.withdraw(name, "job cancelled by the cloud")
-        parts = self.heads.get(name, {})
-        for seq in [s for s in parts if s >= job.head.chunks]:
+        parts, manifest = self.heads.get(name, {}), head_manifest(self.runtime, job)
+        for seq in [s for s in parts if manifest is None or s >= manifest.chunks]:
             del parts[seq]  # a new head with fewer pieces; the others are overwritten as they arrive
         self.jobs[name] = job
         log.info(
-            "job %s assigned (%s, cut %d, epsilon %g)", name, job.model.arch, job.model.cut_layer, job.privacy.epsilon
+            "job %s assigned (%s, cut %d, epsilon %g, %s runtime)",
+            name, job.model.arch, job.model.cut_layer, job.privacy.epsilon, self.runtime,
         )
 
     def withdraw(self, name: str, reason: str) -> None:
@@ -296,14 +304,14 @@ class EdgeAgent:
             self.run_ = None
 
     def prepare(self, job: JobAssignment) -> JobRun:
-        model = build(job.model.arch, job.model.num_classes)
-        load_head(model, unpack_state(join_head(job.head, self.heads[job.job])), job.model.cut_layer)
+        manifest = head_manifest(self.runtime, job)
+        head = join_head(manifest, self.heads[job.job]) if manifest is not None else b""
         path = self.data or Path(job.dataset)
         if not path.exists():
             raise DatasetError(f"dataset {path} does not exist on node {self.node}")
         dataset = open_edge_dataset(job.model.arch, path, job.model.image_size)
         encoder = encoder_for(job.privacy)
-        extractor = Extractor(model, job.model.cut_layer, encoder, dataset, job.batch_size, self.device)
+        extractor = make_extractor(self.runtime, job, head, encoder, dataset, self.device)
         topic = Topics.features(self.node, job.job)
         window = SendWindow(
             lambda payload: self._publish_chunk(topic, payload),

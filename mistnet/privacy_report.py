@@ -83,7 +83,7 @@ def images(dataset: YoloDataset) -> tuple[torch.Tensor, list[Box]]:
         (h0, w0), (dw, dh) = box.orig_hw, box.pad
         pixels.append(sample.image)
         boxes.append((round(dh - 0.1), round(dw - 0.1), round(h0 * box.ratio), round(w0 * box.ratio)))
-    return torch.stack(pixels), boxes
+    return torch.from_numpy(np.stack(pixels)), boxes
 
 
 def augmented(x: torch.Tensor) -> torch.Tensor:

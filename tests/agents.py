@@ -7,21 +7,44 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from mistnet.demo import DemoOptions, prepare_mnist_job
 
+REPO = Path(__file__).resolve().parents[1]
 
-def mistnet(*args: str, log: Path) -> subprocess.Popen[bytes]:
+
+def mistnet(*args: str, log: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     # One torch thread per agent: several agents share two cores, and oversubscription costs 4x here.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "mistnet.cli", *args], stdout=subprocess.PIPE, stderr=log.open("ab"),
                             env=env)
 
 
-def start_edge(node: str, broker_url: str, tmp: Path, *extra: str) -> subprocess.Popen[bytes]:
-    return mistnet("edge", "--node", node, "--broker", broker_url, "--once", *extra, log=tmp / f"{node}.log")
+def start_edge(
+    node: str, broker_url: str, tmp: Path, *extra: str, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    return mistnet("edge", "--node", node, "--broker", broker_url, "--once", *extra, log=tmp / f"{node}.log", env=env)
+
+
+def without(tmp: Path, blocked: Iterable[str], why: str) -> dict[str, str]:
+    """Environment for a Python process that cannot import the top-level packages ``blocked`` (their
+    import fails with ``{name} {why}``), as on a machine that does not have them."""
+    site = tmp / "blocked-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        f"BLOCKED = {sorted(blocked)!r}\n"
+        "class Blocked(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        f"            raise ModuleNotFoundError(f'{{name}} {why}', name=name)\n"
+        "sys.meta_path.insert(0, Blocked())\n"
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
 
 
 def start_cloud(job: Path, broker_url: str, workdir: Path, *extra: str) -> subprocess.Popen[bytes]:

@@ -15,9 +15,10 @@ import torch
 
 from common.errors import MistnetError
 from common.models.registry import build
-from common.privacy import BitEncoder, flip_mask, flip_threshold, keep_probability, pack_bits, pack_rows
+from common.privacy import BitEncoder, flip_mask, flip_threshold, keep_probability, pack_bits
 from common.split import run_head
-from edge_agent.extractor import Extractor, check_device
+from edge_agent.torch_head import TorchExtractor as Extractor
+from edge_agent.torch_head import check_device
 
 SUMMARY_KEYS = (
     "edge_throughput_ratio",
@@ -79,7 +80,7 @@ def test_packed_encode_equals_per_sample_packing_without_randomization():
 def test_packed_randomization_flips_at_one_minus_p_and_never_touches_padding(eps):
     x = torch.randn(16, 5, 31, 33)  # 5115 bits a sample: the last byte has 5 padding bits
     _layout, data = BitEncoder(eps, seed=7).encode_packed({0: x})
-    flips = np.unpackbits(data ^ pack_rows(x > 0), axis=1)
+    flips = np.unpackbits(data ^ np.packbits((x > 0).reshape(16, -1).numpy(), axis=1), axis=1)
     n = 5 * 31 * 33
     assert flips[:, n:].sum() == 0
     q = 1 - keep_probability(eps)
@@ -97,22 +98,10 @@ def test_flip_mask_probability_is_rounded_up_and_bits_are_independent():
     assert abs(pairs.mean() - 0.0625) < 0.004
 
 
-def test_torch_packing_matches_numpy():
-    import common.privacy as privacy
-
-    bits = torch.rand(4, 3, 7, 9) > 0.4
-    flat = bits.reshape(4, -1)
-    padded = torch.nn.functional.pad(flat.to(torch.uint8), (0, -flat.shape[1] % 8)).view(4, -1, 8)
-    packed = torch.zeros(padded.shape[:2], dtype=torch.uint8)
-    for j, weight in enumerate(privacy._BIT_WEIGHTS):
-        packed |= padded[:, :, j] * weight
-    assert np.array_equal(packed.numpy(), pack_rows(bits))
-
-
 class _Images:
     def __init__(self, n: int, size: int) -> None:
         g = torch.Generator().manual_seed(0)
-        self.images = [torch.rand(3, size, size, generator=g) for _ in range(n)]
+        self.images = [torch.rand(3, size, size, generator=g).numpy() for _ in range(n)]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -138,7 +127,7 @@ def test_prepared_extractor_gives_the_plain_heads_bits(monkeypatch, prefetch):
     extractor.close()
     assert [b.ids for b in batches] == [[5, 6], [0, 1, 2, 3, 4]]
     with torch.no_grad():
-        plain = run_head(reference, torch.stack(data.images), 4)[3] > 0
+        plain = run_head(reference, torch.from_numpy(np.stack(data.images)), 4)[3] > 0
     got = np.unpackbits(np.frombuffer(batches[1].data + batches[0].data, np.uint8))
     mismatch = (got != plain.reshape(-1).numpy()).mean()
     assert mismatch < 1e-4  # BatchNorm folding rounds differently; a bit flips only at x ≈ 0

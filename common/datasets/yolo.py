@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from common.datasets.base import EdgeSample
@@ -57,7 +56,7 @@ class YoloSample:
 
     index: int
     path: Path
-    image: torch.Tensor | None
+    image: np.ndarray | None  # float32 CHW in 0..1
     labels: np.ndarray
     source_labels: np.ndarray
     letterbox: Letterbox | None
@@ -176,9 +175,12 @@ def labels_to_letterbox(labels: np.ndarray, box: Letterbox) -> np.ndarray:
     return out
 
 
-def to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 HWC RGB to float CHW in 0..1, the model's input convention."""
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float().div_(255.0)
+def to_tensor(pixels: np.ndarray) -> np.ndarray:
+    """uint8 HWC RGB to float32 CHW in 0..1, the model's input convention (numpy, so an edge needs no
+    torch; ``torch.from_numpy`` shares its memory)."""
+    chw = np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+    chw /= np.float32(255.0)
+    return chw
 
 
 def decode_image(path: Path) -> Image.Image:

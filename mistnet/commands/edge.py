@@ -19,7 +19,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--node", required=True, help="this node's name, as in the job's nodeName")
     p.add_argument("--data", type=Path, help="local dataset (default: the path the job names for this node)")
-    p.add_argument("--device", default="cpu", help="torch device for the head (cpu, cuda)")
+    p.add_argument(
+        "--runtime",
+        choices=("onnx", "torch"),
+        help="what runs the head: onnx (ONNX Runtime, no torch needed) or torch (default: torch where it is "
+        "installed, else onnx)",
+    )
+    p.add_argument("--device", default="cpu", help="device for the head: cpu, or cuda with --runtime torch")
     p.add_argument(
         "--rate-limit", type=float, metavar="BYTES_PER_S", help="cap the average upload rate (metered or shared links)"
     )
@@ -42,5 +48,6 @@ def run(args: argparse.Namespace) -> int:
         args.once,
         args.rate_limit,
         s3_credentials=args.credentials,
+        runtime=args.runtime,
     )
     return agent.serve()

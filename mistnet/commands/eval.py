@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from common.checkpoint import load_model
     from common.datasets.yolo import YoloDataset
     from common.evaluation import evaluate_model
-    from common.models.registry import default_image_size, is_detector
+    from common.models.archs import default_image_size, is_detector
 
     model, weights = load_model(args.model)
     if not is_detector(weights.arch):

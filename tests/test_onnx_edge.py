@@ -1,0 +1,103 @@
+"""The torch-free edge: the cloud's ONNX head, checked by the edge before it runs, and an onnx edge
+beside a torch edge in one job over a real mosquitto, sending the same bits for the same data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cloud_agent.export import export_head
+from common.errors import ProtocolError
+from common.models.registry import build
+from common.onnx_check import ALLOWED_OPS, check_onnx_head
+from common.protocol import FeatureLayout
+from tests.agents import finish, mnist_job, spool_query, start_cloud, start_edge, without
+
+LENET_INPUT = [1, 28, 28]
+# What a device without torch lacks; the onnx edge below runs with these imports failing.
+NO_TORCH = {"torch", "torchvision", "safetensors", "onnx", "matplotlib", "skimage", "pycocotools", "mlxtend", "amqtt"}
+
+
+@pytest.fixture(scope="module")
+def lenet_head() -> tuple[bytes, list[FeatureLayout]]:
+    return export_head(build("lenet5", 10), 2, LENET_INPUT)
+
+
+def test_the_exported_head_passes_the_edge_check(lenet_head):
+    blob, outputs = lenet_head
+    assert [f.layer for f in outputs] == [1] and outputs[0].shape == [6, 14, 14]
+    check_onnx_head(blob, LENET_INPUT, outputs)
+
+
+def test_shapes_other_than_the_jobs_are_refused(lenet_head):
+    blob, outputs = lenet_head
+    with pytest.raises(ProtocolError, match="inputs"):
+        check_onnx_head(blob, [3, 28, 28], outputs)
+    with pytest.raises(ProtocolError, match="outputs"):
+        check_onnx_head(blob, LENET_INPUT, [FeatureLayout(layer=1, shape=[6, 7, 7])])
+    with pytest.raises(ProtocolError, match="outputs"):
+        check_onnx_head(blob, LENET_INPUT, [FeatureLayout(layer=2, shape=[6, 14, 14])])
+
+
+def rewritten(blob: bytes, edit) -> bytes:
+    import onnx
+
+    model = onnx.load_from_string(blob)
+    edit(model)
+    return model.SerializeToString()
+
+
+def test_custom_operators_external_data_and_damage_are_refused(lenet_head):
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    blob, outputs = lenet_head
+
+    def custom_op(model):
+        model.graph.node[0].domain = "com.example"
+        model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+
+    def unlisted_op(model):
+        model.graph.node.append(onnx.helper.make_node("Loop", ["a"], ["b"]))
+
+    def external(model):
+        set_external_data(model.graph.initializer[0], location="../../etc/passwd")
+        model.graph.initializer[0].data_location = onnx.TensorProto.EXTERNAL
+
+    with pytest.raises(ProtocolError, match="custom"):
+        check_onnx_head(rewritten(blob, custom_op), LENET_INPUT, outputs)
+    with pytest.raises(ProtocolError, match="'Loop' is not allowed"):
+        check_onnx_head(rewritten(blob, unlisted_op), LENET_INPUT, outputs)
+    with pytest.raises(ProtocolError, match="external data"):
+        check_onnx_head(rewritten(blob, external), LENET_INPUT, outputs)
+    with pytest.raises(ProtocolError, match="ONNX head"):
+        check_onnx_head(blob[: len(blob) // 2], LENET_INPUT, outputs)
+    with pytest.raises(ProtocolError, match="ONNX head"):
+        check_onnx_head(b"\x08\x07not a model at all", LENET_INPUT, outputs)
+    assert "Loop" not in ALLOWED_OPS and "If" not in ALLOWED_OPS
+
+
+@pytest.mark.integration
+def test_onnx_and_torch_edges_send_the_same_bits_for_the_same_data(tmp_path, mosquitto):
+    """One job, two edges reading the same shard: edge1 with ONNX Runtime in a process that cannot
+    import torch, edge2 with torch. At ε=100 randomized response (practically) never flips a bit,
+    so what each sent is its head's levels, and they agree."""
+    job = mnist_job(tmp_path, epochs=1)
+    data = tmp_path / "data" / "edge1.npz"
+    onnx_edge = start_edge("edge1", mosquitto.url, tmp_path, "--runtime", "onnx", "--data", str(data),
+                           env=without(tmp_path, NO_TORCH, "is not installed on this edge"))
+    torch_edge = start_edge("edge2", mosquitto.url, tmp_path, "--runtime", "torch", "--data", str(data))
+    cloud = start_cloud(job, mosquitto.url, tmp_path / "cloud")
+    summary = json.loads(finish(cloud, 240))
+    assert cloud.returncode == 0, (tmp_path / "cloud-cloud.log").read_text()[-3000:]
+    assert onnx_edge.wait(30) == 0 and torch_edge.wait(30) == 0
+    assert summary["phase"] == "done"
+    assert {n: e["samples"] for n, e in summary["edges"].items()} == {"edge1": 1500, "edge2": 1500}
+    assert "onnx runtime" in (tmp_path / "edge1.log").read_text()
+    rows = spool_query(tmp_path / "cloud", "SELECT node, id, features FROM samples ORDER BY node, id")
+    sent = {n: np.frombuffer(b"".join(f for node, _, f in rows if node == n), np.uint8) for n in ("edge1", "edge2")}
+    assert len(sent["edge1"]) == len(sent["edge2"]) == 1500 * 6 * 14 * 14 // 8
+    differ = np.unpackbits(sent["edge1"] ^ sent["edge2"]).mean()
+    assert differ < 1e-3, differ
