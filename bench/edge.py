@@ -92,15 +92,18 @@ def start_edges(
     logdir: Path,
     opts: str | None = None,
     profile_dir: Path | None = None,
+    runtime: str | None = None,
 ) -> list[Child]:
     """One ``mistnet edge --once`` per node (through ``bench.procs edge`` when ``opts`` switch the
-    extractor). With ``profile_dir`` the first edge runs under cProfile and the second under py-spy."""
+    extractor; with ``--runtime`` when ``runtime`` is given). With ``profile_dir`` the first edge runs
+    under cProfile and the second under py-spy."""
     from bench.scaling import pyspy
 
     env = child_env(threads)
     kids = []
     for k, node in enumerate(nodes):
         edge = ["edge", "--node", node, "--broker", ctx.broker_url, "--once", "--device", ctx.device]
+        edge += ["--runtime", runtime] if runtime else []
         args = procs_args("edge", "--opts", opts, "--", *edge) if opts is not None else mistnet_args(*edge)
         argv0 = None
         if profile_dir is not None and k == 0:
@@ -115,7 +118,12 @@ def start_edges(
 
 
 def run_system(
-    ctx: Context, scn: Scenario, dirs: list[Path], opts: str | None = None, profile_dir: Path | None = None
+    ctx: Context,
+    scn: Scenario,
+    dirs: list[Path],
+    opts: str | None = None,
+    profile_dir: Path | None = None,
+    runtime: str | None = None,
 ) -> dict[str, Any]:
     """One system run: cloud + one edge process per folder; throughput, bytes, peak RSS."""
     name = ctx.unique(f"b{scn.arch[-1]}{scn.imgsz}-")
@@ -133,7 +141,7 @@ def run_system(
         rss.watch("cloud", cloud.pid)
         if ctx.broker_pid:
             rss.watch("broker", ctx.broker_pid)
-        for kid in start_edges(ctx, started, nodes, threads, logdir, opts, profile_dir):
+        for kid in start_edges(ctx, started, nodes, threads, logdir, opts, profile_dir, runtime):
             rss.watch(kid.name, kid.pid)
         result = await_result(cloud, started[1:], ctx.timeout())
         for kid in started[1:]:

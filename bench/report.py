@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bench.util import RESULTS
+
 REFERENCE_MB_PER_EDGE = 400.11  # "Received 400.11 MB" for 128 images of yolov5s at 640 (Sedna issue)
 
 GOALS = {
@@ -18,6 +20,9 @@ GOALS = {
     "edge_peak_rss_mib": ("<=", 1024.0),
     "edge_rss_growth": ("<=", 1.10),
     "cloud_rss_growth": ("<=", 1.10),
+    "onnx_edge_peak_rss_mib": ("<=", 256.0),
+    "onnx_edge_throughput_ratio": (">=", 0.9),
+    "edge_installed_mb": ("<=", 300.0),
 }
 
 
@@ -50,6 +55,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         "edge_peak_rss_mib": memory["edge_peak_rss_mib"],
         "edge_rss_growth": memory["edge_rss_growth"],
         "cloud_rss_growth": memory["cloud_rss_growth"],
+        "onnx_edge_peak_rss_mib": results["runtimes"]["onnx"]["edge_peak_rss_mib"],
+        "onnx_edge_throughput_ratio": results["runtimes"]["onnx_throughput_ratio"],
+        "edge_installed_mb": results["runtimes"]["installed_mb"]["edge"],
         "wire_mb_128_yolov5s_640": s640[0]["wire_bytes_per_image"] * 128 / 1e6 if s640 else None,
         "scaling_collect_s": {str(r["edges"]): r["collect_s"] for r in results["scaling"]["rows"]},
         "machine": {k: results["machine"].get(k) for k in ("date", "cpu", "cpus")},
@@ -70,7 +78,7 @@ def _meets(value: Any, op: str, target: float) -> bool:
 def write_results(results: dict[str, Any], summary: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for key in ("edge", "transport", "train", "memory", "scaling"):
+    for key in ("edge", "runtimes", "transport", "train", "memory", "scaling"):
         path = out / f"{key}.json"
         path.write_text(json.dumps(results[key], indent=1, default=str) + "\n")
         written.append(path)
@@ -229,6 +237,12 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], images: dict[str,
         f"{mark[ok['edge_rss_growth']]} |",
         f"| cloud peak RSS growth, {mem['factor']}x data (collect + train) | {_f(summary['cloud_rss_growth'], 3)} | "
         f"≤ 1.10 | {mark[ok['cloud_rss_growth']]} |",
+        f"| onnx edge peak RSS, {results['runtimes']['scenario']} (MiB) | "
+        f"{_f(summary['onnx_edge_peak_rss_mib'], 0)} | ≤ 256 | {mark[ok['onnx_edge_peak_rss_mib']]} |",
+        f"| onnx edge throughput ÷ torch edge, {results['runtimes']['scenario']} | "
+        f"{_f(summary['onnx_edge_throughput_ratio'])} | ≥ 0.9 | {mark[ok['onnx_edge_throughput_ratio']]} |",
+        f"| installed size of `mistnet[edge]` (MB) | {_f(summary['edge_installed_mb'], 0)} | ≤ 300 | "
+        f"{mark[ok['edge_installed_mb']]} |",
         "",
     ]
     if summary.get("wire_mb_128_yolov5s_640"):
@@ -284,6 +298,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], images: dict[str,
         ]
         lines += [f"| {s['step']} | {_f(s['images_per_s'])} | {_f(s['ratio_to_plain_head'])} |" for s in ab["steps"]]
         lines += ["", f"![ablation]({rel(images['ablation'])})", ""]
+    lines += runtimes_section(results["runtimes"])
     lines += [
         "## Transport",
         "",
@@ -429,6 +444,63 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], images: dict[str,
         "",
     ]
     return "\n".join(lines)
+
+
+def runtimes_section(rt: dict[str, Any]) -> list[str]:
+    """The torch and onnx edges side by side, and (from ``python -m bench.agreement``) how often their
+    released levels differ."""
+    lines = [
+        "## Torch and onnx edges",
+        "",
+        f"One edge with {rt['threads']} thread(s), {rt['images']} COCO128 images of {rt['scenario']} at cut 4, "
+        "the real cloud, mosquitto on loopback; `mistnet edge --runtime torch` and `--runtime onnx` alternate "
+        "(images/s from the resume acknowledgement to the last committed transfer; peak RSS of the edge "
+        "process). The onnx edge imports no torch: it runs the cloud's ONNX export of the head with ONNX "
+        "Runtime and quantizes, randomizes and packs with the same numpy code as the torch edge. Installed "
+        "size: the files of the base dependencies and the extra, with everything they require, as installed "
+        "here (`python -m bench.installed`; this machine's torch is the CUDA build).",
+        "",
+        "| runtime | img/s | ÷ torch | edge peak RSS MiB | edge CPU s/img | wire B/img | installed MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    extra = {"torch": "edge-torch", "onnx": "edge"}
+    for r in ("torch", "onnx"):
+        ratio = _f(rt["onnx_throughput_ratio"]) if r == "onnx" else "1"
+        lines.append(
+            f"| {r} | {_f(rt[r]['images_per_s'])} | {ratio} | {_f(rt[r]['edge_peak_rss_mib'], 0)} | "
+            f"{_f(rt[r]['edge_cpu_s_per_image'], 3)} | {_f(rt[r]['wire_bytes_per_image'], 0)} | "
+            f"{_f(rt['installed_mb'][extra[r]], 0)} (`mistnet[{extra[r]}]`) |"
+        )
+    lines.append("")
+    agreement = RESULTS / "agreement.json"
+    if agreement.is_file():
+        lines += agreement_lines(json.loads(agreement.read_text()))
+    return lines
+
+
+def agreement_lines(data: dict[str, Any]) -> list[str]:
+    lines = [
+        "### Do they release the same levels?",
+        "",
+        "`python -m bench.agreement`: the torch edge's head (BatchNorm folded, channels-last) and the onnx "
+        "edge's run on the same letterboxed images; the fraction of activations whose level *before* "
+        "randomization differs, with `x > 0` and with 1-bit thresholds calibrated as the cloud calibrates "
+        "them (on public images). *Raw quantiles* are the thresholds as calibration used to leave them, on "
+        "activation values many samples share exactly (the letterbox padding): there float rounding decides "
+        "the level; calibration now moves each threshold to the middle of the gap between public values. "
+        f"Goal: under {data['goal']:.1%}; worst of `x > 0` and calibrated: {data['worst']:.2e}.",
+        "",
+        "| model | weights | images | cut | outputs | x > 0 | calibrated | raw quantiles |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        weights = Path(r["weights"]).name if r["weights"] != "random init" else "random init"
+        lines.append(
+            f"| {r['arch']} | {weights} | {r['images']} | {r['cut']} | {r['outputs']} | "
+            f"{r['disagreement x>0']:.1e} | {r['disagreement calibrated']:.1e} | "
+            f"{r['disagreement raw quantiles']:.1e} |"
+        )
+    return [*lines, ""]
 
 
 def gpu_section(doc: Path) -> list[str]:
@@ -655,7 +727,7 @@ def ctx_images(results: dict[str, Any]) -> int:
 def render(out: Path, docs: Path) -> Path:
     """Plots and the markdown page again from the JSON of an earlier run (no measuring)."""
     results: dict[str, Any] = json.loads((out / "run.json").read_text())
-    for key in ("edge", "transport", "train", "memory", "scaling"):
+    for key in ("edge", "runtimes", "transport", "train", "memory", "scaling"):
         results[key] = json.loads((out / f"{key}.json").read_text())
     results.setdefault("out", str(out))
     results.setdefault("ablation_images", 64)

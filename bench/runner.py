@@ -9,11 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import edge, memory, report, scaling, train, transport
+from bench import edge, memory, report, runtimes, scaling, train, transport
 from bench.profiles import PROFILES
 from bench.util import DOCS, RESULTS, BenchError, Context, LoadRecord, bench_broker, coco_images, machine
 
-PARTS = ("edge", "transport", "train", "memory", "scaling")
+PARTS = ("edge", "runtimes", "transport", "train", "memory", "scaling")
 
 
 def default_out(profile: str) -> Path:
@@ -61,7 +61,7 @@ def run_bench(
         with bench_broker(workdir / "broker").start() as broker:
             pid = broker.process.pid if broker.process else None
             ctx = Context(prof, device, workdir, broker.url, log, broker_pid=pid)
-            for name, module in zip(PARTS, (edge, transport, train, memory, scaling), strict=True):
+            for name, module in zip(PARTS, (edge, runtimes, transport, train, memory, scaling), strict=True):
                 t = time.monotonic()
                 results[name] = module.run(ctx)
                 log(f"{name}: {time.monotonic() - t:.0f} s")

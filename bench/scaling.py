@@ -67,8 +67,12 @@ def pyspy() -> str | None:
     return found if Path(found).exists() else None
 
 
-def collect_run(ctx: Context, edges: int, profile_dir: Path | None = None) -> dict[str, Any]:
-    shards = mnist_shards(ctx, edges, ctx.profile.scaling_samples)
+def collect_run(
+    ctx: Context, edges: int, profile_dir: Path | None = None, runtime: str | None = None, samples: int | None = None
+) -> dict[str, Any]:
+    """``samples`` (default: the profile's) shared out to ``edges`` edges (``mistnet edge --runtime
+    runtime`` when given), collected by the cloud (no training)."""
+    shards = mnist_shards(ctx, edges, samples or ctx.profile.scaling_samples)
     name = ctx.unique(f"s{edges}-")
     job = mnist_job(ctx, name, shards)
     logdir = ctx.workdir / "logs" / name
@@ -86,7 +90,8 @@ def collect_run(ctx: Context, edges: int, profile_dir: Path | None = None) -> di
         kids = []
         spy = pyspy()
         for k, node in enumerate(nodes):
-            edge = mistnet_args("edge", "--node", node, "--broker", ctx.broker_url, "--once")
+            edge = mistnet_args("edge", "--node", node, "--broker", ctx.broker_url, "--once",
+                                *(["--runtime", runtime] if runtime else []))
             if profile_dir is not None and k == 0:
                 kid = spawn(node, ["-m", "cProfile", "-o", str(profile_dir / "edge.prof"), *edge], logdir, child_env(1))
             elif profile_dir is not None and k == 1 and spy:
@@ -118,6 +123,10 @@ def collect_run(ctx: Context, edges: int, profile_dir: Path | None = None) -> di
             "broker": rss.cpu_between("broker", t0, t1),
         },
         "cloud_peak_rss_mib": rss.peaks.get("cloud", 0) / 2**20,
+        "broker_peak_rss_mib": rss.peaks.get("broker", 0) / 2**20,
+        "edge_peak_rss_mib": [rss.peaks.get(n, 0) / 2**20 for n in nodes],
+        "spool": str(ctx.workdir / "cloud" / name / "spool.sqlite"),
+        "shard_samples": {n: len(np.load(p)["labels"]) for n, p in zip(nodes, shards, strict=True)},
     }
 
 

@@ -8,6 +8,8 @@ and packed by the same :class:`common.mechanism.LevelEncoder` as the torch runti
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 
@@ -21,7 +23,14 @@ from edge_agent.extractor import Extractor
 DEFAULT_THREADS = 2
 
 
-def session_for(blob: bytes, threads: int = DEFAULT_THREADS) -> ort.InferenceSession:
+def head_threads() -> int:
+    """Intra-op threads of the head: ``OMP_NUM_THREADS`` where set (the variable that also sizes the
+    torch runtime's pool), else :data:`DEFAULT_THREADS`."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_THREADS
+
+
+def session_for(blob: bytes, threads: int) -> ort.InferenceSession:
     """A CPU session on ``threads`` threads for a graph already checked."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -39,12 +48,12 @@ class OnnxExtractor(Extractor):
 
     def __init__(
         self, head: OnnxHead, blob: bytes, encoder: LevelEncoder, dataset: EdgeDataset, batch_size: int,
-        threads: int = DEFAULT_THREADS,
+        threads: int | None = None,
     ) -> None:
         super().__init__(encoder, dataset, batch_size)
         check_onnx_head(blob, head.input_shape, head.outputs)
         self.head = head
-        self.session = session_for(blob, threads)
+        self.session = session_for(blob, threads or head_threads())
         self.names = [f"layer{f.layer}" for f in head.outputs]
 
     def run(self, x: np.ndarray) -> dict[int, np.ndarray]:

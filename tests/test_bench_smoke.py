@@ -28,6 +28,9 @@ SUMMARY_KEYS = (
     "edge_peak_rss_mib",
     "edge_rss_growth",
     "cloud_rss_growth",
+    "onnx_edge_peak_rss_mib",
+    "onnx_edge_throughput_ratio",
+    "edge_installed_mb",
 )
 
 

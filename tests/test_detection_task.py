@@ -53,7 +53,7 @@ def _samples(model: torch.nn.Module, folder: Path, node: str = "edge1") -> list[
     """What the cloud's spool holds for these images: bits of the head outputs plus encoded labels."""
     data = YoloEdgeDataset(folder, SIZE)
     loaded = [data.load(i) for i in range(len(data))]
-    x = torch.stack([s.image for s in loaded if s.image is not None])
+    x = torch.from_numpy(np.stack([s.image for s in loaded if s.image is not None]))
     with torch.no_grad():
         layout, packed = BitEncoder(100.0, seed=0).encode(run_head(model.eval(), x, CUT))
     return [StoredSample(node, s.id, s.label, 1, layout, p) for s, p in zip(loaded, packed, strict=True)]
