@@ -60,3 +60,18 @@ def test_sixteen_edges_every_sample_exactly_once(tmp_path, mosquitto, tmp_path_f
         f"{rss.peak_uss.get('broker', 0) / MB:.1f} MiB, cloud {rss.peak_uss.get('cloud', 0) / MB:.0f} MiB, edges max "
         f"{max(rss.peak_uss.get(n, 0) for n in nodes) / MB:.0f} MiB; accuracy {summary['metrics'].get('accuracy')}"
     )
+
+
+def test_the_load_benchmark_checks_every_sample_of_onnx_edges(tmp_path):
+    """``python -m bench.load`` (64 onnx edges in the benchmarks) on 4 edges: every sample stored once."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "load.json"
+    done = subprocess.run([sys.executable, "-m", "bench.load", "--edges", "4", "--samples", "512", "--out", str(out)],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["exactly_once"] and result["edges"] == 4 and result["samples"] == 512
+    assert result["spool_check"] == {"nodes": 4, "samples": 512, "wrong": {}}
+    assert 0 < result["edge_peak_rss_mib_max"] < 256 and result["cloud_peak_rss_mib"] > 0

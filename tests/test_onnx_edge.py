@@ -101,3 +101,48 @@ def test_onnx_and_torch_edges_send_the_same_bits_for_the_same_data(tmp_path, mos
     assert len(sent["edge1"]) == len(sent["edge2"]) == 1500 * 6 * 14 * 14 // 8
     differ = np.unpackbits(sent["edge1"] ^ sent["edge2"]).mean()
     assert differ < 1e-3, differ
+
+
+def test_an_edge_refuses_a_head_with_custom_operators_and_says_so(tmp_path, lenet_head, caplog):
+    """The whole path of an assignment: chunks joined and digest-checked, then the graph refused
+    before ONNX Runtime loads it; the job ends in the edge's ``error`` status."""
+    import onnx
+
+    from common.datasets.mnist import prepare_mnist
+    from common.heads import head_chunks
+    from common.protocol import (
+        JobAssignment,
+        ModelRef,
+        NodeState,
+        OnnxHead,
+        PrivacyParams,
+        Topics,
+        encode_head_chunk,
+        to_json,
+    )
+    from common.transport import BrokerOptions, Inbound
+    from edge_agent.agent import EdgeAgent
+
+    blob, outputs = lenet_head
+
+    def custom_op(model):
+        model.graph.node[0].domain = "com.example"
+        model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+
+    bad = rewritten(blob, custom_op)
+    weights, _ = head_chunks("j", b"unused by an onnx edge", 1024)
+    manifest, parts = head_chunks("j", bad, 1024)
+    shard = prepare_mnist(tmp_path / "mnist", edges=1).edges[0]
+    job = JobAssignment(job="j", node="edge1", model=ModelRef(arch="lenet5", num_classes=10, cut_layer=2),
+                        privacy=PrivacyParams(epsilon=100), dataset=str(shard), batch_size=64, head=weights,
+                        onnx=OnnxHead(manifest=manifest, input_shape=LENET_INPUT, outputs=outputs))
+    edge = EdgeAgent("edge1", BrokerOptions(), runtime="onnx")
+    edge.link.publish = lambda *args, **kw: None  # type: ignore[method-assign]
+    edge.dispatch(Inbound(Topics.job_assignment("edge1", "j"), to_json(job), retain=True))
+    assert edge.next_runnable() is None  # no chunk of the graph yet (the weights' topic is not read)
+    for part in parts:
+        edge.dispatch(Inbound(Topics.onnx_chunk("edge1", "j", part.seq), encode_head_chunk(part), retain=True))
+    assert edge.next_runnable() == job
+    edge.run_job(job)
+    assert edge.last_status.state == NodeState.ERROR
+    assert "ONNX head: custom operator set 'com.example' is not allowed" in caplog.text
