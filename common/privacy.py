@@ -80,9 +80,11 @@ def off_ties(sample: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
     channel, ReLU's zeros); on a threshold, those activations' levels are decided by float
     rounding, which differs between PyTorch and ONNX Runtime (and between CPU kernels). In the
     middle of the gap they are a whole half-gap away from it."""
-    below = torch.stack([torch.where(sample <= t, sample, -torch.inf).amax(1) for t in at.T.unsqueeze(-1)], 1)
-    above = torch.stack([torch.where(sample > t, sample, torch.inf).amin(1) for t in at.T.unsqueeze(-1)], 1)
-    above = torch.where(torch.isinf(above), below + TIE_MARGIN * below.abs().clamp(min=1.0), above)
+    ordered = sample.sort(dim=1).values
+    at_or_below = torch.searchsorted(ordered, at.contiguous(), right=True)  # values <= each threshold
+    below = ordered.gather(1, (at_or_below - 1).clamp(min=0))
+    above = ordered.gather(1, at_or_below.clamp(max=ordered.shape[1] - 1))
+    above = torch.where(at_or_below >= ordered.shape[1], below + TIE_MARGIN * below.abs().clamp(min=1.0), above)
     return ((below + above) / 2).contiguous()
 
 
