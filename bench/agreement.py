@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from bench.util import SHARED
-from cloud_agent.adaptation import augmented_inputs, calibrate, head_outputs, public_images
+from cloud_agent.adaptation import augmented_inputs, calibrate, calibration_outputs, public_images
 from cloud_agent.export import export_head
 from common.datasets.base import EdgeDataset
 from common.datasets.mnist import MnistShard, prepare_mnist
@@ -57,7 +57,7 @@ def compare(model: nn.Module, cut: int, x: np.ndarray, public: torch.Tensor, ste
     """Disagreement of the two runtimes' levels on ``x`` at one cut, without and with thresholds."""
     shape = list(x.shape[1:])
     blob, layout = export_head(model, cut, shape)
-    outputs = head_outputs(model, cut, iter(public.split(8)), "cpu")
+    outputs = calibration_outputs(model, cut, iter(public.split(8)), "cpu")
     thresholds = {i: t.numpy() for i, t in calibrate(outputs, 1).items()}
     encoders = {
         "x>0": LevelEncoder(100.0),

@@ -45,6 +45,7 @@ log = logging.getLogger("mistnet.cloud.adaptation")
 PUBLIC_SCALES = (1.0, 0.7)  # of the job's image size; smaller copies are letterboxed into the square
 MAX_PUBLIC_IMAGES = 256  # x 4 augmented copies held as float16 head outputs
 HEAD_BATCH = 8
+CALIBRATION_VALUES = 1 << 20  # public activations per channel that thresholds are calibrated on
 DECODER_BATCH = 8
 WARMUP_FRACTION = 0.1
 
@@ -130,18 +131,38 @@ def public_inputs(public: Path, image_size: int) -> Iterator[torch.Tensor]:
 
 
 @torch.inference_mode()
-def head_outputs(model: nn.Module, cut: int, inputs: Iterator[torch.Tensor], device: str) -> dict[int, torch.Tensor]:
-    """The head's outputs for every input, concatenated per layer, as float16 on the CPU."""
+def head_outputs(
+    model: nn.Module,
+    cut: int,
+    inputs: Iterator[torch.Tensor],
+    device: str,
+    dtype: torch.dtype = torch.float16,
+    enough: int | None = None,
+) -> dict[int, torch.Tensor]:
+    """The head's outputs for every input, concatenated per layer, as ``dtype`` on the CPU; with
+    ``enough``, for the first inputs only, until every output holds that many values per channel."""
     model.eval()
     parts: dict[int, list[torch.Tensor]] = {}
     for x in inputs:
         for i, y in run_head(model, x.to(device), cut).items():
-            parts.setdefault(i, []).append(y.to("cpu", torch.float16))
+            parts.setdefault(i, []).append(y.to("cpu", dtype))
+        if enough is not None and all(sum(p[0].numel() for p in ys) >= enough for ys in parts.values()):
+            break
     return {i: torch.cat(p) for i, p in parts.items()}
 
 
+def calibration_outputs(
+    model: nn.Module, cut: int, inputs: Iterator[torch.Tensor], device: str
+) -> dict[int, torch.Tensor]:
+    """What thresholds are calibrated on: float32 head outputs, as edges compute them, of enough
+    inputs for :func:`calibrate_thresholds`' sample. In float16 (what the decoder trains on) a
+    threshold in the middle of a gap between values lies on a float16 rounding boundary, which the
+    float32 value that many activations share (the letterbox padding's) may sit right next to."""
+    return head_outputs(model, cut, inputs, device, torch.float32, CALIBRATION_VALUES)
+
+
 def calibrate(outputs: dict[int, torch.Tensor], bits: int) -> dict[int, torch.Tensor]:
-    return {i: calibrate_thresholds(y, bits) for i, y in outputs.items() if y.dim() == 4}
+    return {i: calibrate_thresholds(y, bits, CALIBRATION_VALUES) for i, y in outputs.items() if y.dim() == 4}
 
 
 def new_decoder(outputs: dict[int, torch.Tensor], width: int) -> CutDecoder:
@@ -260,7 +281,9 @@ def adapt(
     outputs = head_outputs(model, cut, public_inputs(public, image_size), device)
     samples = len(next(iter(outputs.values())))
     progress(f"adapting: {samples} public head outputs from {public}")
-    thresholds = calibrate(outputs, bits) if calibrated else {}
+    thresholds = {}
+    if calibrated:
+        thresholds = calibrate(calibration_outputs(model, cut, public_inputs(public, image_size), device), bits)
     decoder = None
     if spec.decoder:
         encoders = [BitEncoder(eps, seed=seed + k, bits=bits, thresholds=thresholds) for k, eps in enumerate(epsilons)]

@@ -45,6 +45,10 @@ from common.mechanism import make_rng as make_rng
 from common.mechanism import pack_levels as pack_levels
 from common.protocol import FeatureLayout, packed_size
 
+# Public values this close to a quantile (relative to its magnitude, at least 1) count as equal to it:
+# the same input patch gives values a few float32 ulps apart at different positions of one run, and
+# PyTorch and ONNX Runtime (fused BatchNorm or not) differ by about as much. Far above rounding (1e-6).
+TIE_TOLERANCE = 2.0**-12
 # Where no public value lies above a threshold: how far above the highest one (relative, at least absolute).
 TIE_MARGIN = 2.0**-8
 
@@ -63,7 +67,7 @@ def calibrate_thresholds(x: torch.Tensor, bits: int, max_samples: int = 1 << 20)
     activations ``[N, C, ...]``: every level is equally likely on data like the public set, so
     each transmitted bit carries as much information as it can (``x > 0`` sends 56% ones at
     YOLOv5n's cut 4, and far more skewed levels at other layers). Each is then moved off the
-    public values (:func:`off_ties`), which leaves every public activation's level as it was."""
+    values around it (:func:`off_ties`)."""
     levels = 2**bits
     per_channel = x.transpose(0, 1).reshape(x.shape[1], -1).float()
     sample = per_channel[:, :: max(1, per_channel.shape[1] // max_samples)]
@@ -72,16 +76,19 @@ def calibrate_thresholds(x: torch.Tensor, bits: int, max_samples: int = 1 << 20)
 
 
 def off_ties(sample: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-    """Thresholds ``at`` (``[C, K-1]``) moved to the middle of the gap between the channel's sampled
-    values (``[C, n]``) that contains them: the largest value at or below, the smallest above (or,
-    with none above, ``TIE_MARGIN`` of the value's magnitude higher).
+    """Quantiles ``at`` (``[C, K-1]``) moved up past every sampled value of the channel (``[C, n]``)
+    within ``TIE_TOLERANCE`` of them, to the middle of the gap that follows: between the largest
+    value up to there and the smallest above (or, with none above, ``TIE_MARGIN`` of its magnitude
+    higher).
 
-    A quantile often *is* a value many activations share exactly (the letterbox padding, a dead
-    channel, ReLU's zeros); on a threshold, those activations' levels are decided by float
-    rounding, which differs between PyTorch and ONNX Runtime (and between CPU kernels). In the
-    middle of the gap they are a whole half-gap away from it."""
+    A quantile often lands on a value many activations share (the letterbox padding, a dead
+    channel, ReLU's zeros) — shared up to float rounding, which differs between PyTorch and ONNX
+    Runtime, between CPU kernels and between positions of one image. On or near a threshold, those
+    activations' levels would be decided by that rounding; moved past them, they all get the lower
+    level, whatever computed them. For values spread continuously the move is negligible."""
     ordered = sample.sort(dim=1).values
-    at_or_below = torch.searchsorted(ordered, at.contiguous(), right=True)  # values <= each threshold
+    near = at + TIE_TOLERANCE * at.abs().clamp(min=1.0)
+    at_or_below = torch.searchsorted(ordered, near.contiguous(), right=True)  # values <= each, within tolerance
     below = ordered.gather(1, (at_or_below - 1).clamp(min=0))
     above = ordered.gather(1, at_or_below.clamp(max=ordered.shape[1] - 1))
     above = torch.where(at_or_below >= ordered.shape[1], below + TIE_MARGIN * below.abs().clamp(min=1.0), above)

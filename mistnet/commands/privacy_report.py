@@ -61,7 +61,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from cloud_agent.adaptation import augmented_inputs, calibrate, head_outputs
+    from cloud_agent.adaptation import augmented_inputs, calibrate, calibration_outputs
     from common.checkpoint import load_model
     from common.datasets.yolo import YoloDataset, discover_images
     from common.privacy import thresholds_from_metadata
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     thresholds = thresholds_from_metadata(weights.metadata)
     if not thresholds and args.thresholds == "calibrated":
         thresholds = calibrate(
-            head_outputs(model, cut, augmented_inputs(discover_images(public), args.imgsz), "cpu"), 1
+            calibration_outputs(model, cut, augmented_inputs(discover_images(public), args.imgsz), "cpu"), 1
         )
     results, shown, originals = run_attacks(
         model,
