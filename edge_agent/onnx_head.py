@@ -36,6 +36,9 @@ def session_for(blob: bytes, threads: int) -> ort.InferenceSession:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # No memory pattern (one block planned for a whole run): the last micro-batch of a transfer has
+    # another batch size; without it yolov5s at 640 px peaks 25 MiB lower and runs no slower.
+    options.enable_mem_pattern = False
     options.log_severity_level = 3  # errors only: ORT's warnings are about its own graph rewrites
     try:
         return ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
