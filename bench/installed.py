@@ -1,7 +1,8 @@
 """Disk footprint of an install: ``python -m bench.installed edge`` sums the installed files of the
 base dependencies and an extra of pyproject.toml, with everything they require, as found in this
 environment (the figure a fresh ``pip install 'mistnet[EXTRA]'`` would approach; Python itself and
-pip are not counted)."""
+pip are not counted). A requirement counts if it is installed here and not only for some extra of its
+parent (other environment markers are not evaluated: what they exclude is normally not installed)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,19 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
-from packaging.requirements import Requirement
-
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
-def requirements(extra: str) -> list[Requirement]:
+def name_of(requirement: str) -> str:
+    """A requirement's distribution name, normalized (``Foo_Bar[x]>=1; ...`` -> ``foo-bar``)."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower() if match else ""
+
+
+def requirements(extra: str) -> list[str]:
     """The base dependencies and those of ``extra``, its ``mistnet[...]`` references expanded."""
     project = tomllib.loads(PYPROJECT.read_text())["project"]
-    out = [Requirement(r) for r in project["dependencies"]]
+    out = list(project["dependencies"])
     todo, seen = [extra], set()
     while todo:
         name = todo.pop()
@@ -27,11 +32,10 @@ def requirements(extra: str) -> list[Requirement]:
             continue
         seen.add(name)
         for raw in project["optional-dependencies"][name]:
-            req = Requirement(raw)
-            if req.name == "mistnet":
-                todo += sorted(req.extras)
+            if name_of(raw) == "mistnet":
+                todo += re.findall(r"[\w-]+", raw.partition("[")[2].partition("]")[0])
             else:
-                out.append(req)
+                out.append(raw)
     return out
 
 
@@ -49,19 +53,15 @@ def installed(extra: str) -> dict[str, int]:
     sizes: dict[str, int] = {}
     todo = requirements(extra)
     while todo:
-        req = todo.pop()
-        key = re.sub(r"[-_.]+", "-", req.name).lower()
-        if key in sizes:
+        key = name_of(todo.pop())
+        if not key or key in sizes:
             continue
         try:
-            dist = metadata.distribution(req.name)
+            dist = metadata.distribution(key)
         except metadata.PackageNotFoundError:
             continue  # not installed here (e.g. a platform-only dependency)
         sizes[key] = dist_size(dist)
-        for raw in dist.requires or []:
-            sub = Requirement(raw)
-            if sub.marker is None or sub.marker.evaluate({"extra": ""}):
-                todo.append(sub)
+        todo += [r for r in dist.requires or [] if "extra ==" not in r.partition(";")[2]]
     return sizes
 
 

@@ -10,6 +10,7 @@ send; the edge process's peak RSS). Also the disk footprint of each runtime's in
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from bench.edge import edge_dirs, run_system
@@ -32,6 +33,7 @@ def run(ctx: Context) -> dict[str, Any]:
                     f"peak RSS {last['edge_peak_rss_mib']:.0f} MiB")
     ips = {r: [x["images_per_s"] for x in runs[r]] for r in RUNTIMES}
     return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "scenario": scn.name,
         "images": runs["torch"][-1]["images"],
         "threads": runs["torch"][-1]["threads_per_edge"],
