@@ -407,6 +407,7 @@ class CloudAgent:
             # The decoder already maps levels to the activations the pretrained statistics describe.
             recalibrate_bn=self.adaptation.decoder is None,
             tail_layers=spec.cloud.tail_layers,
+            train_decoder=spec.cloud.train_decoder,
         )
         trainer = Trainer(
             self.model, self.cut, task, data, config, self.workdir / "state", self.privatize, selection
