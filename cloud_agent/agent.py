@@ -85,9 +85,7 @@ class CloudAgent:
         self.transform = feature_transform(self.adaptation.encoding())
         self.edge_state: dict[str, NodeStatus] = {}
         self.refused: dict[str, str] = {}  # edges whose policy refused this job: why
-        self.activations = head_activations(
-            self.model, self.cut, (input_channels(spec.model.arch), self.image_size, self.image_size)
-        )
+        self.activations = self.released_activations()
         self.missing: dict[str, str] = json.loads(self.spool.get_meta("missing") or "{}")
         self.epoch = 0
         self.last_result: EpochResult | None = None
@@ -137,6 +135,14 @@ class CloudAgent:
         check_cut(model, self.cut)
         tail_inputs(model, self.cut)
         return model
+
+    def released_activations(self) -> int:
+        """Activations an edge releases per sample: the head's outputs the tail reads, their shapes
+        from a skeleton of the model on the meta device (nothing allocated or computed)."""
+        with torch.device("meta"):
+            skeleton = build(self.spec.model.arch, self.num_classes)
+        size = self.image_size
+        return head_activations(skeleton, self.cut, (input_channels(self.spec.model.arch), size, size))
 
     @property
     def phase(self) -> JobPhase:

@@ -86,7 +86,8 @@ def run_head(model: nn.Module, x: torch.Tensor, cut: int) -> dict[int, torch.Ten
 
 def head_activations(model: nn.Module, cut: int, input_shape: Sequence[int]) -> int:
     """Activations the head releases per sample of ``input_shape`` (C, H, W): the elements of every
-    output the tail reads. Runs the head once on zeros, in eval mode, leaving the model as it was."""
+    output the tail reads. Runs the head once on zeros of the model's device, in eval mode, leaving
+    the model as it was; a model built on the meta device gives the shapes without computing."""
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()
