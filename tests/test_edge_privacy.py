@@ -39,7 +39,7 @@ from common.protocol import (
 from common.spec import CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec
 from edge_agent.extractor import Extractor
 from mistnet.demo import write_job as write_spec
-from tests.agents import finish, start_cloud, start_edge, wait_for
+from tests.agents import finish, mistnet, start_cloud, start_edge, wait_for
 from tests.harness import client, job_status, mnist_base, node_status, stop, write_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.security]
@@ -228,8 +228,9 @@ def _yolo_folder(root: Path, names: list[str], corrupt: str) -> None:
 
 
 def test_no_file_name_of_the_edge_data_crosses_the_broker(tmp_path, mosquitto):
-    """A detection edge with telling file names and one unreadable image: every byte the broker
-    delivered (features, statuses, acknowledgements) is free of them; the skip reason is a category."""
+    """A detection edge with telling file names and one unreadable image, and an edge whose data path
+    does not exist: every byte the broker delivered (features, statuses, acknowledgements) is free of
+    those names; the skip reason and the error are categories, the details stay in the edges' logs."""
     names = [f"patient-{k:04d}-alice-smith.jpg" for k in range(5)]
     corrupt = "patient-9999-bob-jones.jpg"
     data = tmp_path / "clinic-ward-7"
@@ -238,21 +239,28 @@ def test_no_file_name_of_the_edge_data_crosses_the_broker(tmp_path, mosquitto):
         name="secret",
         model=ModelSpec(arch="yolov5n", num_classes=80, image_size=64),
         cut_layer=4,
-        edges=[EdgeSpec(node="edge1", dataset="local", batch_size=4)],
+        edges=[EdgeSpec(node="edge1", dataset="local", batch_size=4), EdgeSpec(node="edge2", dataset="local")],
         cloud=CloudSpec(epochs=0, output=str(tmp_path / "secret.safetensors")),
         collect=CollectSpec(timeout_s=60),
     )
     job = write_spec(spec, tmp_path / "job.yaml")
+    missing, edge2_log = tmp_path / "patient-records-of-bob", tmp_path / "edge2.log"
     with sniffer(mosquitto.url) as messages:
         cloud = start_cloud(job, mosquitto.url, tmp_path / "cloud")
-        edge = start_edge("edge1", mosquitto.url, tmp_path, "--data", str(data))
+        edges = [
+            start_edge("edge1", mosquitto.url, tmp_path, "--data", str(data)),
+            # Without --once: it stays up, in state error, so the cloud stops waiting for it.
+            mistnet("edge", "--node", "edge2", "--broker", mosquitto.url, "--data", str(missing), log=edge2_log),
+        ]
         try:
             summary = json.loads(finish(cloud, 120))
-            assert edge.wait(30) == 0
+            assert edges[0].wait(30) == 0
         finally:
-            stop([cloud, edge])
+            stop([cloud, *edges])
     assert summary["phase"] == "done", summary
     assert summary["edges"]["edge1"]["samples"] == 5 and summary["edges"]["edge1"]["skipped"] == 1
+    assert summary["edges"]["edge2"]["missing_reason"] == "the dataset cannot be read (details in the edge's log)"
+    assert "patient-records-of-bob does not exist" in (tmp_path / "edge2.log").read_text()
     wire = b"".join(t.encode() + p for t, p in messages)
     assert len(wire) > 5 * 64 * 8 * 8 // 8  # the features did cross
     for secret in ["patient", "alice", "smith", "bob-jones", "clinic-ward", str(data)]:
