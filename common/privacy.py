@@ -94,9 +94,12 @@ def round_up(probability: float, grid_bits: int) -> int:
     return max(1, math.ceil(math.ldexp(probability, grid_bits)))
 
 
-def _uniform_grid(probability: float) -> int:
-    """Float uniforms fine enough for a probability: float32 (2^-24) down to FINE_BELOW, else float64."""
-    return FLOAT32_GRID_BITS if probability >= FINE_BELOW else FLOAT64_GRID_BITS
+def _uniform_cutoff(probability: float) -> tuple[bool, float]:
+    """Whether float64 uniforms are needed (below FINE_BELOW; float32 ones resolve only 2^-24), and
+    the cutoff ``c`` that a uniform falls below with at least ``probability`` (and never 0)."""
+    fine = probability < FINE_BELOW
+    grid = FLOAT64_GRID_BITS if fine else FLOAT32_GRID_BITS
+    return fine, math.ldexp(round_up(probability, grid), -grid)
 
 
 Thresholds = Mapping[int, torch.Tensor]  # head output layer -> [C, 2^bits - 1] ascending per channel
@@ -137,9 +140,8 @@ def calibrate_thresholds(x: torch.Tensor, bits: int, max_samples: int = 1 << 20)
 
 def randomized_response(bits: torch.Tensor, epsilon: float, generator: torch.Generator) -> torch.Tensor:
     """Flip each bit independently with probability 1 - p (rounded up to the uniforms' grid)."""
-    grid = _uniform_grid(flip_probability(epsilon))
-    dtype = torch.float32 if grid == FLOAT32_GRID_BITS else torch.float64
-    cutoff = math.ldexp(round_up(flip_probability(epsilon), grid), -grid)
+    fine, cutoff = _uniform_cutoff(flip_probability(epsilon))
+    dtype = torch.float64 if fine else torch.float32
     flips = torch.rand(bits.shape, generator=generator, device=bits.device, dtype=dtype) < cutoff
     return bits ^ flips
 
@@ -147,10 +149,8 @@ def randomized_response(bits: torch.Tensor, epsilon: float, generator: torch.Gen
 def randomized_response_levels(levels: np.ndarray, count: int, epsilon: float, rng: np.random.Generator) -> np.ndarray:
     """K-ary randomized response on uint8 levels (in place): each level is kept with probability
     ``keep_probability(ε, K)`` and otherwise replaced by one of the other ``K - 1``, uniformly."""
-    replace_p = flip_probability(epsilon, count)
-    grid = _uniform_grid(replace_p)
-    dtype = np.float32 if grid == FLOAT32_GRID_BITS else np.float64
-    replace = rng.random(levels.shape, dtype=dtype) < math.ldexp(round_up(replace_p, grid), -grid)
+    fine, cutoff = _uniform_cutoff(flip_probability(epsilon, count))
+    replace = rng.random(levels.shape, dtype=np.float64 if fine else np.float32) < cutoff
     shift = rng.integers(1, count, size=int(replace.sum()), dtype=np.uint8)
     levels[replace] = (levels[replace] + shift) % count
     return levels
