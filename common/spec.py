@@ -40,7 +40,7 @@ _FALLBACK_LAYERS = {"lenet5": 8, **{f"yolov5{s}": 25 for s in "nsmlx"}}
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(Strict):

@@ -18,6 +18,7 @@ for what each step is worth on a CPU edge):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -26,11 +27,13 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from common.datasets.base import EdgeDataset, EdgeSample
+from common.datasets.base import EdgeDataset, EdgeSample, public_reason
 from common.errors import MistnetError
 from common.privacy import BitEncoder
 from common.protocol import FeatureBatch, FeatureLayout, SkippedSample
 from common.split import layers_of, run_layers, tail_inputs
+
+log = logging.getLogger("mistnet.edge")
 
 # Inputs with at least this many pixels per channel run channels-last (YOLO images, not MNIST digits).
 CHANNELS_LAST_MIN_PIXELS = 64 * 64
@@ -174,7 +177,7 @@ class Extractor:
         parts: list[np.ndarray] = []
         for samples in self._micro_batches(transfer):
             ok = [s for s in samples if s.image is not None]
-            skipped += [SkippedSample(id=s.id, key=s.key, reason=s.error) for s in samples if s.image is None]
+            skipped += [self._skip(s) for s in samples if s.image is None]
             if ok:
                 layout, data = self._features(ok)
                 parts.append(data)
@@ -184,11 +187,16 @@ class Extractor:
             bits=self.encoder.bits,
             layout=layout,
             ids=[s.id for s in good],
-            keys=[s.key for s in good] if any(s.key for s in good) else [],
             labels=[s.label for s in good],
             data=b"".join(p.tobytes() for p in parts),
             skipped=skipped,
         )
+
+    @staticmethod
+    def _skip(sample: EdgeSample) -> SkippedSample:
+        """An unreadable sample: its name and error stay in this log, only a category goes on the wire."""
+        log.warning("sample %d (%s) skipped: %s", sample.id, sample.key, sample.error)
+        return SkippedSample(id=sample.id, reason=public_reason(sample.error))
 
     def _format_for(self, x: torch.Tensor) -> torch.memory_format:
         """Chosen on the first batch (every batch of a dataset has the same geometry): channels-last

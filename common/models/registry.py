@@ -36,3 +36,7 @@ def layer_count(arch: str) -> int:
 
 def default_image_size(arch: str) -> int:
     return 28 if arch == "lenet5" else 640
+
+
+def input_channels(arch: str) -> int:
+    return 1 if arch == "lenet5" else 3
