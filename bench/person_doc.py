@@ -85,7 +85,10 @@ def plot(rows: list[Row], shifts: list[str], epsilons: list[float], path: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = [("pretrained", None, "pretrained"), ("centralized", None, "centralized (raw images)")]
+    series: list[tuple[str, float | None, str]] = [
+        ("pretrained", None, "pretrained"),
+        ("centralized", None, "centralized (raw images)"),
+    ]
     series += [("mistnet", e, f"MistNet ε={e:g}") for e in epsilons]
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(shifts)), 4.2))
