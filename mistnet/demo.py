@@ -64,6 +64,7 @@ COCO_IMAGE_SIZE = 320
 COCO_HELD_OUT = 32
 COCO_PUBLIC = 32  # the cloud's public images: threshold calibration and cut decoder (privacy-utility.md)
 PERSON_HELD_OUT = 200  # of coco-person's 800 images; the other 600 go to the edges
+PERSON_EPOCHS = 6  # held-out AP levels off after 4-5 epochs on 540 images (bench.person)
 COCO_BATCH_SIZE = 16
 # Fine-tuning on ~100 images memorises them: at 0.01 held-out mAP collapses within a few epochs
 # (see shared/notes/mistnet-utility-measurements.md); 0.001, the Sedna example's rate, keeps it.
@@ -191,6 +192,7 @@ class DetectionScenario:
     held_out: int
     public: int | Path  # images split off the data, or a folder of unlabelled images
     fetchable: bool  # `mistnet fetch NAME` installs the data
+    epochs: int
 
     def default_data(self) -> Path:
         return find_default(self.data, self.name) if self.fetchable else self.data
@@ -201,9 +203,9 @@ class DetectionScenario:
 
 
 DETECTION_SCENARIOS = {
-    "coco128": DetectionScenario("coco128", "COCO128", DEFAULT_COCO128, COCO_HELD_OUT, COCO_PUBLIC, True),
+    "coco128": DetectionScenario("coco128", "COCO128", DEFAULT_COCO128, COCO_HELD_OUT, COCO_PUBLIC, True, COCO_EPOCHS),
     "coco-person": DetectionScenario(
-        "coco-person", "coco-person", DEFAULT_COCO_PERSON, PERSON_HELD_OUT, DEFAULT_PUBLIC_IMAGES, False
+        "coco-person", "coco-person", DEFAULT_COCO_PERSON, PERSON_HELD_OUT, DEFAULT_PUBLIC_IMAGES, False, PERSON_EPOCHS
     ),
 }
 
@@ -287,7 +289,7 @@ def prepare_detection_job(opts: DemoOptions, root: Path) -> PreparedJob:
             for k, d in enumerate(edge_dirs, 1)
         ],
         cloud=CloudSpec(
-            epochs=COCO_EPOCHS if opts.epochs is None else opts.epochs,
+            epochs=scenario.epochs if opts.epochs is None else opts.epochs,
             batch_size=opts.batch_size or COCO_BATCH_SIZE,
             learning_rate=opts.learning_rate or COCO_LEARNING_RATE,
             validation=str(validation),
