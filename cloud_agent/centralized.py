@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from cloud_agent.detection import EVAL_BATCH_SIZE, Detection, targets_of
+from cloud_agent.detection import Detection, targets_of
 from cloud_agent.tasks import Batch, Privatize
 from cloud_agent.trainer import EpochResult, History, TrainConfig, Trainer
 from common.checkpoint import load_model, save_checkpoint
 from common.datasets.yolo import YoloDataset
 from common.errors import DatasetError
-from common.evaluation import evaluate_model, model_predict_fn
+from common.evaluation import PredictFn, model_predict_fn
 from common.storage import write_atomic
 
 log = logging.getLogger("mistnet.cloud.centralized")
@@ -72,17 +72,8 @@ class ImageDetection(Detection):
     def collate(self, samples: list[Any]) -> Batch:
         return Batch({INPUT: torch.stack([s.image for s in samples])}, targets_of([s.labels for s in samples]))
 
-    def evaluate(self, model: nn.Module, cut: int, privatize: Privatize, device: str) -> dict[str, float]:
-        if self.validation is None:
-            return {}
-        was_training = model.training
-        try:
-            result = evaluate_model(
-                model_predict_fn(model), self.validation, self.image_size, EVAL_BATCH_SIZE, rect=False, device=device
-            )
-        finally:
-            model.train(was_training)
-        return {"map50": float(result["map50"]), "map50_95": float(result["map50_95"])}
+    def predict_fn(self, model: nn.Module, cut: int, privatize: Privatize) -> PredictFn:
+        return model_predict_fn(model)
 
 
 @dataclass

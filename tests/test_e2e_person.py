@@ -8,7 +8,6 @@ adapted model's before training, on images never sent nor trained on.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from common.datasets.shift import Shift
 from common.datasets.yolo import discover_images
 from mistnet.demo import DemoOptions, link_yolo_folder, prepare_detection_job
-from tests.agents import finish, start_cloud, start_edge
+from tests.agents import run_two_edge_job
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PUBLIC = SHARED / "data" / "public-images"
@@ -45,12 +44,7 @@ def test_training_on_shifted_edge_bits_beats_adapted_only(tmp_path: Path, mosqui
     # Edges and held-out get the shift; the cloud's public photos do not.
     assert all("shifted-contrast-5" in str(p.resolve()) for p in (tmp_path / "data" / "edge1" / "images").iterdir())
     assert job.spec.cloud.public == str(public.resolve())
-    edges = [start_edge(f"edge{k}", mosquitto.url, tmp_path) for k in (1, 2)]
-    cloud = start_cloud(job.path, mosquitto.url, tmp_path / "cloud")
-    summary = json.loads(finish(cloud, 280))
-    assert cloud.returncode == 0, (tmp_path / "cloud-cloud.log").read_text()[-3000:]
-    for e in edges:
-        assert e.wait(30) == 0
+    summary = run_two_edge_job(job.path, mosquitto.url, tmp_path, 280)
     assert summary["phase"] == "done"
     assert all(e["samples"] == PER_EDGE for e in summary["edges"].values())
     metrics = summary["metrics"]
