@@ -107,25 +107,30 @@ class Bench:
         last = next(e.metrics for e in reversed(result.history.epochs) if e.metrics)
         self.record(Row(self.shift, "centralized", None, *scores(last), round(time.monotonic() - t0, 1)))
 
-    def adaptation(self, eps: float) -> Adaptation:
+    def adaptation(self, eps: float) -> tuple[Adaptation, float]:
+        """The job's adaptation at ε and the seconds it took (made once per work directory)."""
         path = self.setup.workdir / f"adaptation-eps{eps:g}.safetensors"
-        if path.exists():
-            return Adaptation.load(path)
+        took = path.with_suffix(".json")
+        if path.exists() and took.exists():
+            return Adaptation.load(path), json.loads(took.read_text())["seconds"]
+        t0 = time.monotonic()
         model, _ = load_model(self.setup.weights)
         spec = AdaptSpec(epochs=self.setup.decoder_epochs)
         found = adapt(model, COCO_CUT, self.setup.folders["public"], self.setup.imgsz, [eps], 1, True, spec,
                       self.setup.device, SEED, log.info)  # fmt: skip
         found.save(path)
-        return found
+        seconds = round(time.monotonic() - t0, 1)
+        took.write_text(json.dumps({"seconds": seconds}))
+        return found, seconds
 
     def mistnet(self, eps: float) -> None:
         t0 = time.monotonic()
-        adaptation = self.adaptation(eps)
+        adaptation, adapting = self.adaptation(eps)
         model = adapted_model(self.setup.weights, adaptation)
         task = Detection(self.held_out(), self.setup.imgsz)
         transform = feature_transform(adaptation.encoding())
         before = task.evaluate(model, COCO_CUT, transform, self.setup.device)
-        self.record(Row(self.shift, "adapted", eps, *scores(before), round(time.monotonic() - t0, 1)))
+        self.record(Row(self.shift, "adapted", eps, *scores(before), round(adapting + time.monotonic() - t0, 1)))
         t1 = time.monotonic()
         encoder = BitEncoder(eps, seed=SEED + 1, thresholds=adaptation.thresholds)
         received = fill_spool(self.setup, load_model(self.setup.weights)[0], encoder, f"eps{eps:g}-spool")
