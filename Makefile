@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint typecheck bench bench-quick utility mosquitto clean
+.PHONY: demo test lint typecheck bench bench-quick utility learning mosquitto clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 && $(PYTHON) -c 'import ensurepip' 2>/dev/null || \
@@ -39,6 +39,13 @@ bench: $(STAMP) mosquitto
 
 bench-quick: $(STAMP) mosquitto
 	$(BIN)/mistnet bench --quick
+
+# Learning from the edges: coco-person under each shift, MistNet at each epsilon against pretrained and
+# centralized (docs/privacy-utility.md); about 1.5 h per shift on 2 cores.
+SHIFTS ?= contrast:5 contrast:3 fog:3 clean
+learning: $(STAMP)
+	for s in $(SHIFTS); do $(BIN)/python -m bench.person --shift $$s || exit 1; done
+	$(BIN)/python -m bench.utility_doc
 
 # Privacy/utility table and feature-inversion attack (docs/privacy-utility.md); about an hour on 2 cores.
 utility: $(STAMP)

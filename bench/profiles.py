@@ -26,7 +26,7 @@ class Profile:
     edges: int = 2
     edge_images: int = 128  # COCO128 images, shared out between the edges
     transfer_batch: int = 16  # samples per transfer (the job's edge batch_size)
-    epsilon: float = 4.0  # p ≈ 0.881: randomized response really runs (100 would skip it)
+    epsilon: float = 4.0  # p ≈ 0.881: randomized response really flips bits (at 100: 2^-64 of them)
     repeats: int = 3
     # Extractor optimisations switched one at a time, end to end (scenario list; empty: skipped).
     ablation: tuple[Scenario, ...] = ()

@@ -209,7 +209,8 @@ class Measurement:
         )
         for method, tail_layers in finetunes:
             t1 = time.monotonic()
-            options = {"learning_rate": FINETUNE_LR, "recalibrate_bn": False, "tail_layers": tail_layers}
+            options = {"learning_rate": FINETUNE_LR, "recalibrate_bn": False, "tail_layers": tail_layers,
+                       "train_decoder": True}  # fmt: skip
             model = train(setup, self.fresh(adaptation), levels, f"{tag}-{method}", setup.epochs, **options)
             self.record(method, eps, t1, model, encoding)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from common.errors import MistnetError, ProtocolError, SpecError, TransportError
 from common.heads import head_chunks
 from common.models.cutdecoder import attach
 from common.models.registry import build, default_image_size, input_channels, is_detector
-from common.privacy import feature_transform
+from common.privacy import activation_epsilon, feature_transform, sample_epsilon
 from common.protocol import (
     Ack,
     CheckpointAnnouncement,
@@ -59,14 +60,16 @@ from common.protocol import (
     NodeStatus,
     ObjectStoreRef,
     OnnxHead,
+    PrivacyAccount,
     PrivacyParams,
     Topics,
+    finite,
     from_json,
     to_json,
     to_msgpack,
 )
 from common.spec import JobSpec, OnTimeout
-from common.split import check_cut, head_state_dict, tail_inputs
+from common.split import check_cut, head_activations, head_state_dict, tail_inputs
 from common.storage import ObjectStore, S3Options, put_object, s3_options, split_s3
 from common.transport import BrokerOptions, Inbound, LinkEvent, MqttLink
 from common.weights import pack_state
@@ -94,6 +97,8 @@ class CloudAgent:
         self.onnx: tuple[bytes, OnnxHead] | None = None  # the head for edges without torch, once offered
         self.transform = feature_transform(self.adaptation.encoding())
         self.edge_state: dict[str, NodeStatus] = {}
+        self.refused: dict[str, str] = {}  # edges whose policy refused this job: why
+        self.activations = self.released_activations()
         self.missing: dict[str, str] = json.loads(self.spool.get_meta("missing") or "{}")
         self.epoch = 0
         self.last_result: EpochResult | None = None
@@ -143,6 +148,14 @@ class CloudAgent:
         check_cut(model, self.cut)
         tail_inputs(model, self.cut)
         return model
+
+    def released_activations(self) -> int:
+        """Activations an edge releases per sample: the head's outputs the tail reads, their shapes
+        from a skeleton of the model on the meta device (nothing allocated or computed)."""
+        with torch.device("meta"):
+            skeleton = build(self.spec.model.arch, self.num_classes)
+        size = self.image_size
+        return head_activations(skeleton, self.cut, (input_channels(self.spec.model.arch), size, size))
 
     @property
     def phase(self) -> JobPhase:
@@ -302,11 +315,7 @@ class CloudAgent:
             pending = [e.node for e in self.spec.edges if not self.spool.counts(e.node).complete]
             if not pending:
                 break
-            failed = {
-                n: self.edge_state[n].message
-                for n in pending
-                if n in self.edge_state and self.edge_state[n].state == NodeState.ERROR
-            }
+            failed = {n: why for n in pending if (why := self.failure(n))}
             if time.time() > deadline or len(failed) == len(pending):
                 self.give_up_on(pending, failed)
                 break
@@ -325,6 +334,13 @@ class CloudAgent:
                 f"{self.spec.collect.min_edges}, on_timeout={self.spec.collect.on_timeout.value}): {detail}"
             )
         log.warning("proceeding without %s", detail)
+
+    def failure(self, node: str) -> str:
+        """Why an edge will not deliver whatever the wait: its policy refused the job, or it failed."""
+        if node in self.refused:
+            return f"refused: {self.refused[node]}"
+        seen = self.edge_state.get(node)
+        return seen.message if seen is not None and seen.state == NodeState.ERROR else ""
 
     def missing_reason(self, node: str) -> str:
         """Why an edge did not deliver by the timeout, with the last thing it said about itself."""
@@ -400,6 +416,10 @@ class CloudAgent:
         if status.job not in (None, self.spec.name) and status.state != NodeState.OFFLINE:
             return
         self.edge_state[status.node] = status
+        if status.job == self.spec.name and status.state == NodeState.REFUSED:
+            self.refused[status.node] = status.message or "by the edge's policy"
+        elif status.job == self.spec.name and status.state in (NodeState.READY, NodeState.EXTRACTING):
+            self.refused.pop(status.node, None)
         self.collector.on_hello(status)
 
     def send_ack(self, ack: Ack) -> None:
@@ -430,6 +450,7 @@ class CloudAgent:
             # The decoder already maps levels to the activations the pretrained statistics describe.
             recalibrate_bn=self.adaptation.decoder is None,
             tail_layers=spec.cloud.tail_layers,
+            train_decoder=spec.cloud.train_decoder,
         )
         trainer = Trainer(
             self.model, self.cut, task, data, config, self.workdir / "state", self.privatize, selection
@@ -527,6 +548,7 @@ class CloudAgent:
             self.image_size,
             self.adaptation.encoding(),
             self.workdir / "final.safetensors",
+            privacy={node: account.model_dump() for node, account in self.privacy_accounts().items()},
         )
         if url != str(self.workdir / "final.safetensors"):
             put_object(url, blob, self.s3_options())
@@ -538,7 +560,7 @@ class CloudAgent:
             url=url,
             sha256=hashlib.sha256(blob).hexdigest(),
             size=len(blob),
-            metrics=self.metrics(),
+            metrics=finite(self.metrics()),
             final=True,
         )
         self.link.publish(Topics.checkpoint(self.spec.name), to_json(announcement), retain=True)
@@ -599,8 +621,24 @@ class CloudAgent:
                 wire_bytes=counts.wire_bytes,
                 missing_reason=self.missing.get(edge.node, ""),
                 message=seen.message[:500] if seen else "",
+                privacy=self.privacy_account(edge.node),
             )
         return out
+
+    def privacy_account(self, node: str) -> PrivacyAccount:
+        """What one edge's features cost in privacy: ε and bits per activation, activations per
+        sample, and the per-sample bound by composition (docs/security.md)."""
+        eps, bits = self.spec.epsilon_for(node), self.spec.privacy.bits
+        return PrivacyAccount(
+            epsilon=eps,
+            bits=bits,
+            activations=self.activations,
+            activation_epsilon=activation_epsilon(eps, 2**bits),
+            sample_epsilon=sample_epsilon(eps, self.activations, 2**bits),
+        )
+
+    def privacy_accounts(self) -> dict[str, PrivacyAccount]:
+        return {edge.node: self.privacy_account(edge.node) for edge in self.spec.edges}
 
     def publish_status(self, message: str = "", force: bool = False) -> None:
         now = time.monotonic()
@@ -614,9 +652,9 @@ class CloudAgent:
             edges=self.edges_progress(),
             epoch=r.epoch if r else 0,
             epochs=self.spec.cloud.epochs,
-            loss=sum(r.losses.values()) if r and r.losses else None,
-            losses=r.losses if r else {},
-            metrics=self.metrics(),
+            loss=_finite_or_none(sum(r.losses.values())) if r and r.losses else None,
+            losses=finite(r.losses) if r else {},
+            metrics=finite(self.metrics()),
             checkpoint=self.spool.get_meta("checkpoint"),
             message=message,
             time=time.time(),
@@ -633,14 +671,19 @@ class CloudAgent:
                 skipped=counts.skipped,
                 wire_bytes=counts.wire_bytes,
                 missing_reason=self.missing.get(edge.node, ""),
+                privacy=self.privacy_account(edge.node),
             )
         return JobSummary(
             job=self.spec.name,
             phase=self.phase,
             edges=edges,
-            metrics=self.metrics(),
+            metrics=finite(self.metrics()),
             checkpoint=self.spool.get_meta("checkpoint"),
             duration_s=round(duration_s, 3),
             message=self.spool.get_meta("message") or "",
             selected_epoch=self.selected_epoch,
         )
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from cloud_agent.detection import EVAL_BATCH_SIZE, Detection, targets_of
+from cloud_agent.detection import Detection, targets_of
 from cloud_agent.tasks import Batch, Privatize
 from cloud_agent.trainer import EpochResult, History, TrainConfig, Trainer
 from common.checkpoint import load_model, save_checkpoint
 from common.datasets.yolo import YoloDataset
 from common.errors import DatasetError
-from common.evaluation import evaluate_model, model_predict_fn
+from common.evaluation import PredictFn, model_predict_fn
 from common.storage import write_atomic
 
 log = logging.getLogger("mistnet.cloud.centralized")
@@ -72,17 +72,8 @@ class ImageDetection(Detection):
     def collate(self, samples: list[Any]) -> Batch:
         return Batch({INPUT: torch.stack([s.image for s in samples])}, targets_of([s.labels for s in samples]))
 
-    def evaluate(self, model: nn.Module, cut: int, privatize: Privatize, device: str) -> dict[str, float]:
-        if self.validation is None:
-            return {}
-        was_training = model.training
-        try:
-            result = evaluate_model(
-                model_predict_fn(model), self.validation, self.image_size, EVAL_BATCH_SIZE, rect=False, device=device
-            )
-        finally:
-            model.train(was_training)
-        return {"map50": float(result["map50"]), "map50_95": float(result["map50_95"])}
+    def predict_fn(self, model: nn.Module, cut: int, privatize: Privatize) -> PredictFn:
+        return model_predict_fn(model)
 
 
 @dataclass
@@ -92,6 +83,8 @@ class FineTune:
     model: nn.Module
     history: History
     before: dict[str, float]
+    arch: str
+    num_classes: int
 
 
 def fine_tune(
@@ -106,7 +99,7 @@ def fine_tune(
 ) -> FineTune:
     """Fine-tune every layer of the checkpoint at ``weights`` on the labelled images of ``folders``.
     Run again with the same ``state_dir``, it resumes after the last completed epoch."""
-    model, _ = load_model(weights)
+    model, loaded = load_model(weights)
     task = ImageDetection(validation, image_size)
     trainer = Trainer(model, 0, task, ImageSamples(folders, image_size), config, state_dir, lambda f: f)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -119,17 +112,17 @@ def fine_tune(
         write_atomic(history_file, history.to_json().encode())
         on_epoch(result)
 
-    torch.manual_seed(config.seed * 100_003 + len(history.epochs))  # the flips: a resumed run flips alike
+    torch.manual_seed(config.seed * 100_003 + len(history.epochs))  # the flips: the same run flips alike
     trainer.fit(history, record, on_step)
-    return FineTune(model.eval(), history, json.loads(before_file.read_text()))
+    before = json.loads(before_file.read_text())
+    return FineTune(model.eval(), history, before, loaded.arch, loaded.num_classes)
 
 
 def save_fine_tuned(result: FineTune, weights: Path, image_size: int, out: Path) -> None:
     """A plain checkpoint (no cut: ``mistnet eval`` runs it whole), written atomically."""
-    _, loaded = load_model(weights)
     meta = {
-        "arch": loaded.arch,
-        "num_classes": loaded.num_classes,
+        "arch": result.arch,
+        "num_classes": result.num_classes,
         "image_size": image_size,
         "fine_tuned_from": weights.name,
         "epochs": len(result.history.epochs),

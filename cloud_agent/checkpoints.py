@@ -23,10 +23,17 @@ def load_pretrained(url: str, arch: str, num_classes: int) -> nn.Module:
 
 
 def save_model(
-    model: nn.Module, spec: JobSpec, num_classes: int, image_size: int, encoding: Mapping[str, Any], path: Path
+    model: nn.Module,
+    spec: JobSpec,
+    num_classes: int,
+    image_size: int,
+    encoding: Mapping[str, Any],
+    path: Path,
+    privacy: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The whole model (head + cut decoder + tail) with the MistNet settings ``mistnet eval`` needs
-    to replay the deployed path: cut, ε, bits, thresholds and the decoder's configuration."""
+    to replay the deployed path: cut, ε, bits, thresholds and the decoder's configuration; and the
+    record of what the edges' data cost in privacy (``privacy``: per edge, its PrivacyAccount)."""
     meta = {
         **encoding,
         "arch": spec.model.arch,
@@ -35,6 +42,7 @@ def save_model(
         "cut_layer": spec.cut_layer,
         "epsilon": spec.privacy.epsilon,
         "job": spec.name,
+        **({"privacy": dict(privacy)} if privacy is not None else {}),
     }
     save_checkpoint(path, model.state_dict(), meta)
     return path.read_bytes()

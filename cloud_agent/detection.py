@@ -23,7 +23,7 @@ from cloud_agent.spool import StoredSample
 from cloud_agent.tasks import Batch, Privatize, stack_features
 from cloud_agent.yolo_loss import YoloLoss
 from common.datasets.yolo import YoloDataset, decode_labels
-from common.evaluation import evaluate_model, split_predict_fn
+from common.evaluation import PredictFn, evaluate_model, split_predict_fn
 
 EVAL_BATCH_SIZE = 16
 
@@ -66,7 +66,7 @@ class Detection:
         was_training = model.training
         try:
             result = evaluate_model(
-                split_predict_fn(model, cut, privatize),
+                self.predict_fn(model, cut, privatize),
                 self.validation,
                 self.image_size,
                 EVAL_BATCH_SIZE,
@@ -76,3 +76,7 @@ class Detection:
         finally:
             model.train(was_training)
         return {"map50": float(result["map50"]), "map50_95": float(result["map50_95"])}
+
+    def predict_fn(self, model: nn.Module, cut: int, privatize: Privatize) -> PredictFn:
+        """The deployed path: head → the job's levels → (cut decoder →) tail."""
+        return split_predict_fn(model, cut, privatize)

@@ -25,10 +25,9 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import repeat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -44,10 +43,10 @@ CREATE TABLE IF NOT EXISTS transfers (
     node TEXT, transfer INTEGER, samples INTEGER, skipped INTEGER, wire_bytes INTEGER,
     PRIMARY KEY (node, transfer));
 CREATE TABLE IF NOT EXISTS samples (
-    node TEXT, id INTEGER, key TEXT, bits INTEGER, layout TEXT, label BLOB, features BLOB,
+    node TEXT, id INTEGER, bits INTEGER, layout TEXT, label BLOB, features BLOB,
     PRIMARY KEY (node, id));
 CREATE TABLE IF NOT EXISTS skipped (
-    node TEXT, id INTEGER, key TEXT, reason TEXT, PRIMARY KEY (node, id));
+    node TEXT, id INTEGER, reason TEXT, PRIMARY KEY (node, id));
 CREATE TABLE IF NOT EXISTS nodes (node TEXT PRIMARY KEY, total INTEGER);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
@@ -165,18 +164,18 @@ class Spool:
         layout = json.dumps([f.model_dump() for f in batch.layout])
         size = batch.sample_bytes
         data = memoryview(batch.data)
-        keys: Iterable[str] = batch.keys or repeat("")
+        # Named columns: a spool written before sample keys left the wire still has a key column.
         db.executemany(
-            "INSERT OR IGNORE INTO samples VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO samples (node, id, bits, layout, label, features) VALUES (?, ?, ?, ?, ?, ?)",
             [
-                (node, sid, key, batch.bits, layout, label, data[i * size : (i + 1) * size])
-                for i, (sid, key, label) in enumerate(zip(batch.ids, keys, batch.labels, strict=False))
+                (node, sid, batch.bits, layout, label, data[i * size : (i + 1) * size])
+                for i, (sid, label) in enumerate(zip(batch.ids, batch.labels, strict=True))
             ],
         )
         if batch.skipped:
             db.executemany(
-                "INSERT OR IGNORE INTO skipped VALUES (?, ?, ?, ?)",
-                [(node, s.id, s.key, s.reason) for s in batch.skipped],
+                "INSERT OR IGNORE INTO skipped (node, id, reason) VALUES (?, ?, ?)",
+                [(node, s.id, s.reason) for s in batch.skipped],
             )
         db.execute(
             "INSERT OR IGNORE INTO transfers VALUES (?, ?, ?, ?, ?)",

@@ -65,7 +65,9 @@ class TrainConfig:
     amp: bool = True  # float16 autocast + gradient scaling, only when the device is CUDA
     recalibrate_bn: bool = True  # re-estimate the tail's BatchNorm statistics before epoch 1
     tail_layers: int | None = None  # train only this many tail layers next to the cut (None: all)
-    train_decoder: bool = True  # the cut decoder (when the model has one) is trained with the tail
+    # The cut decoder (when the model has one) keeps its adapted weights: it maps clean and randomized
+    # levels alike to activations, so a tail trained on randomized bits also works on clean ones.
+    train_decoder: bool = False
 
 
 @dataclass
@@ -131,11 +133,12 @@ def freeze_head(model: nn.Module, cut: int) -> list[nn.Parameter]:
 
 
 def trainable_parameters(
-    model: nn.Module, cut: int, tail_layers: int | None, train_decoder: bool = True
+    model: nn.Module, cut: int, tail_layers: int | None, train_decoder: bool
 ) -> tuple[list[nn.Parameter], range]:
-    """The parameters the optimizer sees, and the tail layers they belong to: the cut decoder's (when
-    the model has one) and those of the first ``tail_layers`` tail layers (all when None). The
-    rest of the model is frozen: on ~100 images, fewer trainable layers memorise less."""
+    """The parameters the optimizer sees, and the tail layers they belong to: those of the first
+    ``tail_layers`` tail layers (all when None), and the cut decoder's (when the model has one) if
+    ``train_decoder``. The rest of the model is frozen: on ~100 images, fewer trainable layers
+    memorise less."""
     tail = freeze_head(model, cut)
     layers = layers_of(model)
     trained = range(cut, len(layers) if tail_layers is None else min(len(layers), cut + tail_layers))

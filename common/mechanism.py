@@ -16,28 +16,72 @@ import numpy as np
 
 from common.protocol import FeatureLayout, PrivacyParams
 
-# Resolution of the packed-domain flip probability: 1 - p is rounded up to a multiple of 2^-32.
+# Resolution of the packed-domain flip probability: 1 - p is rounded up to a multiple of 2^-32, or
+# of 2^-64 below FINE_BELOW (never to 0: randomized response is never skipped for a finite ε).
 FLIP_PRECISION_BITS = 32
-# Below this flip probability randomized response is skipped (epsilon >= ~55: pure binarization).
-MIN_FLIP_PROBABILITY = 1e-12
+FINE_FLIP_PRECISION_BITS = 64
+FINE_BELOW = 2.0**-16
+# Float uniforms (torch.rand, numpy's random) are multiples of 2^-24 in float32 and 2^-53 in float64.
+FLOAT32_GRID_BITS = 24
+FLOAT64_GRID_BITS = 53
 
 
 def keep_probability(epsilon: float, levels: int = 2) -> float:
     """Probability that randomized response reports an activation's level truthfully."""
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    return 1.0 / (1.0 + _others_weight(epsilon, levels))
+
+
+def flip_probability(epsilon: float, levels: int = 2) -> float:
+    """``1 - keep_probability``, computed without cancellation: positive for every finite ε up to
+    ~1490 (where ``e^(-ε/2)`` underflows; the rounding of :func:`round_up` still keeps it above 0)."""
+    weight = _others_weight(epsilon, levels)
+    return weight / (1.0 + weight)
+
+
+def _others_weight(epsilon: float, levels: int) -> float:
+    """``(K - 1) · e^(-ε/2)``: the odds of reporting some other level."""
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise ValueError(f"epsilon must be a finite number > 0, got {epsilon}")
     if levels < 2:
         raise ValueError(f"randomized response needs at least 2 levels, got {levels}")
-    return 1.0 / (1.0 + (levels - 1) * math.exp(-epsilon / 2.0))
+    return (levels - 1) * math.exp(-epsilon / 2.0)
+
+
+def activation_epsilon(epsilon: float, levels: int = 2) -> float:
+    """``ln(p/q)`` of K-ary randomized response, the LDP guarantee of one released activation: ``p`` the
+    keep probability, ``q = (1 - p) / (K - 1)`` that of each other level. With :func:`keep_probability`
+    ``p/q = e^(ε/2)`` whatever K (tests check it against the mechanism), so this is ``ε/2``: the MistNet
+    paper's ε per activation. Computed in closed form, as the ratio underflows for large ε."""
+    _others_weight(epsilon, levels)  # the same domain checks as the mechanism
+    return epsilon / 2.0
+
+
+def sample_epsilon(epsilon: float, activations: int, levels: int = 2) -> float:
+    """The per-sample bound by sequential composition (MistNet paper, Theorem 4.1): ``r · ln(p/q)``
+    for the ``r`` activations one sample releases."""
+    return activations * activation_epsilon(epsilon, levels)
+
+
+def round_up(probability: float, grid_bits: int) -> int:
+    """``ceil(probability · 2^grid_bits)`` and at least 1: the numerator, on a grid of 2^-grid_bits, of
+    a probability never below the one asked (and never 0)."""
+    return max(1, math.ceil(math.ldexp(probability, grid_bits)))
+
+
+def uniform_cutoff(probability: float) -> tuple[bool, float]:
+    """Whether float64 uniforms are needed (below FINE_BELOW; float32 ones resolve only 2^-24), and
+    the cutoff ``c`` that a uniform falls below with at least ``probability`` (and never 0): the one
+    rounding of both float paths (numpy's here, torch's in :func:`common.privacy.randomized_response`)."""
+    fine = probability < FINE_BELOW
+    grid = FLOAT64_GRID_BITS if fine else FLOAT32_GRID_BITS
+    return fine, math.ldexp(round_up(probability, grid), -grid)
 
 
 def randomized_response_levels(levels: np.ndarray, count: int, epsilon: float, rng: np.random.Generator) -> np.ndarray:
     """K-ary randomized response on uint8 levels (in place): each level is kept with probability
     ``keep_probability(ε, K)`` and otherwise replaced by one of the other ``K - 1``, uniformly."""
-    replace_p = 1.0 - keep_probability(epsilon, count)
-    if replace_p < MIN_FLIP_PROBABILITY:
-        return levels
-    replace = rng.random(levels.shape, dtype=np.float32) < replace_p
+    fine, cutoff = uniform_cutoff(flip_probability(epsilon, count))
+    replace = rng.random(levels.shape, dtype=np.float64 if fine else np.float32) < cutoff
     shift = rng.integers(1, count, size=int(replace.sum()), dtype=np.uint8)
     levels[replace] = (levels[replace] + shift) % count
     return levels
@@ -62,12 +106,15 @@ def make_rng(seed: int | None = None) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(secrets.randbits(128) if seed is None else seed))
 
 
-def flip_threshold(epsilon: float, precision: int = FLIP_PRECISION_BITS) -> int:
-    """``ceil((1 - p) · 2^precision)``: the flip probability as an integer numerator (0: no flips)."""
-    flip_p = 1.0 - keep_probability(epsilon)
-    if flip_p < MIN_FLIP_PROBABILITY:
-        return 0
-    return min(math.ceil(flip_p * (1 << precision)), (1 << precision) - 1)
+def flip_precision(epsilon: float) -> int:
+    """Bits of the packed path's flip probability: 32, or 64 when it is below FINE_BELOW."""
+    return FLIP_PRECISION_BITS if flip_probability(epsilon) >= FINE_BELOW else FINE_FLIP_PRECISION_BITS
+
+
+def flip_threshold(epsilon: float, precision: int | None = None) -> int:
+    """``ceil((1 - p) · 2^precision)``, at least 1: the flip probability as an integer numerator."""
+    precision = precision or flip_precision(epsilon)
+    return min(round_up(flip_probability(epsilon), precision), (1 << precision) - 1)
 
 
 def flip_mask(
@@ -79,12 +126,15 @@ def flip_mask(
     from a uniform random word at the lowest set bit of ``q`` and walk up to ``b1``, OR-ing in a
     fresh uniform word where the bit is 1 and AND-ing one where it is 0. Each step maps a bit's
     probability ``v`` to ``(1 + v) / 2`` or ``v / 2``, which ends at exactly ``q`` for every bit
-    position independently. Costs ``precision`` random words per 64 output bits, no floats.
+    position independently. Costs at most ``precision`` random words per 64 output bits, no floats:
+    above the highest set bit of ``q`` only AND-ing remains, so a mask already all zeros is final
+    (a tiny ``q`` at 64 bits costs about ``log2(bits)`` words, not 64).
     """
     words = -(-nbytes // 8)
     if threshold <= 0 or words == 0:
         return np.zeros(nbytes, np.uint8)
     low = (threshold & -threshold).bit_length() - 1
+    top = threshold.bit_length() - 1
     mask: np.ndarray = rng.bit_generator.random_raw(words)
     for i in range(low + 1, precision):
         word = rng.bit_generator.random_raw(words)
@@ -92,6 +142,8 @@ def flip_mask(
             np.bitwise_or(mask, word, out=mask)
         else:
             np.bitwise_and(mask, word, out=mask)
+            if i > top and not mask.any():
+                break
     return mask.view(np.uint8)[:nbytes]
 
 
@@ -124,7 +176,8 @@ class LevelEncoder:
         self.bits = bits
         self.level_thresholds = arrays
         self.rng = make_rng(seed)
-        self.threshold = flip_threshold(epsilon)
+        self.precision = flip_precision(epsilon)
+        self.threshold = flip_threshold(epsilon, self.precision)
 
     def array_levels(self, layer: int, y: np.ndarray) -> np.ndarray:
         """Unrandomized levels of one head output (checks the thresholds fit its channels)."""
@@ -138,9 +191,9 @@ class LevelEncoder:
     def randomize_packed(self, packed: np.ndarray, count: int) -> np.ndarray:
         """Randomized response on rows of packed bits (``[B, ceil(count/8)]``, in place). Padding
         bits past ``count`` in each row stay zero."""
-        if self.threshold == 0 or packed.size == 0:
+        if packed.size == 0:
             return packed
-        mask = flip_mask(self.rng, packed.size, self.threshold).reshape(packed.shape)
+        mask = flip_mask(self.rng, packed.size, self.threshold, self.precision).reshape(packed.shape)
         if count % 8:
             mask[:, -1] &= np.uint8((0xFF << (8 - count % 8)) & 0xFF)
         np.bitwise_xor(packed, mask, out=packed)

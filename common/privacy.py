@@ -15,8 +15,17 @@ The 1-bit hot path (:meth:`BitEncoder.encode_packed`) never materialises a float
 random numbers: it packs the activation bits first and then flips them in the packed domain with
 a mask whose bits are independent Bernoulli(1 - p) draws built from 64-bit random words
 (:func:`flip_mask`). That is the same mechanism as :func:`randomized_response`, 7-9x
-cheaper; its flip probability is ``1 - p`` rounded *up* to a multiple of 2^-32 (never less noise
-than asked for; ``torch.rand`` in :func:`randomized_response` resolves 2^-24).
+cheaper.
+
+Randomized response never applies less noise than asked, for any finite ε: every path rounds the
+flip (or replacement) probability *up* to the resolution of its random numbers, and never to 0.
+The packed path resolves 2^-32, or 2^-64 for probabilities below 2^-16 (ε above ~22 at one bit),
+so rounding adds at most 2^-16 of relative noise down to 2^-48 and a flip probability is never
+below 2^-64: at ε = 100 (asked: 2·10^-22) a bit flips with probability 2^-64 ≈ 5·10^-20, which in
+practice leaves the bits equal to the clean ones. The float paths (:func:`randomized_response`,
+:func:`randomized_response_levels`) draw float32 uniforms (multiples of 2^-24), or float64 ones
+(2^-53) below 2^-16. Rounding up only lowers ``ln(p/q)``, so the accounting of
+:func:`activation_epsilon` stays a valid bound.
 """
 
 from __future__ import annotations
@@ -30,19 +39,25 @@ import numpy as np
 import torch
 
 from common.errors import ProtocolError
+from common.mechanism import FINE_BELOW as FINE_BELOW
 from common.mechanism import FLIP_PRECISION_BITS as FLIP_PRECISION_BITS
 from common.mechanism import (
-    MIN_FLIP_PROBABILITY,
     LevelEncoder,
-    keep_probability,
+    flip_probability,
     quantize_array,
     randomized_response_levels,
+    uniform_cutoff,
     unpack_levels,
 )
+from common.mechanism import activation_epsilon as activation_epsilon
 from common.mechanism import flip_mask as flip_mask
+from common.mechanism import flip_precision as flip_precision
 from common.mechanism import flip_threshold as flip_threshold
+from common.mechanism import keep_probability as keep_probability
 from common.mechanism import make_rng as make_rng
 from common.mechanism import pack_levels as pack_levels
+from common.mechanism import round_up as round_up
+from common.mechanism import sample_epsilon as sample_epsilon
 from common.protocol import FeatureLayout, packed_size
 
 # Public values this close to a quantile (relative to its magnitude, at least 1) count as equal to it:
@@ -96,11 +111,10 @@ def off_ties(sample: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
 
 
 def randomized_response(bits: torch.Tensor, epsilon: float, generator: torch.Generator) -> torch.Tensor:
-    """Flip each bit independently with probability 1 - p."""
-    flip_p = 1.0 - keep_probability(epsilon)
-    if flip_p < MIN_FLIP_PROBABILITY:
-        return bits
-    flips = torch.rand(bits.shape, generator=generator, device=bits.device) < flip_p
+    """Flip each bit independently with probability 1 - p (rounded up to the uniforms' grid)."""
+    fine, cutoff = uniform_cutoff(flip_probability(epsilon))
+    dtype = torch.float64 if fine else torch.float32
+    flips = torch.rand(bits.shape, generator=generator, device=bits.device, dtype=dtype) < cutoff
     return bits ^ flips
 
 

@@ -159,9 +159,10 @@ class Topics:
 
 
 class Message(BaseModel):
-    """Strict, closed schemas: unknown fields and wrong types are rejected."""
+    """Strict, closed schemas: unknown fields, wrong types and non-finite floats (NaN, ±Infinity,
+    which JSON parsers accept as literals) are rejected."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class NodeState(StrEnum):
@@ -172,6 +173,7 @@ class NodeState(StrEnum):
     DONE = "done"
     ERROR = "error"
     CANCELLED = "cancelled"
+    REFUSED = "refused"  # the edge's own policy refused the job's assignment; ``message`` says why
 
 
 class NodeStatus(Message):
@@ -407,16 +409,18 @@ def packed_size(layout: list[FeatureLayout], bits: int) -> list[int]:
 
 
 class SkippedSample(Message):
+    """A sample the edge could not read: its index and a category (never a path or an exception text)."""
+
     id: int = Field(ge=0)
-    key: str = ""
-    reason: str
+    reason: str = Field(max_length=64)
 
 
 class FeatureBatch(Message):
     """The content of one transfer: a run of samples with their labels and packed feature bits.
 
     ``data`` is the samples' packed features back to back (sample-major, then layout order), so
-    the only per-sample overhead on the wire is its id, key and label.
+    the only per-sample overhead on the wire is its id (its index in the edge's dataset, which is
+    stable across restarts; never a file name) and its label.
     """
 
     v: Literal[1] = C.PROTOCOL_VERSION
@@ -424,7 +428,6 @@ class FeatureBatch(Message):
     bits: int = Field(ge=1, le=8)
     layout: list[FeatureLayout] = Field(max_length=64)
     ids: list[Annotated[int, Field(ge=0)]] = Field(max_length=C.MAX_SAMPLES_PER_TRANSFER)
-    keys: list[str] = Field(default_factory=list, max_length=C.MAX_SAMPLES_PER_TRANSFER)
     labels: list[bytes] = Field(max_length=C.MAX_SAMPLES_PER_TRANSFER)
     data: bytes
     skipped: list[SkippedSample] = Field(default_factory=list, max_length=C.MAX_SAMPLES_PER_TRANSFER)
@@ -432,8 +435,8 @@ class FeatureBatch(Message):
     @model_validator(mode="after")
     def _consistent(self) -> FeatureBatch:
         n = len(self.ids)
-        if len(self.labels) != n or (self.keys and len(self.keys) != n):
-            raise ValueError(f"{n} ids but {len(self.labels)} labels and {len(self.keys)} keys")
+        if len(self.labels) != n:
+            raise ValueError(f"{n} ids but {len(self.labels)} labels")
         if n and not self.layout:
             raise ValueError("samples without a feature layout")
         if len(self.data) != n * self.sample_bytes:
@@ -451,6 +454,11 @@ class FeatureBatch(Message):
         return self.data[index * size : (index + 1) * size]
 
 
+def finite(values: dict[str, float]) -> dict[str, float]:
+    """The finite values only: a message never carries NaN or ±Infinity (a diverged loss is left out)."""
+    return {k: v for k, v in values.items() if math.isfinite(v)}
+
+
 class JobPhase(StrEnum):
     PENDING = "pending"
     ADAPTING = "adapting"
@@ -462,6 +470,22 @@ class JobPhase(StrEnum):
     CANCELLED = "cancelled"
 
 
+class PrivacyAccount(Message):
+    """What one edge's features cost in privacy, as the mechanism (``common.privacy``) defines it.
+
+    ``epsilon`` is the job's budget per activation (the reference implementation's ε); each released
+    activation is ``activation_epsilon``-LDP (``ln(p/q) = ε/2``, the MistNet paper's ε); a sample
+    releases ``activations`` of them once, so by composition (the paper's Theorem 4.1) it is
+    ``sample_epsilon``-LDP. Labels, counts and timing are outside this bound (docs/security.md).
+    """
+
+    epsilon: float = Field(gt=0)
+    bits: int = Field(ge=1, le=8)
+    activations: int = Field(ge=0, description="activations released per sample")
+    activation_epsilon: float = Field(ge=0)
+    sample_epsilon: float = Field(ge=0)
+
+
 class EdgeProgress(Message):
     state: str = "waiting"
     samples: int = 0
@@ -470,6 +494,7 @@ class EdgeProgress(Message):
     wire_bytes: int = 0
     missing_reason: str = ""
     message: str = ""  # the edge's own last word (e.g. an object-store error it keeps retrying)
+    privacy: PrivacyAccount | None = None
 
 
 class JobStatus(Message):
@@ -670,6 +695,7 @@ class EdgeSummary(Message):
     skipped: int = 0
     wire_bytes: int
     missing_reason: str = ""
+    privacy: PrivacyAccount | None = None
 
 
 class JobSummary(Message):

@@ -40,7 +40,7 @@ _FALLBACK_LAYERS = {"lenet5": 8, **{f"yolov5{s}": 25 for s in "nsmlx"}}
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(Strict):
@@ -144,7 +144,12 @@ class CloudSpec(Strict):
     tail_layers: int | None = Field(
         default=None,
         ge=0,
-        description="train the cut decoder and only this many tail layers next to the cut; none: the whole tail",
+        description="train only this many tail layers next to the cut; none: the whole tail",
+    )
+    train_decoder: bool = Field(
+        default=False,
+        description="also train the cut decoder on the edges' randomized bits; off, it keeps its adapted weights "
+        "and maps clean and randomized levels alike (what lets a tail trained at small ε work on clean levels)",
     )
     selection_fraction: float = Field(
         default=C.DEFAULT_SELECTION_FRACTION,

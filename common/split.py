@@ -84,6 +84,21 @@ def run_head(model: nn.Module, x: torch.Tensor, cut: int) -> dict[int, torch.Ten
     return {i: outputs[i] for i in needed}
 
 
+def head_activations(model: nn.Module, cut: int, input_shape: Sequence[int]) -> int:
+    """Activations the head releases per sample of ``input_shape`` (C, H, W): the elements of every
+    output the tail reads. Runs the head once on zeros of the model's device, in eval mode, leaving
+    the model as it was; a model built on the meta device gives the shapes without computing."""
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        with torch.inference_mode():
+            outputs = run_head(model, torch.zeros(1, *input_shape, device=device), cut)
+    finally:
+        model.train(was_training)
+    return sum(y[0].numel() for y in outputs.values())
+
+
 def run_tail(model: nn.Module, features: dict[int, torch.Tensor], cut: int) -> torch.Tensor:
     """The tail on what crossed the cut; a MistNet model's cut decoder (``model.cut_decoder``, see
     :mod:`common.models.cutdecoder`) first maps the levels back towards activations."""

@@ -3,6 +3,11 @@
 Everything runs in one loop over the link's inbox; paho's thread only enqueues. A job runs as a
 :class:`JobRun` that interleaves extraction with acknowledgement handling, so memory stays bounded
 by the send window whatever the dataset size.
+
+The edge owns its privacy: an assignment outside its :class:`~common.policy.EdgePolicy` is refused
+before any image is read (status ``refused``, with the reason). Nothing that names its data leaves
+it: samples travel by index, and what it publishes about failures is a category, never a path or an
+exception text (those stay in its local log).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from common import metrics
 from common.errors import DatasetError, MistnetError, ProtocolError, TransportError
 from common.heads import join_head
 from common.mechanism import encoder_for
+from common.policy import EdgePolicy
 from common.protocol import (
     Ack,
     AckKind,
@@ -92,12 +98,16 @@ class EdgeAgent:
         rate_limit: float | None = None,
         s3_credentials: Path | None = None,
         runtime: str | None = None,
+        policy: EdgePolicy | None = None,
     ) -> None:
         """``s3_credentials``: a KEY=VALUE file with MISTNET_S3_* values (else the environment) for jobs
         with the S3 transmitter; S3 credentials never come over MQTT. ``runtime``: what runs the head,
-        ``onnx`` or ``torch`` (default: :func:`~edge_agent.runtime.default_runtime`)."""
+        ``onnx`` or ``torch`` (default: :func:`~edge_agent.runtime.default_runtime`). ``policy``: the
+        limits this edge's owner sets (default: none)."""
         self.node = node
         self.runtime = runtime or default_runtime()
+        self.policy = policy or EdgePolicy()
+        self.refusal: tuple[str, str] | None = None  # (job, why) of the last assignment refused
         self.s3_credentials = s3_credentials
         self.rate_limit = rate_limit
         self.data = data
@@ -122,7 +132,7 @@ class EdgeAgent:
 
     def serve(self) -> int:
         self.link.connect()
-        log.info("edge %s connected to %s", self.node, self.link.options.url)
+        log.info("edge %s connected to %s; policy: %s", self.node, self.link.options.url, self.policy.describe())
         self.publish_status(NodeState.ONLINE, force=True)
         try:
             while not (self.once and self.finished):
@@ -198,6 +208,11 @@ class EdgeAgent:
             raise ProtocolError(f"job assignment for {job.job}/{job.node} on topic of {name}/{self.node}")
         if job.state == JobState.CANCELLED:
             self.withdraw(name, "job cancelled by the cloud")
+        elif violations := self.policy.violations(
+            job.model.arch, job.model.cut_layer, job.privacy.epsilon, job.privacy.bits
+        ):
+            self.refuse(name, "; ".join(violations))
+            return
         parts, manifest = self.heads.get(name, {}), head_manifest(self.runtime, job)
         for seq in [s for s in parts if manifest is None or s >= manifest.chunks]:
             del parts[seq]  # a new head with fewer pieces; the others are overwritten as they arrive
@@ -206,6 +221,15 @@ class EdgeAgent:
             "job %s assigned (%s, cut %d, epsilon %g, %s runtime)",
             name, job.model.arch, job.model.cut_layer, job.privacy.epsilon, self.runtime,
         )
+
+    def refuse(self, name: str, reason: str) -> None:
+        """An assignment outside this edge's policy: never run (nor, if running, continued); the
+        retained status says ``refused`` and why until another job starts."""
+        log.warning("job %s refused: %s", name, reason)
+        self.withdraw(name, f"job {name} refused: {reason}")
+        self.refusal = (name, reason)
+        if self.run_ is None:
+            self.publish_status(NodeState.REFUSED, force=True)
 
     def withdraw(self, name: str, reason: str) -> None:
         self.jobs.pop(name, None)
@@ -277,6 +301,7 @@ class EdgeAgent:
     # job ---------------------------------------------------------------------------------------
 
     def run_job(self, job: JobAssignment) -> None:
+        self.refusal = None
         try:
             self.run_ = self.prepare(job)
             self.stream(self.run_)
@@ -291,13 +316,14 @@ class EdgeAgent:
                 self.run_.window.resent_bytes,
             )
         except JobCancelled:
-            self.publish_status(NodeState.CANCELLED, force=True)
+            refused = self.refusal is not None and self.refusal[0] == job.job
+            self.publish_status(NodeState.REFUSED if refused else NodeState.CANCELLED, force=True)
         except MistnetError as exc:
             log.error("job %s failed: %s", job.job, exc)
-            self.publish_status(NodeState.ERROR, message=str(exc), job=job.job, force=True)
-        except Exception as exc:
+            self.publish_status(NodeState.ERROR, message=public_error(exc), job=job.job, force=True)
+        except Exception:
             log.exception("job %s failed on an internal error", job.job)
-            self.publish_status(NodeState.ERROR, message=f"internal error: {exc!r}", job=job.job, force=True)
+            self.publish_status(NodeState.ERROR, message=public_error(None), job=job.job, force=True)
             raise
         finally:
             self.finished.add(job.job)
@@ -439,7 +465,9 @@ class EdgeAgent:
     # status ------------------------------------------------------------------------------------
 
     def current_state(self) -> NodeState:
-        return NodeState.EXTRACTING if self.run_ is not None else NodeState.ONLINE
+        if self.run_ is not None:
+            return NodeState.EXTRACTING
+        return NodeState.REFUSED if self.refusal is not None else NodeState.ONLINE
 
     def publish_status(self, state: NodeState, message: str = "", job: str | None = None, force: bool = False) -> None:
         now = time.monotonic()
@@ -447,6 +475,8 @@ class EdgeAgent:
             return
         self._last_status = now
         run = self.run_
+        if state == NodeState.REFUSED and self.refusal is not None:
+            job, message = self.refusal
         status = NodeStatus(
             node=self.node,
             state=state,
@@ -464,3 +494,16 @@ class EdgeAgent:
         self.last_status = status
         metrics.observe_node(status, self.rejected)
         self.link.publish(Topics.node_status(self.node), to_json(status), retain=True)
+
+
+def public_error(exc: MistnetError | None) -> str:
+    """What a failed job's status says on the broker. The object store's own errors (about the
+    cloud's bucket and this edge's credentials) go as they are; anything else may name the edge's
+    files, so only its kind goes, and the full text stays in this edge's log."""
+    if isinstance(exc, TransportError):
+        return str(exc)
+    if isinstance(exc, DatasetError):
+        return "the dataset cannot be read (details in the edge's log)"
+    if exc is None:
+        return "internal error (details in the edge's log)"
+    return f"{type(exc).__name__} (details in the edge's log)"

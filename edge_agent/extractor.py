@@ -14,14 +14,17 @@ What each step of the prepared head is worth on a CPU edge is in ``docs/benchmar
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from common.datasets.base import EdgeDataset, EdgeSample
+from common.datasets.base import EdgeDataset, EdgeSample, public_reason
 from common.mechanism import LevelEncoder
 from common.protocol import FeatureBatch, FeatureLayout, SkippedSample
+
+log = logging.getLogger("mistnet.edge")
 
 
 class Extractor:
@@ -92,7 +95,7 @@ class Extractor:
         parts: list[np.ndarray] = []
         for samples in self._micro_batches(transfer):
             ok = [s for s in samples if s.image is not None]
-            skipped += [SkippedSample(id=s.id, key=s.key, reason=s.error) for s in samples if s.image is None]
+            skipped += [self._skip(s) for s in samples if s.image is None]
             if ok:
                 layout, data = self._features(ok)
                 parts.append(data)
@@ -102,11 +105,16 @@ class Extractor:
             bits=self.encoder.bits,
             layout=layout,
             ids=[s.id for s in good],
-            keys=[s.key for s in good] if any(s.key for s in good) else [],
             labels=[s.label for s in good],
             data=b"".join(p.tobytes() for p in parts),
             skipped=skipped,
         )
+
+    @staticmethod
+    def _skip(sample: EdgeSample) -> SkippedSample:
+        """An unreadable sample: its name and error stay in this log, only a category goes on the wire."""
+        log.warning("sample %d (%s) skipped: %s", sample.id, sample.key, sample.error)
+        return SkippedSample(id=sample.id, reason=public_reason(sample.error))
 
     def _features(self, good: list[EdgeSample]) -> tuple[list[FeatureLayout], np.ndarray]:
         """One micro-batch: head, then quantize, randomize and pack (``[len(good), sample_bytes]``)."""

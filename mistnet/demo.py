@@ -35,7 +35,7 @@ from broker.launcher import start_embedded_broker
 from cloud_agent.pretrain import pretrain_classifier
 from common import constants as C
 from common.datasets.mnist import load_tensors, prepare_mnist
-from common.datasets.shift import Shift, shift_dataset
+from common.datasets.shift import Shift, shift_images, shifted_path
 from common.datasets.yolo import discover_images, img2label_path
 from common.errors import DatasetError, MistnetError, SpecError
 from common.jobfile import load_job
@@ -64,6 +64,7 @@ COCO_IMAGE_SIZE = 320
 COCO_HELD_OUT = 32
 COCO_PUBLIC = 32  # the cloud's public images: threshold calibration and cut decoder (privacy-utility.md)
 PERSON_HELD_OUT = 200  # of coco-person's 800 images; the other 600 go to the edges
+PERSON_EPOCHS = 6  # held-out AP levels off after 4-5 epochs on 540 images (bench.person)
 COCO_BATCH_SIZE = 16
 # Fine-tuning on ~100 images memorises them: at 0.01 held-out mAP collapses within a few epochs
 # (see shared/notes/mistnet-utility-measurements.md); 0.001, the Sedna example's rate, keeps it.
@@ -191,6 +192,7 @@ class DetectionScenario:
     held_out: int
     public: int | Path  # images split off the data, or a folder of unlabelled images
     fetchable: bool  # `mistnet fetch NAME` installs the data
+    epochs: int
 
     def default_data(self) -> Path:
         return find_default(self.data, self.name) if self.fetchable else self.data
@@ -201,9 +203,9 @@ class DetectionScenario:
 
 
 DETECTION_SCENARIOS = {
-    "coco128": DetectionScenario("coco128", "COCO128", DEFAULT_COCO128, COCO_HELD_OUT, COCO_PUBLIC, True),
+    "coco128": DetectionScenario("coco128", "COCO128", DEFAULT_COCO128, COCO_HELD_OUT, COCO_PUBLIC, True, COCO_EPOCHS),
     "coco-person": DetectionScenario(
-        "coco-person", "coco-person", DEFAULT_COCO_PERSON, PERSON_HELD_OUT, DEFAULT_PUBLIC_IMAGES, False
+        "coco-person", "coco-person", DEFAULT_COCO_PERSON, PERSON_HELD_OUT, DEFAULT_PUBLIC_IMAGES, False, PERSON_EPOCHS
     ),
 }
 
@@ -217,22 +219,25 @@ class PreparedJob:
     edges: list[Path]  # detection: the edges' labelled folders (the centralized baseline trains on them)
 
 
-def shifted_copy(data: Path, shift: Shift, dest: Path) -> Path:
-    """``data`` under ``shift`` in ``dest``, made once per work directory (a marker says it is whole)."""
+def shifted_split(split: ImageSplit, data: Path, shift: Shift, dest: Path) -> ImageSplit:
+    """The split's labelled images (edges, held-out) under ``shift`` in ``dest``, written once per
+    work directory (a marker says the copy is whole); the cloud's public images stay as they are."""
+    root = data if data.is_dir() else data.parent
+    edges = [[shifted_path(p, root, dest) for p in part] for part in split.edges]
+    held_out = [shifted_path(p, root, dest) for p in split.held_out]
     done = dest / ".complete"
-    if done.exists():
-        return dest
-    shutil.rmtree(dest, ignore_errors=True)
-    console = Console(stderr=True)
-    console.print(f"shifting {data} to {shift} in {dest}")
+    if not done.exists():
+        shutil.rmtree(dest, ignore_errors=True)
+        console = Console(stderr=True)
+        console.print(f"shifting the labelled images to {shift} in {dest}")
 
-    def progress(done: int, total: int) -> None:
-        if done % 100 == 0 or done == total:
-            console.print(f"  {done}/{total} images")
+        def progress(n: int, total: int) -> None:
+            if n % 100 == 0 or n == total:
+                console.print(f"  {n}/{total} images")
 
-    shift_dataset(data, dest, shift, progress)
-    done.touch()
-    return dest
+        shift_images([p for part in [*split.edges, split.held_out] for p in part], root, dest, shift, progress)
+        done.touch()
+    return ImageSplit(edges, held_out, split.public)
 
 
 def public_folder(public: int | Path, split: ImageSplit, folders: Path) -> Path | None:
@@ -257,12 +262,13 @@ def prepare_detection_job(opts: DemoOptions, root: Path) -> PreparedJob:
         hint = missing_hint("yolov5n", "--model PATH")
         raise MistnetError(f"pretrained YOLOv5 weights not found at {weights}: {hint}")
     folders = root / "data"
-    if opts.shift is not None:
-        data = shifted_copy(data, opts.shift, folders / f"shifted-{opts.shift.corruption}-{opts.shift.severity}")
     public = scenario.public if opts.public is None else opts.public
     held_out = scenario.held_out if opts.held_out is None else opts.held_out
     count = public if isinstance(public, int) else 0
     split = split_images(discover_images(data), opts.edges, opts.per_edge, held_out, public=count)
+    if opts.shift is not None:
+        dest = folders / f"shifted-{opts.shift.corruption}-{opts.shift.severity}"
+        split = shifted_split(split, data, opts.shift, dest)
     edge_dirs = [link_yolo_folder(imgs, folders / f"edge{k}") for k, imgs in enumerate(split.edges, 1)]
     validation = link_yolo_folder(split.held_out, folders / "held-out")
     adapt_on = public_folder(public, split, folders)
@@ -283,7 +289,7 @@ def prepare_detection_job(opts: DemoOptions, root: Path) -> PreparedJob:
             for k, d in enumerate(edge_dirs, 1)
         ],
         cloud=CloudSpec(
-            epochs=COCO_EPOCHS if opts.epochs is None else opts.epochs,
+            epochs=scenario.epochs if opts.epochs is None else opts.epochs,
             batch_size=opts.batch_size or COCO_BATCH_SIZE,
             learning_rate=opts.learning_rate or COCO_LEARNING_RATE,
             validation=str(validation),

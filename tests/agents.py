@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from mistnet.demo import DemoOptions, prepare_mnist_job
 
@@ -101,3 +103,14 @@ def finish(proc: subprocess.Popen[bytes], timeout_s: float) -> bytes:
         proc.kill()
         raise
     return out
+
+
+def run_two_edge_job(job: Path, broker_url: str, tmp: Path, timeout_s: float) -> dict[str, Any]:
+    """edge1 and edge2 (``--once``) and a cloud for ``job``; the cloud's JSON summary once all exited cleanly."""
+    edges = [start_edge(f"edge{k}", broker_url, tmp) for k in (1, 2)]
+    cloud = start_cloud(job, broker_url, tmp / "cloud")
+    summary: dict[str, Any] = json.loads(finish(cloud, timeout_s))
+    assert cloud.returncode == 0, (tmp / "cloud-cloud.log").read_text()[-3000:]
+    for e in edges:
+        assert e.wait(30) == 0
+    return summary

@@ -102,13 +102,14 @@ def write_job(
     min_edges: int = 1,
     s3: S3Spec | None = None,
     output: Path | None = None,
+    epsilon: float = 100,
 ) -> Path:
     """A native job file: node k of ``nodes`` holds shard k of a ``shards``-edge split."""
     spec = JobSpec(
         name=name,
         model=ModelSpec(arch="lenet5", num_classes=10, pretrained=str(base.weights)),
         cut_layer=2,
-        privacy=PrivacySpec(epsilon=100),
+        privacy=PrivacySpec(epsilon=epsilon),
         edges=[
             EdgeSpec(node=node, dataset=str(base.shard(k, shards)), batch_size=64) for k, node in enumerate(nodes, 1)
         ],

@@ -15,7 +15,15 @@ import torch
 
 from common.errors import MistnetError
 from common.models.registry import build
-from common.privacy import BitEncoder, flip_mask, flip_threshold, keep_probability, pack_bits
+from common.privacy import (
+    BitEncoder,
+    flip_mask,
+    flip_precision,
+    flip_probability,
+    flip_threshold,
+    keep_probability,
+    pack_bits,
+)
 from common.split import run_head
 from edge_agent.torch_head import TorchExtractor as Extractor
 from edge_agent.torch_head import check_device
@@ -94,7 +102,10 @@ def test_packed_randomization_flips_at_one_minus_p_and_never_touches_padding(eps
 def test_flip_mask_probability_is_rounded_up_and_bits_are_independent():
     threshold = flip_threshold(4.0)
     assert threshold / 2**32 >= 1 - keep_probability(4.0) > (threshold - 1) / 2**32
-    assert flip_threshold(100.0) == 0
+    # Never skipped, never below what was asked: tiny probabilities resolve 2^-64 (at least one step).
+    assert flip_precision(30.0) == 64 and flip_threshold(30.0) / 2**64 >= flip_probability(30.0)
+    assert flip_threshold(30.0) / 2**64 < flip_probability(30.0) * (1 + 2**-40)
+    assert flip_precision(100.0) == 64 and flip_threshold(100.0) == 1
     bits = np.unpackbits(flip_mask(np.random.default_rng(0), 1 << 17, 1 << 30))  # q = 1/4
     assert abs(bits.mean() - 0.25) < 0.005
     pairs = bits[:-1:2] & bits[1::2]

@@ -29,7 +29,7 @@ def mistnet(*args: str) -> subprocess.CompletedProcess[str]:
 def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("centralized")
     images = discover_images(COCO128)
-    return link_yolo_folder(images[:8], root / "train"), link_yolo_folder(images[8:12], root / "val")
+    return link_yolo_folder(images[:4], root / "train"), link_yolo_folder(images[4:6], root / "val")
 
 
 def test_flip_mirrors_boxes_with_the_image(folders: tuple[Path, Path]) -> None:
@@ -47,8 +47,8 @@ def test_flip_mirrors_boxes_with_the_image(folders: tuple[Path, Path]) -> None:
 def test_train_writes_an_evaluable_checkpoint_with_curves_and_resumes(folders: tuple[Path, Path], tmp_path: Path):
     train, val = folders
     out = tmp_path / "ft.safetensors"
-    common = ["train", "--model", str(WEIGHTS), "--data", str(train), "--val", str(val), "--imgsz", "128",
-              "--batch-size", "4", "--out", str(out), "--json"]  # fmt: skip
+    common = ["train", "--model", str(WEIGHTS), "--data", str(train), "--val", str(val), "--imgsz", "96",
+              "--batch-size", "2", "--out", str(out), "--json"]  # fmt: skip
     first = mistnet(*common, "--epochs", "1")
     assert first.returncode == 0, first.stderr[-2000:]
     summary = json.loads(first.stdout)
@@ -60,7 +60,7 @@ def test_train_writes_an_evaluable_checkpoint_with_curves_and_resumes(folders: t
     assert second.returncode == 0, second.stderr[-2000:]
     assert json.loads(second.stdout)["epochs"] == 2
     assert "resuming training after epoch 1" in second.stderr
-    scored = mistnet("eval", "--model", str(out), "--data", str(val), "--imgsz", "128", "--square", "--json")
+    scored = mistnet("eval", "--model", str(out), "--data", str(val), "--imgsz", "96", "--square", "--json")
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert json.loads(scored.stdout)["map50_95"] == pytest.approx(json.loads(second.stdout)["metrics"]["map50_95"],
                                                                   abs=1e-3)  # fmt: skip
@@ -71,3 +71,24 @@ def test_train_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
     size = mistnet("train", "--model", str(WEIGHTS), "--data", str(COCO128), "--imgsz", "100", "--out", "x")
     assert size.returncode == 2 and "multiple of 32" in size.stderr
+
+
+def test_demo_baselines_name_evaluable_checkpoints(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from common.datasets.shift import Shift
+    from mistnet.demo import DemoOptions, prepare_detection_job, run_baselines
+
+    opts = DemoOptions(scenario="coco-person", shift=Shift("fog", 3), per_edge=2, held_out=2, public=0,
+                       image_size=96, epochs=1, batch_size=2)  # fmt: skip
+    prepared = prepare_detection_job(opts, tmp_path)
+    baselines = run_baselines(prepared, tmp_path, Console(stderr=True))
+    assert set(baselines) == {"pretrained", "centralized"}
+    assert baselines["pretrained"].checkpoint is None
+    assert set(baselines["pretrained"].metrics) == {"map50", "map50_95"}
+    held_out = str(tmp_path / "data" / "held-out")
+    scored = mistnet("eval", "--model", str(baselines["centralized"].checkpoint), "--data", held_out, "--imgsz", "96",
+                     "--square", "--json")  # fmt: skip
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    expected = baselines["centralized"].metrics["map50_95"]
+    assert json.loads(scored.stdout)["map50_95"] == pytest.approx(expected, abs=1e-3)

@@ -28,6 +28,7 @@ def test_every_subcommand_has_help(command):
         (["edge", "--node", "bad/name"], "not a valid name"),
         (["edge", "--node", "e1", "--broker", "http://x"], "scheme must be mqtt"),
         (["demo", "--edges", "0"], "--edges must be at least 1"),
+        (["edge", "--node", "e1", "--max-epsilon", "nan"], "max_epsilon: Input should be a finite number"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(args, message):

@@ -10,7 +10,7 @@ import pytest
 
 from common.checkpoint import load_weights
 from mistnet.demo import DemoOptions, prepare_detection_job
-from tests.agents import finish, spool_query, start_cloud, start_edge
+from tests.agents import run_two_edge_job, spool_query
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WEIGHTS = SHARED / "weights" / "yolov5n.pt"
@@ -42,12 +42,7 @@ def test_two_edge_detection_job_reports_held_out_map_and_learns(tmp_path: Path, 
     # Per-role folders are symlinks into the shared data, never copies.
     linked = sorted((tmp_path / "data" / "edge1" / "images").iterdir())
     assert len(linked) == PER_EDGE and all(p.is_symlink() for p in linked)
-    edges = [start_edge(f"edge{k}", mosquitto.url, tmp_path) for k in (1, 2)]
-    cloud = start_cloud(job, mosquitto.url, tmp_path / "cloud")
-    summary = json.loads(finish(cloud, 150))
-    assert cloud.returncode == 0, (tmp_path / "cloud-cloud.log").read_text()[-3000:]
-    for e in edges:
-        assert e.wait(30) == 0
+    summary = run_two_edge_job(job, mosquitto.url, tmp_path, 150)
     assert summary["phase"] == "done"
     assert all(e["samples"] == PER_EDGE for e in summary["edges"].values())
     # Held-out mAP before and after training, through head -> bits -> tail.

@@ -73,7 +73,6 @@ def real_batch(transfer: int = 3, n: int = 4) -> FeatureBatch:
         bits=1,
         layout=[FeatureLayout(layer=2, shape=[6, 14, 14])],
         ids=ids,
-        keys=[str(i) for i in ids],
         labels=[bytes([i % 10]) for i in ids],
         data=bytes(range(147)) * n,
     )

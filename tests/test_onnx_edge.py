@@ -103,23 +103,38 @@ def test_onnx_and_torch_edges_send_the_same_bits_for_the_same_data(tmp_path, mos
     assert differ < 1e-3, differ
 
 
+def onnx_assignment(blob: bytes, outputs: list[FeatureLayout], dataset: str, epsilon: float = 100.0):
+    """A LeNet job for edge1 whose ONNX head is ``blob`` (weights not read by an onnx edge), and the
+    graph's chunks as the cloud publishes them."""
+    from common.heads import head_chunks
+    from common.protocol import JobAssignment, ModelRef, OnnxHead, PrivacyParams
+
+    weights, _ = head_chunks("j", b"unused by an onnx edge", 1024)
+    manifest, parts = head_chunks("j", blob, 1024)
+    job = JobAssignment(job="j", node="edge1", model=ModelRef(arch="lenet5", num_classes=10, cut_layer=2),
+                        privacy=PrivacyParams(epsilon=epsilon), dataset=dataset, batch_size=64, head=weights,
+                        onnx=OnnxHead(manifest=manifest, input_shape=LENET_INPUT, outputs=outputs))
+    return job, parts
+
+
+def deliver(edge, job, parts) -> None:
+    """The assignment and every chunk of its graph, as the broker hands them to the edge."""
+    from common.protocol import Topics, encode_head_chunk, to_json
+    from common.transport import Inbound
+
+    edge.link.publish = lambda *args, **kw: None
+    edge.dispatch(Inbound(Topics.job_assignment("edge1", "j"), to_json(job), retain=True))
+    for part in parts:
+        edge.dispatch(Inbound(Topics.onnx_chunk("edge1", "j", part.seq), encode_head_chunk(part), retain=True))
+
+
 def test_an_edge_refuses_a_head_with_custom_operators_and_says_so(tmp_path, lenet_head, caplog):
     """The whole path of an assignment: chunks joined and digest-checked, then the graph refused
     before ONNX Runtime loads it; the job ends in the edge's ``error`` status."""
     import onnx
 
     from common.datasets.mnist import prepare_mnist
-    from common.heads import head_chunks
-    from common.protocol import (
-        JobAssignment,
-        ModelRef,
-        NodeState,
-        OnnxHead,
-        PrivacyParams,
-        Topics,
-        encode_head_chunk,
-        to_json,
-    )
+    from common.protocol import NodeState, Topics, to_json
     from common.transport import BrokerOptions, Inbound
     from edge_agent.agent import EdgeAgent
 
@@ -129,20 +144,35 @@ def test_an_edge_refuses_a_head_with_custom_operators_and_says_so(tmp_path, lene
         model.graph.node[0].domain = "com.example"
         model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
 
-    bad = rewritten(blob, custom_op)
-    weights, _ = head_chunks("j", b"unused by an onnx edge", 1024)
-    manifest, parts = head_chunks("j", bad, 1024)
     shard = prepare_mnist(tmp_path / "mnist", edges=1).edges[0]
-    job = JobAssignment(job="j", node="edge1", model=ModelRef(arch="lenet5", num_classes=10, cut_layer=2),
-                        privacy=PrivacyParams(epsilon=100), dataset=str(shard), batch_size=64, head=weights,
-                        onnx=OnnxHead(manifest=manifest, input_shape=LENET_INPUT, outputs=outputs))
+    job, parts = onnx_assignment(rewritten(blob, custom_op), outputs, str(shard))
     edge = EdgeAgent("edge1", BrokerOptions(), runtime="onnx")
     edge.link.publish = lambda *args, **kw: None  # type: ignore[method-assign]
     edge.dispatch(Inbound(Topics.job_assignment("edge1", "j"), to_json(job), retain=True))
     assert edge.next_runnable() is None  # no chunk of the graph yet (the weights' topic is not read)
-    for part in parts:
-        edge.dispatch(Inbound(Topics.onnx_chunk("edge1", "j", part.seq), encode_head_chunk(part), retain=True))
+    deliver(edge, job, parts)
     assert edge.next_runnable() == job
     edge.run_job(job)
     assert edge.last_status.state == NodeState.ERROR
     assert "ONNX head: custom operator set 'com.example' is not allowed" in caplog.text
+    assert "com.example" not in edge.last_status.message  # the details stay in the edge's log
+
+
+def test_an_onnx_edge_applies_its_policy_before_anything_runs(tmp_path, lenet_head):
+    """A valid graph, fully delivered, for a job above the edge's ε limit: refused with the reason,
+    nothing to run, the (absent) data never touched."""
+    from common.policy import EdgePolicy
+    from common.protocol import NodeState
+    from common.transport import BrokerOptions
+    from edge_agent.agent import EdgeAgent
+
+    blob, outputs = lenet_head
+    job, parts = onnx_assignment(blob, outputs, str(tmp_path / "absent.npz"))
+    edge = EdgeAgent("edge1", BrokerOptions(), runtime="onnx", policy=EdgePolicy(max_epsilon=4))
+    deliver(edge, job, parts)
+    assert edge.next_runnable() is None
+    assert edge.last_status.state == NodeState.REFUSED and edge.last_status.job == "j"
+    assert edge.last_status.message == "epsilon 100 exceeds this edge's limit 4"
+    allowed, parts = onnx_assignment(blob, outputs, str(tmp_path / "absent.npz"), epsilon=4.0)
+    deliver(edge, allowed, parts)
+    assert edge.next_runnable() == allowed  # the same head within the limit would run

@@ -8,11 +8,14 @@ import torch
 
 from common.errors import ProtocolError
 from common.privacy import (
+    FINE_BELOW,
     BitEncoder,
+    activation_epsilon,
     calibrate_thresholds,
     decode_features,
     decode_rows,
     feature_transform,
+    flip_probability,
     keep_probability,
     make_generator,
     make_rng,
@@ -21,6 +24,8 @@ from common.privacy import (
     quantize,
     randomized_response,
     randomized_response_levels,
+    round_up,
+    sample_epsilon,
     thresholds_to_metadata,
     unpack_bits,
     unpack_levels,
@@ -52,6 +57,49 @@ def test_flips_are_symmetric():
     q = 1 - keep_probability(2.0)
     assert float((~randomized_response(ones, 2.0, make_generator(3))).float().mean()) == pytest.approx(q, abs=0.003)
     assert float(randomized_response(zeros, 2.0, make_generator(4)).float().mean()) == pytest.approx(q, abs=0.003)
+
+
+def test_flip_probability_never_vanishes_for_a_finite_epsilon():
+    for eps in (0.5, 4.0, 22.0):
+        assert flip_probability(eps) == pytest.approx(1 - keep_probability(eps), rel=1e-9)
+    assert 0 < flip_probability(100.0) == pytest.approx(math.exp(-50), rel=1e-9)  # 1 - p is 0.0 in float64
+    for eps in np.geomspace(0.01, 5000, 200):
+        for grid in (24, 32, 53, 64):
+            q = flip_probability(float(eps))
+            rounded = math.ldexp(round_up(q, grid), -grid)
+            assert q <= rounded > 0 and rounded - q <= 2.0**-grid
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="finite number > 0"):
+            BitEncoder(bad)
+
+
+@pytest.mark.parametrize("eps", [24.0, 26.0])
+def test_tiny_flip_probabilities_are_applied_not_skipped(eps):
+    """Below 2^-16 the packed path resolves 2^-64 and the float path float64: rare flips still happen
+    at their rate (and nothing rounds them to 0: see test_flip_probability_never_vanishes...)."""
+    q = flip_probability(eps)
+    assert q < FINE_BELOW
+    n_packed, n_float = 1 << 24, 1 << 22
+    packed = BitEncoder(eps, seed=5).randomize_packed(np.zeros((1, n_packed // 8), np.uint8), n_packed)
+    flips = {"packed": (int(np.unpackbits(packed).sum()), n_packed)}
+    zeros = torch.zeros(n_float, dtype=torch.bool)
+    flips["float"] = (int(randomized_response(zeros, eps, make_generator(6)).sum()), n_float)
+    levels = randomized_response_levels(np.zeros(n_float, np.uint8), 4, eps + 2 * math.log(3), make_rng(7))
+    flips["levels"] = (int((levels != 0).sum()), n_float)  # K = 4 at the same replacement probability
+    for path, (count, n) in flips.items():
+        assert abs(count - n * q) < 5 * math.sqrt(n * q) + 1, (path, count, n * q)
+
+
+@pytest.mark.parametrize("levels", [2, 4, 16])
+@pytest.mark.parametrize("eps", [0.5, 2.0, 8.0])
+def test_accounting_follows_the_mechanism(levels, eps):
+    """ln(p/q) from the keep probability the mechanism uses, and r times it per sample (Theorem 4.1)."""
+    p = keep_probability(eps, levels)
+    q = (1 - p) / (levels - 1)
+    assert activation_epsilon(eps, levels) == pytest.approx(math.log(p / q), rel=1e-9)
+    assert sample_epsilon(eps, 1176, levels) == pytest.approx(1176 * math.log(p / q), rel=1e-9)
+    with pytest.raises(ValueError):
+        activation_epsilon(math.inf, levels)
 
 
 def test_epsilon_100_is_pure_binarization():

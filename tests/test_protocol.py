@@ -4,6 +4,7 @@ import hashlib
 
 import msgpack
 import pytest
+from pydantic import ValidationError
 
 from common import constants as C
 from common.errors import ProtocolError
@@ -17,12 +18,15 @@ from common.protocol import (
     JobStatus,
     NodeState,
     NodeStatus,
+    PrivacyParams,
+    SkippedSample,
     Topics,
     check_name,
     decode_batch,
     decode_chunk,
     encode_batch,
     encode_chunk,
+    finite,
     from_json,
     join_transfer,
     split_transfer,
@@ -178,9 +182,7 @@ def test_transfer_digest_covers_chunk_order():
 
 
 def test_privacy_params_thresholds_must_fit_bits_and_ascend():
-    from pydantic import ValidationError
-
-    from common.protocol import LayerThresholds, PrivacyParams
+    from common.protocol import LayerThresholds
 
     ok = PrivacyParams(epsilon=4, bits=2, thresholds=[LayerThresholds(layer=3, values=[[-1, 0, 1], [0, 0, 2]])])
     assert ok.thresholds is not None and ok.thresholds[0].values[1] == [0, 0, 2]
@@ -194,3 +196,37 @@ def test_privacy_params_thresholds_must_fit_bits_and_ascend():
         LayerThresholds(layer=3, values=[[float("nan")]])
     with pytest.raises(ValidationError, match="same number"):
         LayerThresholds(layer=3, values=[[0.0], [0.0, 1.0]])
+
+
+def _message_classes():
+    import common.protocol as protocol
+
+    return [c for c in vars(protocol).values() if isinstance(c, type) and issubclass(c, protocol.Message)]
+
+
+def test_no_message_accepts_nan_or_infinity():
+    """JSON parsers take NaN and Infinity as literals; every float of every message refuses them
+    (an Infinity ε would turn randomized response off)."""
+    classes = _message_classes()
+    assert len(classes) > 15 and all(c.model_config.get("allow_inf_nan") is False for c in classes)
+    for literal in (b"Infinity", b"-Infinity", b"NaN"):
+        with pytest.raises(ProtocolError, match="epsilon"):
+            from_json(PrivacyParams, b'{"epsilon": ' + literal + b"}")
+        with pytest.raises(ProtocolError, match="time"):
+            from_json(NodeStatus, b'{"node": "e", "state": "online", "time": ' + literal + b"}")
+        with pytest.raises(ProtocolError, match="metrics"):
+            from_json(JobStatus, b'{"job": "j", "phase": "done", "metrics": {"accuracy": ' + literal + b"}}")
+    assert from_json(PrivacyParams, b'{"epsilon": 1e300}').epsilon == 1e300  # large but finite: the policy's job
+
+
+def test_finite_leaves_out_diverged_values():
+    assert finite({"loss": float("nan"), "box": float("inf"), "cls": 0.5}) == {"cls": 0.5}
+
+
+def test_skipped_samples_carry_a_category_not_a_path():
+    skipped = SkippedSample(id=3, reason="unreadable image")
+    with pytest.raises(ValidationError):
+        SkippedSample(id=3, key="images/secret.jpg", reason="unreadable image")  # type: ignore[call-arg]
+    with pytest.raises(ValidationError):
+        FeatureBatch(transfer=0, bits=1, layout=[], ids=[], keys=["a.jpg"], labels=[], data=b"")  # type: ignore[call-arg]
+    assert skipped.model_dump() == {"id": 3, "reason": "unreadable image"}

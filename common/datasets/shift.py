@@ -80,20 +80,33 @@ def shift_dataset(
     if dst.exists() and any(dst.iterdir()):
         raise DatasetError(f"{dst} exists and is not empty: choose a new folder")
     root = src if src.is_dir() else src.parent
+    written = shift_images(images, root, dst, shift, progress)
+    for extra in ("names.yaml", "data.yaml"):
+        if (root / extra).is_file():
+            shutil.copy2(root / extra, dst / extra)
+    return written
+
+
+def shifted_path(image: Path, root: Path, dst: Path) -> Path:
+    """Where :func:`shift_images` writes ``image`` (a file under ``root``)."""
+    return (dst / image.relative_to(root)).with_suffix(".jpg")
+
+
+def shift_images(
+    images: list[Path], root: Path, dst: Path, shift: Shift, progress: Callable[[int, int], None] | None = None
+) -> list[Path]:
+    """Each image under ``root`` corrupted into the same place under ``dst``, its label beside it."""
+    from PIL import Image
+
     written = []
     for done, image in enumerate(images, 1):
-        target = (dst / image.relative_to(root)).with_suffix(".jpg")
+        target = shifted_path(image, root, dst)
         target.parent.mkdir(parents=True, exist_ok=True)
-        from PIL import Image
-
         Image.fromarray(corrupt_image(image, shift)).save(target, quality=JPEG_QUALITY)
         copy_label(image, root, dst)
         written.append(target)
         if progress is not None:
             progress(done, len(images))
-    for extra in ("names.yaml", "data.yaml"):
-        if (root / extra).is_file():
-            shutil.copy2(root / extra, dst / extra)
     return written
 
 

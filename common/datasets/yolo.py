@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from common.datasets.base import EdgeSample
+from common.datasets.base import BAD_LABELS, UNREADABLE_IMAGE, EdgeSample
 from common.errors import DatasetError
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".dng", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp"})
@@ -213,12 +213,12 @@ class YoloDataset:
             self._sizes.append(verify_image(path))
         except Exception as exc:  # decoders of damaged files raise all sorts; the sample is just skipped
             self._sizes.append((1, 1))
-            self._errors[index] = f"unreadable image: {type(exc).__name__}: {exc}"
+            self._errors[index] = f"{UNREADABLE_IMAGE}: {type(exc).__name__}: {exc}"
             return None
         try:
             return read_labels(img2label_path(path))
         except (DatasetError, OSError, UnicodeDecodeError) as exc:
-            self._errors[index] = f"bad label file: {exc}"
+            self._errors[index] = f"{BAD_LABELS}: {exc}"
             return None
 
     def __len__(self) -> int:
@@ -250,7 +250,7 @@ class YoloDataset:
                 pixels, box = letterbox(decode_image(path), imgsz or self.imgsz, shape)
                 return YoloSample(index, path, to_tensor(pixels), labels_to_letterbox(labels, box), labels, box)
             except Exception as exc:  # as in _scan: a damaged file must not stop the run
-                self._errors[index] = f"unreadable image: {type(exc).__name__}: {exc}"
+                self._errors[index] = f"{UNREADABLE_IMAGE}: {type(exc).__name__}: {exc}"
         return YoloSample(index, path, None, labels, labels, None, self._errors[index])
 
 

@@ -46,6 +46,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {summary.message}")
         for node, edge in summary.edges.items():
             print(f"  {node}: {edge.samples} samples, {edge.wire_bytes} bytes {edge.missing_reason}")
+            if edge.privacy is not None:
+                p = edge.privacy
+                print(
+                    f"    privacy: ε {p.epsilon:g} per activation ({p.activation_epsilon:g}-LDP each, "
+                    f"{p.bits} bit(s)), {p.activations} activations per sample: "
+                    f"{p.sample_epsilon:g}-LDP per sample by composition"
+                )
         print(f"  metrics: {summary.metrics}")
         print(f"  checkpoint: {summary.checkpoint}")
     return 0 if summary.phase == JobPhase.DONE else 1

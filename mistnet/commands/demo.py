@@ -25,7 +25,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--edges", type=int, default=2, help="number of edge agents (default 2)")
     p.add_argument("--epsilon", type=float, default=100.0, help="LDP budget per bit (default 100)")
-    p.add_argument("--epochs", type=int, help="cloud training epochs (default: mnist 6, coco128 10)")
+    p.add_argument("--epochs", type=int, help="cloud training epochs (default: mnist 6, coco128 10, coco-person 6)")
     p.add_argument("--cut-layer", type=int, help="edges run layers [0, N) (default: mnist 2, coco128 4)")
     p.add_argument("--learning-rate", type=float, help="cloud learning rate (default: mnist 0.02, coco128 0.001)")
     p.add_argument(

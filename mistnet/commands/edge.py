@@ -30,15 +30,45 @@ def register(sub: Any) -> None:
         "--rate-limit", type=float, metavar="BYTES_PER_S", help="cap the average upload rate (metered or shared links)"
     )
     p.add_argument("--once", action="store_true", help="exit after one job instead of waiting for more")
+    add_policy_flags(p)
     add_metrics_flag(p)
     add_broker_flags(p)
     p.set_defaults(func=run)
 
 
+def add_policy_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "privacy policy (set here, never by the cloud: jobs outside it are refused before any image is read; "
+        "flags win over MISTNET_* env; default: no limits)"
+    )
+    g.add_argument(
+        "--max-epsilon",
+        type=float,
+        metavar="E",
+        help="refuse jobs with a larger ε per activation (env MISTNET_MAX_EPSILON)",
+    )
+    g.add_argument(
+        "--min-cut-layer", type=int, metavar="N", help="refuse jobs that cut before layer N (env MISTNET_MIN_CUT_LAYER)"
+    )
+    g.add_argument(
+        "--allow-arch", metavar="A,B", help="run only these model architectures (env MISTNET_ALLOW_ARCH)"
+    )
+    g.add_argument("--max-bits", type=int, metavar="K", help="refuse more bits per activation (env MISTNET_MAX_BITS)")
+
+
 def run(args: argparse.Namespace) -> int:
+    from common.policy import policy_from_env
     from common.protocol import check_name
     from edge_agent.agent import EdgeAgent
 
+    policy = policy_from_env(
+        {
+            "max_epsilon": args.max_epsilon,
+            "min_cut_layer": args.min_cut_layer,
+            "allow_arch": args.allow_arch,
+            "max_bits": args.max_bits,
+        }
+    )
     serve(args.metrics_port)
     agent = EdgeAgent(
         check_name("node", args.node),
@@ -49,5 +79,6 @@ def run(args: argparse.Namespace) -> int:
         args.rate_limit,
         s3_credentials=args.credentials,
         runtime=args.runtime,
+        policy=policy,
     )
     return agent.serve()

@@ -1,6 +1,10 @@
 """``mistnet job validate FILE``: check a job file (native or Sedna) and show what each role runs;
 ``mistnet job cancel FILE``: ask the job's cloud agent to cancel it.
 
+With ``--policy POLICY``, also check the job against an edge's privacy policy (a YAML file with any of
+max_epsilon, min_cut_layer, allow_arch, max_bits: the limits of ``mistnet edge``): every edge an edge
+with that policy would refuse is listed with the reason, and the exit status is 1.
+
 Prints the effective configuration per role — the cloud (epochs, batch size, learning rate, validation
 data, output, cut layer, model) and every edge (node, dataset, batch size, ε) — as tables, or as JSON
 with ``--json``; warnings go to stderr. Exit 0 when the file is valid; an invalid file raises
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -30,6 +35,7 @@ def register(subparsers: Any) -> None:
     )
     validate.add_argument("file", help="job file: a MistNetJob or Sedna manifests (multi-document YAML)")
     validate.add_argument("--json", action="store_true", help="print the configuration as JSON")
+    validate.add_argument("--policy", type=Path, metavar="FILE", help="check the job against an edge policy file")
     validate.set_defaults(func=run)
     add_cancel(actions)
 
@@ -41,12 +47,31 @@ def run(args: argparse.Namespace) -> int:
     for warning in loaded.warnings:
         print(f"mistnet job: warning: {warning}", file=sys.stderr)
     config = describe(loaded.spec)
+    refused = policy_check(loaded.spec, args.policy) if args.policy else None
     if args.json:
         out = {"source": loaded.source, "form": loaded.form, "warnings": loaded.warnings, **config}
+        if refused is not None:
+            out["policy"] = {"file": str(args.policy), "refused": refused}
         print(json.dumps(out, indent=2))
     else:
         render(config, loaded.source, loaded.form)
-    return 0
+        if refused is not None:
+            render_policy(refused, args.policy)
+    return 1 if refused else 0
+
+
+def policy_check(spec: Any, path: Path) -> dict[str, list[str]]:
+    from common.policy import job_violations, load_policy
+
+    return job_violations(spec, load_policy(path))
+
+
+def render_policy(refused: dict[str, list[str]], path: Path) -> None:
+    if not refused:
+        print(f"policy {path}: every edge accepts this job")
+        return
+    for node, reasons in refused.items():
+        print(f"policy {path}: {node} refuses this job: {'; '.join(reasons)}")
 
 
 def _show(value: Any) -> str:

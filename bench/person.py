@@ -1,0 +1,213 @@
+"""Learning from the edges: person detection under a distribution shift the pretrained model never saw.
+
+``python -m bench.person --shift contrast:5 --epsilons 100,4,2,1`` (``make learning``) measures, on
+``../shared/data/coco-person`` split as ``mistnet demo --scenario coco-person`` splits it (200
+held-out images, 2 edges x 300), every labelled image under the shift:
+
+- ``pretrained``: the official checkpoint, full precision: where the edges start.
+- ``centralized``: every layer fine-tuned on the edges' raw images (``mistnet train``): what uploading
+  them would give, the non-private upper bound.
+- ``adapted``: MistNet before any edge data: thresholds and cut decoder from the cloud's public images.
+- ``mistnet``: adapted, then trained on what the edges send (randomized at ε), the epoch chosen on
+  held-back received samples; scored through the deployed path (head → levels → decoder → tail).
+
+Everything runs through the shipped code (edge extractor and encoder filling a real spool, the
+cloud's adaptation and trainer); the images the rows are scored on are never sent nor trained on.
+Rows are appended to ``bench/results/person.json`` as they are measured; ``python -m
+bench.utility_doc`` renders them into ``docs/privacy-utility.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from torch import nn
+
+from bench.utility import Setup, fill_spool
+from cloud_agent.adaptation import Adaptation, adapt
+from cloud_agent.centralized import ImageDetection, fine_tune
+from cloud_agent.detection import Detection
+from cloud_agent.spool import SpoolFeatures
+from cloud_agent.tasks import Privatize
+from cloud_agent.trainer import History, TrainConfig, Trainer, selection_split
+from common.checkpoint import load_model
+from common.datasets.shift import Shift
+from common.datasets.yolo import discover_images
+from common.models.cutdecoder import attach
+from common.privacy import BitEncoder, feature_transform
+from common.spec import AdaptSpec, CloudSpec
+from mistnet.demo import (
+    COCO_BATCH_SIZE,
+    COCO_CUT,
+    COCO_LEARNING_RATE,
+    PERSON_HELD_OUT,
+    link_yolo_folder,
+    shifted_split,
+    split_images,
+)
+from mistnet.flags import DEFAULT_COCO_PERSON, DEFAULT_PUBLIC_IMAGES, DEFAULT_YOLO_WEIGHTS
+
+log = logging.getLogger("mistnet.bench.person")
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "person.json"
+EDGES = 2
+SEED = 0
+
+
+@dataclass
+class Row:
+    shift: str
+    method: str
+    epsilon: float | None
+    map50: float
+    map50_95: float
+    seconds: float
+    selected_epoch: int | None = None
+
+
+@dataclass
+class Bench:
+    setup: Setup
+    shift: str
+    epochs: int
+    out: Path
+
+    def record(self, row: Row) -> None:
+        print(json.dumps(asdict(row)), flush=True)
+        doc = json.loads(self.out.read_text()) if self.out.exists() else {"rows": []}
+        key = (row.shift, row.method, row.epsilon)
+        rows = [r for r in doc["rows"] if (r["shift"], r["method"], r["epsilon"]) != key] + [asdict(row)]
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps({"imgsz": self.setup.imgsz, "epochs": self.epochs, "rows": rows}, indent=1))
+
+    def held_out(self) -> Path:
+        return self.setup.folders["held-out"]
+
+    def pretrained(self) -> None:
+        t0 = time.monotonic()
+        model, _ = load_model(self.setup.weights)
+        got = ImageDetection(self.held_out(), self.setup.imgsz).evaluate(model, 0, lambda f: f, self.setup.device)
+        self.record(Row(self.shift, "pretrained", None, *scores(got), round(time.monotonic() - t0, 1)))
+
+    def centralized(self) -> None:
+        t0 = time.monotonic()
+        state = self.setup.workdir / "centralized"
+        shutil.rmtree(state, ignore_errors=True)
+        config = TrainConfig(self.epochs, COCO_BATCH_SIZE, COCO_LEARNING_RATE, device=self.setup.device, seed=SEED)
+        edges = [self.setup.folders[e] for e in self.setup.edges]
+        result = fine_tune(self.setup.weights, edges, self.held_out(), self.setup.imgsz, config, state)
+        last = next(e.metrics for e in reversed(result.history.epochs) if e.metrics)
+        self.record(Row(self.shift, "centralized", None, *scores(last), round(time.monotonic() - t0, 1)))
+
+    def adaptation(self, eps: float) -> tuple[Adaptation, float]:
+        """The job's adaptation at ε and the seconds it took (made once per work directory)."""
+        path = self.setup.workdir / f"adaptation-eps{eps:g}.safetensors"
+        took = path.with_suffix(".json")
+        if path.exists() and took.exists():
+            return Adaptation.load(path), json.loads(took.read_text())["seconds"]
+        t0 = time.monotonic()
+        model, _ = load_model(self.setup.weights)
+        spec = AdaptSpec(epochs=self.setup.decoder_epochs)
+        found = adapt(model, COCO_CUT, self.setup.folders["public"], self.setup.imgsz, [eps], 1, True, spec,
+                      self.setup.device, SEED, log.info)  # fmt: skip
+        found.save(path)
+        seconds = round(time.monotonic() - t0, 1)
+        took.write_text(json.dumps({"seconds": seconds}))
+        return found, seconds
+
+    def mistnet(self, eps: float) -> None:
+        t0 = time.monotonic()
+        adaptation, adapting = self.adaptation(eps)
+        model = adapted_model(self.setup.weights, adaptation)
+        task = Detection(self.held_out(), self.setup.imgsz)
+        transform = feature_transform(adaptation.encoding())
+        before = task.evaluate(model, COCO_CUT, transform, self.setup.device)
+        self.record(Row(self.shift, "adapted", eps, *scores(before), round(adapting + time.monotonic() - t0, 1)))
+        t1 = time.monotonic()
+        encoder = BitEncoder(eps, seed=SEED + 1, thresholds=adaptation.thresholds)
+        received = fill_spool(self.setup, load_model(self.setup.weights)[0], encoder, f"eps{eps:g}-spool")
+        trainer = self.trainer(model, task, received, f"eps{eps:g}", transform)
+        trainer.fit(History(), lambda r: log.info("ε %g epoch %d: %s %s", eps, r.epoch, r.losses, r.metrics))
+        chosen = trainer.restore_selected()
+        got = task.evaluate(model, COCO_CUT, transform, self.setup.device)
+        epoch = chosen.epoch if chosen is not None else None
+        row = Row(self.shift, "mistnet", eps, *scores(got), round(time.monotonic() - t1, 1), epoch)
+        self.record(row)
+
+    def trainer(
+        self, model: nn.Module, task: Detection, data: SpoolFeatures, name: str, transform: Privatize
+    ) -> Trainer:
+        """The cloud agent's trainer, with the job defaults the demo uses (``CloudSpec``)."""
+        state = self.setup.workdir / name / "state"
+        shutil.rmtree(state, ignore_errors=True)
+        train, selection = selection_split(data, CloudSpec().selection_fraction, SEED)
+        config = TrainConfig(self.epochs, COCO_BATCH_SIZE, COCO_LEARNING_RATE, device=self.setup.device, seed=SEED,
+                             recalibrate_bn=False)  # fmt: skip
+        return Trainer(model, COCO_CUT, task, train, config, state, transform, selection)
+
+
+def scores(metrics: dict[str, float]) -> tuple[float, float]:
+    return round(metrics["map50"], 4), round(metrics["map50_95"], 4)
+
+
+def adapted_model(weights: Path, adaptation: Adaptation) -> nn.Module:
+    model, _ = load_model(weights)
+    if adaptation.decoder is not None:
+        attach(model, copy.deepcopy(adaptation.decoder))
+    return model
+
+
+def prepare(data: Path, shift: Shift | None, public: Path, workdir: Path) -> dict[str, Path]:
+    """coco-person split and shifted as ``mistnet demo --scenario coco-person`` does it."""
+    split = split_images(discover_images(data), EDGES, None, PERSON_HELD_OUT)
+    if shift is not None:
+        split = shifted_split(split, data, shift, workdir / f"data-{shift.corruption}-{shift.severity}")
+    folders = {f"edge{k}": link_yolo_folder(imgs, workdir / f"edge{k}") for k, imgs in enumerate(split.edges, 1)}
+    folders["held-out"] = link_yolo_folder(split.held_out, workdir / "held-out")
+    folders["public"] = public
+    return folders
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.person", description=__doc__.splitlines()[0])
+    p.add_argument("--shift", default="contrast:5", help="NAME:SEVERITY, or 'clean' (default contrast:5)")
+    p.add_argument("--epsilons", default="100,4,2,1", help="comma-separated (default 100,4,2,1)")
+    p.add_argument("--methods", default="pretrained,centralized,mistnet", help="comma-separated subset")
+    p.add_argument("--data", type=Path, default=DEFAULT_COCO_PERSON)
+    p.add_argument("--public", type=Path, default=DEFAULT_PUBLIC_IMAGES)
+    p.add_argument("--weights", type=Path, default=DEFAULT_YOLO_WEIGHTS)
+    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--epochs", type=int, default=6, help="training epochs, MistNet and centralized alike")
+    p.add_argument("--decoder-epochs", type=int, default=10)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/mistnet-person"))
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    shift = None if args.shift == "clean" else Shift.parse(args.shift)
+    workdir = args.workdir / args.shift.replace(":", "-")
+    workdir.mkdir(parents=True, exist_ok=True)
+    folders = prepare(args.data, shift, args.public, workdir)
+    setup = Setup(args.weights, args.imgsz, args.epochs, args.decoder_epochs, folders, workdir, args.device)
+    bench = Bench(setup, args.shift, args.epochs, args.out)
+    methods = args.methods.split(",")
+    if "pretrained" in methods:
+        bench.pretrained()
+    if "centralized" in methods:
+        bench.centralized()
+    if "mistnet" in methods:
+        for eps in [float(e) for e in args.epsilons.split(",")]:
+            bench.mistnet(eps)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""The "learning from the edges" section of ``docs/privacy-utility.md``, from ``bench/results/person.json``.
+
+Rendered by ``python -m bench.utility_doc`` (its section comes first: it is what the system is for);
+the figures come from ``python -m bench.person`` runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "person.json"
+PLOT = "person-learning.png"
+GOAL_SHIFT = "contrast:5"
+GAIN_GOALS = {100.0: 0.9, 4.0: 0.7}
+
+Row = dict[str, Any]
+
+
+def find(rows: list[Row], shift: str, method: str, eps: float | None = None) -> Row | None:
+    return next((r for r in rows if (r["shift"], r["method"], r["epsilon"]) == (shift, method, eps)), None)
+
+
+def cell(row: Row | None) -> str:
+    return f"{row['map50']:.3f} / {row['map50_95']:.3f}" if row else "not run"
+
+
+def seconds(row: Row | None) -> str:
+    return f"{row['seconds']:.0f}" if row else "–"
+
+
+def shift_table(rows: list[Row], shift: str, epsilons: list[float]) -> list[str]:
+    lines = ["| method | held-out AP@0.5 / AP@0.5:0.95 | wall time (s) | epoch shipped |", "|---|---|---|---|"]
+    for method, label in (("pretrained", "pretrained, full precision"),
+                          ("centralized", "centralized fine-tune on the raw images (upper bound)")):  # fmt: skip
+        row = find(rows, shift, method)
+        lines.append(f"| {label} | {cell(row)} | {seconds(row)} | |")
+    for eps in epsilons:
+        adapted, trained = find(rows, shift, "adapted", eps), find(rows, shift, "mistnet", eps)
+        if adapted:
+            label = f"MistNet ε = {eps:g}, adapted only (no edge data)"
+            lines.append(f"| {label} | {cell(adapted)} | {seconds(adapted)} | |")
+        if trained:
+            epoch = trained.get("selected_epoch")
+            lines.append(f"| **MistNet ε = {eps:g}, trained on the edges' bits** | {cell(trained)} | "
+                         f"{seconds(trained)} | {'' if epoch is None else epoch} |")  # fmt: skip
+    return lines
+
+
+def gain_lines(rows: list[Row], epsilons: list[float]) -> list[str]:
+    pre, central = find(rows, GOAL_SHIFT, "pretrained"), find(rows, GOAL_SHIFT, "centralized")
+    if pre is None or central is None:
+        return [f"(the goal needs the pretrained and centralized rows of `{GOAL_SHIFT}`)"]
+    gain = central["map50_95"] - pre["map50_95"]
+    lines = [
+        f"Centralized gain over pretrained at `{GOAL_SHIFT}`: {central['map50_95']:.3f} − {pre['map50_95']:.3f}"
+        f" = {gain:.3f} AP@0.5:0.95.",
+        "",
+        "| ε | MistNet − pretrained | share of the centralized gain | goal | met | edge data's gain over adapted-only"
+        " (goal ≥ half the centralized gain) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for eps in epsilons:
+        trained, adapted = find(rows, GOAL_SHIFT, "mistnet", eps), find(rows, GOAL_SHIFT, "adapted", eps)
+        if trained is None:
+            continue
+        ours = trained["map50_95"] - pre["map50_95"]
+        share = ours / gain if gain > 0 else float("nan")
+        goal = GAIN_GOALS.get(eps)
+        met = "–" if goal is None else ("yes" if share >= goal else "**no**")
+        taught = "–"
+        if adapted is not None:
+            edge = trained["map50_95"] - adapted["map50_95"]
+            taught = f"{edge:+.3f} ({'yes' if edge >= gain / 2 else '**no**'})"
+        goal_text = "–" if goal is None else f"≥ {goal:.0%}"
+        lines.append(f"| {eps:g} | {ours:+.3f} | {share:.0%} | {goal_text} | {met} | {taught} |")
+    return lines
+
+
+def plot(rows: list[Row], shifts: list[str], epsilons: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: list[tuple[str, float | None, str]] = [
+        ("pretrained", None, "pretrained"),
+        ("centralized", None, "centralized (raw images)"),
+    ]
+    series += [("mistnet", e, f"MistNet ε={e:g}") for e in epsilons]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(shifts)), 4.2))
+    for k, (method, eps, label) in enumerate(series):
+        values = [(find(rows, s, method, eps) or {}).get("map50_95", 0.0) for s in shifts]
+        ax.bar([i + k * width for i in range(len(shifts))], values, width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shifts))], shifts)
+    ax.set_ylabel("held-out person AP@0.5:0.95")
+    ax.set_title("Learning from the edges: coco-person under each shift (320 px)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def section(results: Path, docs: Path) -> list[str]:
+    """The section's markdown lines (and its plot, written into ``docs``)."""
+    if not results.exists():
+        return ["## Learning from the edges", "", f"(no results yet: run `python -m bench.person`, {results})", ""]
+    data = json.loads(results.read_text())
+    rows: list[Row] = data["rows"]
+    shifts = sorted({r["shift"] for r in rows}, key=lambda s: (s != GOAL_SHIFT, s))
+    epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None}, reverse=True)
+    plot(rows, shifts, epsilons, docs / PLOT)
+    lines = [*INTRO, f"Training epochs (MistNet and centralized alike): {data['epochs']}; {data['imgsz']} px.", ""]
+    for shift in shifts:
+        lines += [f"### `{shift}`", "", *shift_table(rows, shift, epsilons), ""]
+    lines += ["### Against the goal", "", *gain_lines(rows, epsilons), "", f"![held-out person AP per shift]({PLOT})",
+              ""]  # fmt: skip
+    return lines
+
+
+INTRO = [
+    "## Learning from the edges: person detection under shifts the pretrained model never saw",
+    "",
+    "`python -m bench.person --shift NAME:SEVERITY` (`make learning`). Data: `../shared/data/coco-person` (800 COCO"
+    " val2017 images with people, none in yolov5n's training set), split as `mistnet demo --scenario coco-person`"
+    " splits it: 200 held-out images (never sent, never trained on: every figure here is on them) and 2 edges x 300"
+    " labelled images; every labelled image gets the COCO-C shift (`mistnet data shift`), the cloud's 600 public"
+    " photos (`../shared/data/public-images`, unlabelled, of which adaptation uses 256) do not. Person AP by"
+    " pycocotools; cut 4, 1 bit per activation.",
+    "",
+    "- *pretrained*: the official yolov5n, full precision: where the edges start.",
+    "- *centralized*: every layer fine-tuned on the edges' raw shifted images (`mistnet train`, the cloud trainer's"
+    " recipe, same epochs, batch 16, lr 0.001, flips): what uploading the images would give.",
+    "- *MistNet adapted only*: calibrated thresholds and cut decoder from the public photos, before any edge data.",
+    "- *MistNet trained*: then the tail trained on what the edges sent (randomized at ε), the cut decoder kept as"
+    " adapted, the epoch chosen on 10% of the received samples held back (epoch 0 included); scored through the"
+    " deployed path on clean levels.",
+    "",
+]

@@ -1,0 +1,79 @@
+"""The epoch that ships is chosen on received samples held back from training, epoch 0 included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cloud_agent.tasks import Batch
+from cloud_agent.trainer import History, TrainConfig, Trainer, selection_split, shipped_weights
+from common.models.lenet import LeNet5
+from common.split import run_head
+
+CUT = 2
+
+
+class Digits:
+    """A stand-in task over ``(features, label)`` pairs: the trainer's contract, nothing else."""
+
+    headline = "accuracy"
+
+    def collate(self, samples: list[tuple[torch.Tensor, int]]) -> Batch:
+        return Batch({CUT - 1: torch.stack([s[0] for s in samples])}, torch.tensor([s[1] for s in samples]))
+
+    def loss(self, model: nn.Module, output: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        loss = F.cross_entropy(output, targets)
+        return loss, {"ce": float(loss.detach())}
+
+    def evaluate(self, model: nn.Module, cut: int, privatize, device: str) -> dict[str, float]:
+        return {}
+
+
+def samples(model: nn.Module, n: int = 200) -> list[tuple[torch.Tensor, int]]:
+    """Features of a learnable toy problem: the label is which quadrant holds the bright square."""
+    torch.manual_seed(0)
+    images, labels = torch.zeros(n, 1, 28, 28), torch.randint(0, 4, (n,))
+    for image, label in zip(images, labels, strict=True):
+        r, c = divmod(int(label), 2)
+        image[0, r * 14 : r * 14 + 10, c * 14 : c * 14 + 10] = 1.0
+    with torch.no_grad():
+        feats = run_head(model.eval(), images + 0.1 * torch.randn_like(images), CUT)[CUT - 1]
+    return [(f, int(y)) for f, y in zip(feats, labels, strict=True)]
+
+
+def train(tmp_path: Path, learning_rate: float) -> tuple[Trainer, nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(1)
+    model = LeNet5(num_classes=4)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    data, selection = selection_split(samples(model), 0.2, seed=0)
+    assert selection is not None and len(selection) == 40 and len(data) == 160
+    config = TrainConfig(epochs=3, batch_size=16, learning_rate=learning_rate, recalibrate_bn=False, grad_clip=0)
+    trainer = Trainer(model, CUT, Digits(), data, config, tmp_path / "state", lambda f: f, selection)
+    trainer.fit(History(), lambda _: None)
+    return trainer, model, start
+
+
+def test_a_diverging_job_ships_the_model_it_started_from(tmp_path: Path) -> None:
+    trainer, model, start = train(tmp_path, learning_rate=500.0)
+    chosen = trainer.restore_selected()
+    assert chosen is not None and chosen.epoch == 0 and chosen.loss == chosen.before
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    assert shipped_weights(tmp_path / "state") == tmp_path / "state" / "best.safetensors"
+
+
+def test_a_learning_job_ships_its_best_epoch(tmp_path: Path) -> None:
+    trainer, model, start = train(tmp_path, learning_rate=0.05)
+    chosen = trainer.restore_selected()
+    assert chosen is not None and chosen.epoch >= 1 and chosen.loss < 0.5 * chosen.before
+    assert not all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
+def test_too_few_samples_are_not_split() -> None:
+    data = list(range(19))
+    assert selection_split(data, 0.1, 0) == (data, None)
+    assert selection_split(list(range(100)), 0.0, 0)[1] is None
+    train, held = selection_split(list(range(100)), 0.1, 0)
+    assert held is not None and len(held) == 10 and sorted([*train, *held]) == list(range(100))
