@@ -53,10 +53,10 @@ MQTT_PORT = 1883
 # heavy dependencies, and the cloud's own code. An edge run with these blocked proves it needs none.
 EDGE_BLOCKED = {
     "torchvision", "matplotlib", "pycocotools", "mlxtend", "scipy", "sklearn", "pandas", "amqtt", "moto",
-    "psutil", "skimage", "cloud_agent",
+    "psutil", "skimage", "imagecorruptions", "cloud_agent",
 }  # fmt: skip
 IMPORT_NAMES = {"paho-mqtt": "paho", "pyyaml": "yaml", "pillow": "PIL", "prometheus-client": "prometheus_client",
-                "scikit-image": "skimage"}
+                "scikit-image": "skimage", "imagecorruptions-imaug": "imagecorruptions"}
 
 
 # Reading the files ------------------------------------------------------------------------------------
@@ -352,7 +352,8 @@ def test_dockerfiles_install_the_declared_dependencies_and_all_code():
     }
     # the edge needs neither the cloud's training/eval stack nor the fallback broker or benchmark tools
     assert leaves_out == {
-        "torchvision", "pycocotools", "matplotlib", "mlxtend", "amqtt", "psutil", "scikit-image"
+        "torchvision", "pycocotools", "matplotlib", "mlxtend", "amqtt", "psutil", "scikit-image",
+        "imagecorruptions-imaug",
     }  # fmt: skip
     assert {IMPORT_NAMES.get(d, d) for d in leaves_out} <= EDGE_BLOCKED
 
