@@ -170,7 +170,7 @@ def test_scraped_metrics_match_the_job_summary_and_report(tmp_path, mosquitto, c
         server.stop()
         for process in edges.values():
             process.send_signal(signal.SIGINT)  # the containers' STOPSIGNAL
-        codes = [process.wait(30) for process in edges.values()]
+        codes = [process.wait(60) for process in edges.values()]
         for log in logs.values():
             log.close()
     logs_text = [(tmp_path / f"{n}.log").read_text() for n in nodes]
