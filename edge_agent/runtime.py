@@ -19,7 +19,16 @@ RUNTIMES = ("onnx", "torch")
 
 
 def default_runtime() -> str:
-    return "torch" if importlib.util.find_spec("torch") is not None else "onnx"
+    return "torch" if torch_installed() else "onnx"
+
+
+def torch_installed() -> bool:
+    """Whether torch is importable here, without importing it; an import system that refuses it (as
+    a stripped-down image's may) counts as not installed."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except ImportError:
+        return False
 
 
 def head_manifest(runtime: str, job: JobAssignment) -> HeadManifest | None:
@@ -42,7 +51,7 @@ def make_extractor(
             raise MistnetError(f"device {device!r}: the onnx runtime runs on the cpu only")
         return OnnxExtractor(job.onnx, blob, encoder, dataset, job.batch_size)
     if runtime == "torch":
-        if importlib.util.find_spec("torch") is None:
+        if not torch_installed():
             raise MistnetError("runtime torch: torch is not installed here (pip install torch safetensors)")
         from edge_agent.torch_head import TorchExtractor
 
