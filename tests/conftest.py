@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,12 @@ from broker.tls import TlsBundle, tls_init
 #                    .url (mqtts://127.0.0.1:PORT), .tls.ca_cert, .tls.clients["client"]
 # All fail (never skip) when mosquitto is not installed: `make test` installs it.
 
+
+
+# Tests stop agents and brokers with SIGINT, as Ctrl-C and the containers' STOPSIGNAL do. A shell
+# that starts pytest in the background (`cmd &`) makes it ignore SIGINT, and children inherit an
+# ignored signal across exec: with Python's own handler here instead, they start with the default.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _require_mosquitto() -> None:

@@ -113,7 +113,7 @@ def test_every_layer_matches_the_reference(official: torch.nn.Module, reference:
     sample = data.load([p.name for p in data.paths].index(Path(ref["file"]).name))
     assert sample.image is not None and sample.letterbox is not None
     assert list(sample.letterbox.orig_hw) == ref["orig_hw"]
-    outputs = _layer_outputs(official, sample.image[None])
+    outputs = _layer_outputs(official, torch.from_numpy(sample.image)[None])
     for layer in ref["layers"]:
         out = outputs[layer["i"]]
         assert list(out.shape) == layer["shape"], layer
@@ -129,7 +129,7 @@ def test_detections_match_the_reference(official: torch.nn.Module, reference: di
     sample = data.load([p.name for p in data.paths].index(Path(ref["file"]).name))
     assert sample.image is not None and sample.letterbox is not None
     with torch.no_grad():
-        pred = official(sample.image[None])[0]
+        pred = official(torch.from_numpy(sample.image)[None])[0]
     det = non_max_suppression(pred, 0.25, 0.45, max_det=1000)[0]
     box = sample.letterbox
     det[:, :4] = scale_boxes(det[:, :4], box.ratio, box.pad, box.orig_hw)
