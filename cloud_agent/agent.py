@@ -440,20 +440,8 @@ class CloudAgent:
         data, selection = selection_split(
             SpoolFeatures(self.spool, self.delivered()), spec.cloud.selection_fraction, spec.seed
         )
-        config = TrainConfig(
-            epochs=spec.cloud.epochs,
-            batch_size=spec.cloud.batch_size,
-            learning_rate=spec.cloud.learning_rate,
-            eval_interval=spec.cloud.eval_interval,
-            device=self.device,
-            seed=spec.seed,
-            # The decoder already maps levels to the activations the pretrained statistics describe.
-            recalibrate_bn=self.adaptation.decoder is None,
-            tail_layers=spec.cloud.tail_layers,
-            train_decoder=spec.cloud.train_decoder,
-        )
         trainer = Trainer(
-            self.model, self.cut, task, data, config, self.workdir / "state", self.privatize, selection
+            self.model, self.cut, task, data, self.train_config(), self.workdir / "state", self.privatize, selection
         )
         history = History.from_json(self.spool.get_meta("history"))
         if history.epochs:
@@ -497,6 +485,21 @@ class CloudAgent:
         if chosen is not None:
             self.record_selection(chosen, task, history)
         self.set_phase(JobPhase.EVALUATING)
+
+    def train_config(self) -> TrainConfig:
+        cloud = self.spec.cloud
+        return TrainConfig(
+            epochs=cloud.epochs,
+            batch_size=cloud.batch_size,
+            learning_rate=cloud.learning_rate,
+            eval_interval=cloud.eval_interval,
+            device=self.device,
+            seed=self.spec.seed,
+            # The decoder already maps levels to the activations the pretrained statistics describe.
+            recalibrate_bn=self.adaptation.decoder is None,
+            tail_layers=cloud.tail_layers,
+            train_decoder=cloud.train_decoder,
+        )
 
     def record_selection(self, chosen: Selection, task: CloudTask, history: History) -> None:
         """The shipped epoch and its held-out metrics (measured now if that epoch was not evaluated)."""
