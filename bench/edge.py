@@ -43,8 +43,10 @@ from bench.util import (
 
 # Extractor settings of the ablation, cumulative: each row adds one optimisation to the last.
 ABLATION = (
-    ("before: legacy encode, plain head, whole transfer per pass",
-     "encoder=legacy,fuse_bn=0,channels_last=0,release_tail=0,pixels_per_step=1000000000"),
+    (
+        "before: legacy encode, plain head, whole transfer per pass",
+        "encoder=legacy,fuse_bn=0,channels_last=0,release_tail=0,pixels_per_step=1000000000",
+    ),
     ("+ micro-batches, packed-domain randomize/pack", "fuse_bn=0,channels_last=0"),
     ("+ BatchNorm folded", "channels_last=0"),
     ("+ channels-last (the default)", ""),
@@ -57,8 +59,7 @@ def edge_dirs(ctx: Context, images: int, edges: int, repeat: int = 1, tag: str =
     pool = coco_images(min(images, 128))
     per = max(1, len(pool) // edges)
     return [
-        link_images(pool[k * per : (k + 1) * per], ctx.workdir / "data" / f"{tag}{k + 1}", repeat)
-        for k in range(edges)
+        link_images(pool[k * per : (k + 1) * per], ctx.workdir / "data" / f"{tag}{k + 1}", repeat) for k in range(edges)
     ]
 
 
@@ -109,8 +110,18 @@ def start_edges(
         if profile_dir is not None and k == 0:
             args = ["-m", "cProfile", "-o", str(profile_dir / "edge.prof"), *args]
         elif profile_dir is not None and k == 1 and pyspy():
-            argv0 = [str(pyspy()), "record", "-r", "100", "-f", "raw", "-o", str(profile_dir / "edge.pyspy.txt"),
-                     "--", sys.executable]
+            argv0 = [
+                str(pyspy()),
+                "record",
+                "-r",
+                "100",
+                "-f",
+                "raw",
+                "-o",
+                str(profile_dir / "edge.pyspy.txt"),
+                "--",
+                sys.executable,
+            ]
         kid = spawn(node, args, logdir, env, argv0=argv0)
         started.append(kid)
         kids.append(kid)
@@ -132,8 +143,17 @@ def run_system(
     threads = threads_per_edge(ctx, len(dirs))
     nodes = [f"{name}-e{k + 1}" for k in range(len(dirs))]
     with children() as started, RssSampler() as rss:
-        cloud_args = ["cloud", "--job", str(job), "--workdir", str(ctx.workdir / "cloud" / name),
-                      "--broker", ctx.broker_url, "--collect-only", "--hold"]
+        cloud_args = [
+            "cloud",
+            "--job",
+            str(job),
+            "--workdir",
+            str(ctx.workdir / "cloud" / name),
+            "--broker",
+            ctx.broker_url,
+            "--collect-only",
+            "--hold",
+        ]
         if profile_dir is not None:
             cloud_args += ["--profile", str(profile_dir / "cloud.prof")]
         cloud = spawn("cloud", procs_args(*cloud_args), logdir, child_env())
@@ -182,8 +202,22 @@ def run_bare(ctx: Context, scn: Scenario, dirs: list[Path], optimised: bool = Fa
     threads = threads_per_edge(ctx, len(dirs))
     with children() as started, RssSampler() as rss:
         for k, d in enumerate(dirs):
-            args = ["bare", "--arch", scn.arch, "--imgsz", str(scn.imgsz), "--cut", str(scn.cut), "--data", str(d),
-                    "--batch", str(ctx.profile.transfer_batch), "--device", ctx.device, "--wait-go"]
+            args = [
+                "bare",
+                "--arch",
+                scn.arch,
+                "--imgsz",
+                str(scn.imgsz),
+                "--cut",
+                str(scn.cut),
+                "--data",
+                str(d),
+                "--batch",
+                str(ctx.profile.transfer_batch),
+                "--device",
+                ctx.device,
+                "--wait-go",
+            ]
             if optimised:
                 args.append("--optimised")
             started.append(spawn(f"bare{k + 1}", procs_args(*args), logdir, child_env(threads), stdin=True))
@@ -197,8 +231,14 @@ def run_bare(ctx: Context, scn: Scenario, dirs: list[Path], optimised: bool = Fa
     t1 = max(r["t_end"] for r in results)
     images = sum(r["images"] for r in results)
     cpu = sum(rss.cpu_between(k.name, t0, t1) for k in started) / images
-    return {"images": images, "seconds": t1 - t0, "images_per_s": images / (t1 - t0), "threads_per_edge": threads,
-            "cpu_s_per_image": cpu, "peak_rss_mib": max(rss.peaks.values()) / 2**20}
+    return {
+        "images": images,
+        "seconds": t1 - t0,
+        "images_per_s": images / (t1 - t0),
+        "threads_per_edge": threads,
+        "cpu_s_per_image": cpu,
+        "peak_rss_mib": max(rss.peaks.values()) / 2**20,
+    }
 
 
 def bench_scenario(ctx: Context, scn: Scenario, dirs: list[Path]) -> dict[str, Any]:
@@ -211,8 +251,10 @@ def bench_scenario(ctx: Context, scn: Scenario, dirs: list[Path]) -> dict[str, A
         plain.append(run_bare(ctx, scn, dirs))
         prepared.append(run_bare(ctx, scn, dirs, optimised=True))
         system.append(run_system(ctx, scn, dirs))
-        ctx.log(f"  plain {plain[-1]['images_per_s']:.2f} img/s, prepared head {prepared[-1]['images_per_s']:.2f}, "
-                f"system {system[-1]['images_per_s']:.2f}")
+        ctx.log(
+            f"  plain {plain[-1]['images_per_s']:.2f} img/s, prepared head {prepared[-1]['images_per_s']:.2f}, "
+            f"system {system[-1]['images_per_s']:.2f}"
+        )
     ips = [s["images_per_s"] for s in system]
     base = [p["images_per_s"] for p in plain]
     prep = [p["images_per_s"] for p in prepared]
@@ -268,8 +310,13 @@ def bench_ablation(ctx: Context, scn: Scenario, dirs: list[Path]) -> dict[str, A
         "scenario": scn.name,
         "plain_head_images_per_s": median(base),
         "steps": [
-            {"step": label, "opts": opts, "images_per_s": median(rows[label]),
-             "ratio_to_plain_head": paired_ratio(rows[label], base), "runs": rows[label]}
+            {
+                "step": label,
+                "opts": opts,
+                "images_per_s": median(rows[label]),
+                "ratio_to_plain_head": paired_ratio(rows[label], base),
+                "runs": rows[label],
+            }
             for label, opts in ABLATION
         ],
     }
@@ -298,5 +345,11 @@ def run(ctx: Context) -> dict[str, Any]:
     ablation_dirs = edge_dirs(ctx, prof.ablation_images, prof.edges, tag="ablation") if prof.ablation else dirs
     ablation = [bench_ablation(ctx, scn, ablation_dirs) for scn in prof.ablation]
     profiles = [profile_run(ctx, prof.scenarios[-2 if len(prof.scenarios) > 1 else 0], dirs)] if prof.profile else []
-    return {"scenarios": scenarios, "ablation": ablation, "profiles": profiles, "epsilon": prof.epsilon,
-            "transfer_batch": prof.transfer_batch, "device": ctx.device}
+    return {
+        "scenarios": scenarios,
+        "ablation": ablation,
+        "profiles": profiles,
+        "epsilon": prof.epsilon,
+        "transfer_batch": prof.transfer_batch,
+        "device": ctx.device,
+    }

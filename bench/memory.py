@@ -31,8 +31,17 @@ from bench.util import (
 
 def run_job(ctx: Context, job: Path, name: str, nodes: list[str], collect_only: bool, threads: int) -> dict[str, Any]:
     logdir = ctx.workdir / "logs" / name
-    args = ["cloud", "--job", str(job), "--workdir", str(ctx.workdir / "cloud" / name), "--broker", ctx.broker_url,
-            "--device", ctx.device]
+    args = [
+        "cloud",
+        "--job",
+        str(job),
+        "--workdir",
+        str(ctx.workdir / "cloud" / name),
+        "--broker",
+        ctx.broker_url,
+        "--device",
+        ctx.device,
+    ]
     if collect_only:
         args.append("--collect-only")
     with children() as started, RssSampler() as rss:
@@ -54,8 +63,11 @@ def run_job(ctx: Context, job: Path, name: str, nodes: list[str], collect_only: 
         "cloud_sampled_peak_mib": rss.sampled_peaks.get("cloud", 0) / MIB,
         "edge_peak_rss_mib": max(rss.peaks.get(n, 0) for n in nodes) / MIB,
         "edge_sampled_peak_mib": max(rss.sampled_peaks.get(n, 0) for n in nodes) / MIB,
-        "rss_trace": {n: [(round(t - rss.samples[n][0][0], 2), round(r / MIB, 1)) for t, r, _ in rss.samples[n][::4]]
-                      for n in ("cloud", nodes[0]) if rss.samples.get(n)},
+        "rss_trace": {
+            n: [(round(t - rss.samples[n][0][0], 2), round(r / MIB, 1)) for t, r, _ in rss.samples[n][::4]]
+            for n in ("cloud", nodes[0])
+            if rss.samples.get(n)
+        },
     }
 
 
@@ -89,11 +101,16 @@ def cloud_memory(ctx: Context) -> dict[str, Any]:
     runs = {}
     for factor in (1, prof.memory_factor):
         ctx.log(f"memory: cloud job {scn.name} over {per_edge * prof.edges * factor} images (collect + train)")
-        dirs = [link_images(pool[k * per_edge : (k + 1) * per_edge], ctx.workdir / "data" / f"cmem-x{factor}-{k + 1}",
-                            repeat=factor) for k in range(prof.edges)]
+        dirs = [
+            link_images(
+                pool[k * per_edge : (k + 1) * per_edge], ctx.workdir / "data" / f"cmem-x{factor}-{k + 1}", repeat=factor
+            )
+            for k in range(prof.edges)
+        ]
         name = ctx.unique(f"c{scn.arch[-1]}{scn.imgsz}x{factor}-")
-        job = yolo_job(ctx, scn, dirs, name, epochs=1, batch_size=prof.train_batch, learning_rate=0.001,
-                       validation=str(validation))
+        job = yolo_job(
+            ctx, scn, dirs, name, epochs=1, batch_size=prof.train_batch, learning_rate=0.001, validation=str(validation)
+        )
         nodes = [f"{name}-e{k + 1}" for k in range(prof.edges)]
         runs[factor] = run_job(ctx, job, name, nodes, collect_only=False, threads=max(1, ctx.cpus // prof.edges))
     one, many = runs[1], runs[prof.memory_factor]
@@ -110,8 +127,12 @@ def run(ctx: Context) -> dict[str, Any]:
     if ctx.profile.memory_cloud_train:
         cloud = cloud_memory(ctx)
     else:  # the collect-only runs of the edge measurement stand in
-        cloud = {"scenario": edge["scenario"], "runs": {}, "cloud_rss_growth": edge["cloud_collect_rss_growth"],
-                 "cloud_peak_rss_mib": max(r["cloud_peak_rss_mib"] for r in edge["runs"].values())}
+        cloud = {
+            "scenario": edge["scenario"],
+            "runs": {},
+            "cloud_rss_growth": edge["cloud_collect_rss_growth"],
+            "cloud_peak_rss_mib": max(r["cloud_peak_rss_mib"] for r in edge["runs"].values()),
+        }
     return {
         "edge": edge,
         "cloud": cloud,

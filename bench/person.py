@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.person_doc import variant
 from bench.utility import Setup, fill_spool
 from cloud_agent.adaptation import Adaptation, adapt
 from cloud_agent.centralized import INPUT, ImageDetection, ImageSamples, fine_tune
@@ -190,12 +191,6 @@ class HeadFeatures(ImageDetection):
     def collate(self, samples: list[Any]) -> Batch:
         batch = super().collate(samples)
         return Batch(run_head(self.model, batch.features[INPUT], COCO_CUT), batch.targets)
-
-
-def variant(bits: int, train_decoder: bool, translate: int) -> str:
-    """The settings a trained MistNet row was measured with, in words."""
-    moves = f"moved by up to {translate} cells" if translate else "not moved"
-    return f"{bits} bit, decoder {'trained' if train_decoder else 'frozen'}, batches {moves}"
 
 
 def row_key(row: dict[str, Any]) -> tuple[Any, ...]:

@@ -357,8 +357,16 @@ def cmd_raw_sub(args: argparse.Namespace) -> int:
     time.sleep(0.2)  # let the done message's PUBACK through
     client.disconnect()
     client.loop_stop()
-    emit({"received": state["count"], "bytes": state["bytes"], "t_first": state["t_first"],
-          "t_last": state["t_last"], "complete": True, "maxrss": maxrss()})
+    emit(
+        {
+            "received": state["count"],
+            "bytes": state["bytes"],
+            "t_first": state["t_first"],
+            "t_last": state["t_last"],
+            "complete": True,
+            "maxrss": maxrss(),
+        }
+    )
     return 0
 
 
@@ -393,8 +401,17 @@ def cmd_raw_pub(args: argparse.Namespace) -> int:
     ok = done.wait(args.timeout)
     client.disconnect()
     client.loop_stop()
-    emit({"t_start": t0, "t_queued": t_queued, "t_end": t_done[0], "complete": ok, "messages": args.count,
-          "bytes": args.count * args.size, "maxrss": maxrss()})
+    emit(
+        {
+            "t_start": t0,
+            "t_queued": t_queued,
+            "t_end": t_done[0],
+            "complete": ok,
+            "messages": args.count,
+            "bytes": args.count * args.size,
+            "maxrss": maxrss(),
+        }
+    )
     return 0 if ok else 1
 
 
@@ -470,8 +487,16 @@ def cmd_proto_send(args: argparse.Namespace) -> int:
     agent.publish_status(NodeState.DONE, force=True)
     agent.link.close()
     payload = sum(len(b.data) for b in extractor.batches)
-    emit({"t_start": t0, "t_end": t1, "feature_bytes": payload, "wire_bytes": window.wire_bytes,
-          "resent": window.resent, "maxrss": maxrss()})
+    emit(
+        {
+            "t_start": t0,
+            "t_end": t1,
+            "feature_bytes": payload,
+            "wire_bytes": window.wire_bytes,
+            "resent": window.resent,
+            "maxrss": maxrss(),
+        }
+    )
     return 0
 
 
@@ -528,9 +553,17 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
     counts = agent.spool.counts(args.node)
     agent.link.close()
     agent.spool.close()
-    emit({"t_end": t1, "samples": counts.samples, "wire_bytes": counts.wire_bytes,
-          "duplicates": agent.collector.duplicates, "spilled": agent.collector.spilled,
-          "acks": dict(acks), "maxrss": maxrss()})
+    emit(
+        {
+            "t_end": t1,
+            "samples": counts.samples,
+            "wire_bytes": counts.wire_bytes,
+            "duplicates": agent.collector.duplicates,
+            "spilled": agent.collector.spilled,
+            "acks": dict(acks),
+            "maxrss": maxrss(),
+        }
+    )
     return 0
 
 
@@ -594,16 +627,27 @@ def parser() -> argparse.ArgumentParser:
             q.add_argument("--workdir", required=True)
             q.add_argument("--spool-pragma", default="", help="e.g. wal_autocheckpoint=16384 (experiments)")
             q.add_argument("--spool-page-size", type=int, default=0, help="create the spool with this page size")
-            q.add_argument("--no-checkpoint-thread", action="store_true",
-                           help="checkpoint the WAL on the collector's path (SQLite's autocheckpoint)")
+            q.add_argument(
+                "--no-checkpoint-thread",
+                action="store_true",
+                help="checkpoint the WAL on the collector's path (SQLite's autocheckpoint)",
+            )
             q.add_argument("--nagle", action="store_true", help="no TCP_NODELAY on the cloud's broker connection")
             q.add_argument("--default-malloc", action="store_true", help="glibc's malloc defaults in the cloud")
-            q.add_argument("--hold-s", type=float, default=None,
-                           help="the collector's hold time for incomplete transfers (0: persisted at the batch's end)")
-            q.add_argument("--max-batch-bytes", type=int, default=None,
-                           help="the collector's batch limit (1 with --hold-s 0: every chunk persisted and "
-                           "acknowledged on arrival in its own transaction, then copied into samples: the shape of "
-                           "the receive path before issue #6)")
+            q.add_argument(
+                "--hold-s",
+                type=float,
+                default=None,
+                help="the collector's hold time for incomplete transfers (0: persisted at the batch's end)",
+            )
+            q.add_argument(
+                "--max-batch-bytes",
+                type=int,
+                default=None,
+                help="the collector's batch limit (1 with --hold-s 0: every chunk persisted and "
+                "acknowledged on arrival in its own transaction, then copied into samples: the shape of "
+                "the receive path before issue #6)",
+            )
     return p
 
 

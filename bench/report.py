@@ -50,7 +50,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         "wire_bytes_ratio": max(s["wire_ratio"] for s in edge),
         "transport_ratio": results["transport"]["transport_ratio"],
         "train_throughput_ratio": min(y["train_throughput_ratio"] for y in train["yolo"])
-        if train["yolo"] else train["mnist"]["train_throughput_ratio"],
+        if train["yolo"]
+        else train["mnist"]["train_throughput_ratio"],
         "train_throughput_ratio_mnist": train["mnist"]["train_throughput_ratio"],
         "edge_peak_rss_mib": memory["edge_peak_rss_mib"],
         "edge_rss_growth": memory["edge_rss_growth"],
@@ -103,9 +104,13 @@ def plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     names = [s["scenario"] for s in edge]
     width = 0.27
-    for i, (key, label) in enumerate((("plain_head_images_per_s", "bare head, plain torch (baseline)"),
-                                      ("prepared_head_images_per_s", "bare head, prepared as the extractor does"),
-                                      ("system_images_per_s", "whole system (acknowledged by the cloud)"))):
+    for i, (key, label) in enumerate(
+        (
+            ("plain_head_images_per_s", "bare head, plain torch (baseline)"),
+            ("prepared_head_images_per_s", "bare head, prepared as the extractor does"),
+            ("system_images_per_s", "whole system (acknowledged by the cloud)"),
+        )
+    ):
         xs = [j + (i - 1) * width for j in range(len(names))]
         ax.bar(xs, [s[key] for s in edge], width, label=label)
     ax.set_xticks(range(len(names)), names)
@@ -130,8 +135,11 @@ def plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
 
     tr = results["transport"]
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar(["raw paho QoS 1", "MistNet protocol"], [tr["raw_mb_per_s"], tr["protocol_mb_per_s"]],
-           color=["tab:gray", "tab:blue"])
+    ax.bar(
+        ["raw paho QoS 1", "MistNet protocol"],
+        [tr["raw_mb_per_s"], tr["protocol_mb_per_s"]],
+        color=["tab:gray", "tab:blue"],
+    )
     for i, runs in enumerate((tr["raw_runs"], tr["protocol_runs"])):
         ax.plot([i] * len(runs), runs, "k.", ms=4)
     ax.set_ylabel("MB / s")
@@ -157,8 +165,11 @@ def plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
             traces = run["rss_trace"]
             trace_key = "cloud" if who == "cloud" else next((k for k in traces if k != "cloud"), "")
             if trace_key and traces.get(trace_key):
-                ax.plot([t for t, _ in traces[trace_key]], [r for _, r in traces[trace_key]],
-                        label=f"{label} ({run['images']} img)")
+                ax.plot(
+                    [t for t, _ in traces[trace_key]],
+                    [r for _, r in traces[trace_key]],
+                    label=f"{label} ({run['images']} img)",
+                )
         ax.set_title(f"{who} RSS ({part['scenario']})", fontsize=9)
         ax.set_xlabel("s")
         ax.set_ylabel("MiB")
@@ -332,8 +343,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], images: dict[str,
     raw_cpu = " · ".join(_f(v, 4) for v in cpu["raw"].values())
     proto_cpu = " · ".join(_f(v, 4) for v in cpu["protocol"].values())
     lines += [
-        f"| raw paho QoS 1 | {_f(tr['raw_mb_per_s'], 1)} | {', '.join(_f(x, 0) for x in tr['raw_runs'])} | "
-        f"{raw_cpu} |",
+        f"| raw paho QoS 1 | {_f(tr['raw_mb_per_s'], 1)} | {', '.join(_f(x, 0) for x in tr['raw_runs'])} | {raw_cpu} |",
         f"| MistNet protocol | {_f(tr['protocol_mb_per_s'], 1)} | {', '.join(_f(x, 0) for x in tr['protocol_runs'])} "
         f"| {proto_cpu} |",
         f"| **ratio** | **{_f(tr['transport_ratio'])}** | | |",
@@ -360,10 +370,13 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], images: dict[str,
         )
     mn = train["mnist"]
     if "spool_2_workers_ratio" in mn:
-        lines += ["", f"Tried for the trainer and not recommended on 2 CPUs: the MNIST loader with 2 worker processes "
-                      f"(each opening its own spool connection): {_f(mn['spool_2_workers_images_per_s'], 1)} img/s, "
-                      f"ratio {_f(mn['spool_2_workers_ratio'])} (the workers compete with training for the same "
-                      "cores). What the batched read and the vectorised unpack are worth: see below."]
+        lines += [
+            "",
+            f"Tried for the trainer and not recommended on 2 CPUs: the MNIST loader with 2 worker processes "
+            f"(each opening its own spool connection): {_f(mn['spool_2_workers_images_per_s'], 1)} img/s, "
+            f"ratio {_f(mn['spool_2_workers_ratio'])} (the workers compete with training for the same "
+            "cores). What the batched read and the vectorised unpack are worth: see below.",
+        ]
     lines += [
         "",
         "## Memory",
@@ -416,17 +429,29 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], images: dict[str,
         lines += ["## Where the time goes", ""]
         for p in profiles:
             what = p.get("scenario") or f"MNIST, {p.get('edges')} edges"
-            for key, title in (("edge_cprofile", "edge, cProfile (tottime)"),
-                               ("cloud_cprofile", "cloud (offer + collect), cProfile (tottime)")):
+            for key, title in (
+                ("edge_cprofile", "edge, cProfile (tottime)"),
+                ("cloud_cprofile", "cloud (offer + collect), cProfile (tottime)"),
+            ):
                 if p.get(key):
-                    lines += [f"**{what}: {title}**", "", "| function | calls | tottime s | cumtime s |",
-                              "|---|---|---|---|"]
-                    lines += [f"| `{r['function']}` | {r['calls']} | {r['tottime_s']} | {r['cumtime_s']} |"
-                              for r in p[key][:10]]
+                    lines += [
+                        f"**{what}: {title}**",
+                        "",
+                        "| function | calls | tottime s | cumtime s |",
+                        "|---|---|---|---|",
+                    ]
+                    lines += [
+                        f"| `{r['function']}` | {r['calls']} | {r['tottime_s']} | {r['cumtime_s']} |"
+                        for r in p[key][:10]
+                    ]
                     lines.append("")
             if p.get("edge_pyspy"):
-                lines += [f"**{what}: edge, py-spy (share of active samples, self)**", "", "| function | share |",
-                          "|---|---|"]
+                lines += [
+                    f"**{what}: edge, py-spy (share of active samples, self)**",
+                    "",
+                    "| function | share |",
+                    "|---|---|",
+                ]
                 lines += [f"| `{r['function']}` | {r['share']:.1%} |" for r in p["edge_pyspy"][:10]]
                 lines.append("")
     lines += gpu_section(doc)

@@ -55,8 +55,13 @@ def run_bench(
     log(f"mistnet bench: profile {profile}, device {device}, scratch {workdir}")
     load = LoadRecord().start()
     started = time.monotonic()
-    results: dict[str, Any] = {"profile": profile, "device": device, "machine": machine(), "out": str(out),
-                               "ablation_images": prof.ablation_images}
+    results: dict[str, Any] = {
+        "profile": profile,
+        "device": device,
+        "machine": machine(),
+        "out": str(out),
+        "ablation_images": prof.ablation_images,
+    }
     try:
         with bench_broker(workdir / "broker").start() as broker:
             pid = broker.process.pid if broker.process else None

@@ -77,8 +77,16 @@ def collect_run(
     job = mnist_job(ctx, name, shards)
     logdir = ctx.workdir / "logs" / name
     nodes = [f"{name}-e{k + 1}" for k in range(edges)]
-    cloud_args = ["cloud", "--job", str(job), "--workdir", str(ctx.workdir / "cloud" / name),
-                  "--broker", ctx.broker_url, "--collect-only"]
+    cloud_args = [
+        "cloud",
+        "--job",
+        str(job),
+        "--workdir",
+        str(ctx.workdir / "cloud" / name),
+        "--broker",
+        ctx.broker_url,
+        "--collect-only",
+    ]
     if profile_dir is not None:
         cloud_args += ["--profile", str(profile_dir / "cloud.prof")]
     with children() as started, RssSampler() as rss:
@@ -90,14 +98,36 @@ def collect_run(
         kids = []
         spy = pyspy()
         for k, node in enumerate(nodes):
-            edge = mistnet_args("edge", "--node", node, "--broker", ctx.broker_url, "--once",
-                                *(["--runtime", runtime] if runtime else []))
+            edge = mistnet_args(
+                "edge",
+                "--node",
+                node,
+                "--broker",
+                ctx.broker_url,
+                "--once",
+                *(["--runtime", runtime] if runtime else []),
+            )
             if profile_dir is not None and k == 0:
                 kid = spawn(node, ["-m", "cProfile", "-o", str(profile_dir / "edge.prof"), *edge], logdir, child_env(1))
             elif profile_dir is not None and k == 1 and spy:
-                kid = spawn(node, edge, logdir, child_env(1),
-                            argv0=[spy, "record", "-r", "100", "-f", "raw", "-o", str(profile_dir / "edge.pyspy.txt"),
-                                   "--", sys.executable])
+                kid = spawn(
+                    node,
+                    edge,
+                    logdir,
+                    child_env(1),
+                    argv0=[
+                        spy,
+                        "record",
+                        "-r",
+                        "100",
+                        "-f",
+                        "raw",
+                        "-o",
+                        str(profile_dir / "edge.pyspy.txt"),
+                        "--",
+                        sys.executable,
+                    ],
+                )
             else:
                 kid = spawn(node, edge, logdir, child_env(1))
             started.append(kid)
@@ -138,8 +168,14 @@ def top_cprofile(path: Path, limit: int = 12) -> list[dict[str, Any]]:
     stats = pstats.Stats(str(path))
     rows = []
     for (file, line, func), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        rows.append({"function": f"{func} ({Path(file).name}:{line})", "calls": ncalls,
-                     "tottime_s": round(tottime, 3), "cumtime_s": round(cumtime, 3)})
+        rows.append(
+            {
+                "function": f"{func} ({Path(file).name}:{line})",
+                "calls": ncalls,
+                "tottime_s": round(tottime, 3),
+                "cumtime_s": round(cumtime, 3),
+            }
+        )
     rows.sort(key=lambda r: r["tottime_s"], reverse=True)
     return rows[:limit]
 
@@ -158,8 +194,10 @@ def top_pyspy(path: Path, limit: int = 12) -> list[dict[str, Any]]:
         leaf = stack.split(";")[-1]
         counts[leaf] = counts.get(leaf, 0) + int(n)
     ranked = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)[:limit]
-    return [{"function": f.replace(str(Path(sys.prefix)), "")[:140], "share": round(c / max(total, 1), 4)}
-            for f, c in ranked]
+    return [
+        {"function": f.replace(str(Path(sys.prefix)), "")[:140], "share": round(c / max(total, 1), 4)}
+        for f, c in ranked
+    ]
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -169,10 +207,17 @@ def run(ctx: Context) -> dict[str, Any]:
         runs = []
         for r in range(prof.scaling_repeats):
             runs.append(collect_run(ctx, edges))
-            ctx.log(f"scaling: {edges} edge(s), run {r + 1}: {runs[-1]['collect_s']:.1f} s for {runs[-1]['samples']}"
-                    f" samples")
-        rows.append({**runs[-1], "collect_s": median([x["collect_s"] for x in runs]),
-                     "collect_runs": [x["collect_s"] for x in runs]})
+            ctx.log(
+                f"scaling: {edges} edge(s), run {r + 1}: {runs[-1]['collect_s']:.1f} s for {runs[-1]['samples']}"
+                f" samples"
+            )
+        rows.append(
+            {
+                **runs[-1],
+                "collect_s": median([x["collect_s"] for x in runs]),
+                "collect_runs": [x["collect_s"] for x in runs],
+            }
+        )
     profiles: dict[str, Any] = {}
     if prof.profile:
         pdir = ctx.workdir / "profiles"
