@@ -26,7 +26,7 @@ from cloud_agent.checkpoints import load_pretrained, save_model
 from cloud_agent.collector import Collector
 from cloud_agent.export import export_head
 from cloud_agent.spool import Spool, SpoolFeatures
-from cloud_agent.tasks import CloudTask, Privatize, make_task
+from cloud_agent.tasks import CloudTask, make_task
 from cloud_agent.trainer import (
     EpochResult,
     History,
@@ -499,11 +499,9 @@ class CloudAgent:
         return selection_split(samples, self.spec.cloud.selection_fraction, self.spec.seed)
 
     def make_trainer(self, task: CloudTask, data: Samples, selection: Samples | None) -> Trainer:
-        state = self.workdir / "state"
-        privatize: Privatize = self.privatize
-        if self.ranks is None:
-            return Trainer(self.model, self.cut, task, data, self.train_config(), state, privatize, selection)
-        return self.ranks.trainer(self.model, self.cut, task, data, self.train_config(), state, privatize, selection)
+        config, state = self.train_config(), self.workdir / "state"
+        args = (self.model, self.cut, task, data, config, state, self.privatize, selection)
+        return Trainer(*args) if self.ranks is None else self.ranks.trainer(*args)
 
     def train_config(self) -> TrainConfig:
         cloud = self.spec.cloud

@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cloud_agent.spool import StoredSample
-from cloud_agent.tasks import Batch, CloudTask, Privatize, make_task
-from cloud_agent.trainer import EpochResult, History, Samples, TrainConfig, Trainer, batchnorm_layers
+from cloud_agent.tasks import Batch, make_task
+from cloud_agent.trainer import EpochResult, History, Trainer, batchnorm_layers
 from common import constants as C
 from common.errors import MistnetError
 from common.split import run_tail
@@ -120,22 +120,13 @@ class Ranks:
             except dist.DistStoreError:
                 log.info("rank %d: waiting for rank 0 to collect the edges' features", self.rank)
 
-    def trainer(
-        self,
-        model: nn.Module,
-        cut: int,
-        task: CloudTask,
-        data: Samples,
-        config: TrainConfig,
-        state_dir: Path,
-        privatize: Privatize,
-        selection: Samples | None,
-    ) -> DistributedTrainer:
-        """This rank's trainer; rank 0 first tells the waiting ranks to start theirs."""
+    def trainer(self, *args: Any) -> DistributedTrainer:
+        """This rank's trainer (``args``: a ``Trainer``'s); rank 0 first tells the waiting ranks to
+        start theirs."""
         if self.rank == 0:
             self.announced = True
             self.store.set(TRAINING_KEY, TRAIN)
-        return DistributedTrainer(self, model, cut, task, data, config, state_dir, privatize, selection)
+        return DistributedTrainer(self, *args)
 
 
 class RankBatches(Sampler[list[int]]):
@@ -190,24 +181,14 @@ class DistributedTrainer(Trainer):
     The tail's BatchNorm statistics follow DDP's default: each rank normalises its own share, and
     the running statistics are rank 0's (re-estimated before epoch 1 as the ranks' average)."""
 
-    def __init__(
-        self,
-        ranks: Ranks,
-        model: nn.Module,
-        cut: int,
-        task: CloudTask,
-        data: Samples,
-        config: TrainConfig,
-        state_dir: Path,
-        privatize: Privatize,
-        selection: Samples | None = None,
-    ) -> None:
-        super().__init__(model, cut, task, data, config, state_dir, privatize, selection)
+    def __init__(self, ranks: Ranks, *args: Any) -> None:
+        """``args``: a ``Trainer``'s."""
+        super().__init__(*args)
         self.ranks = ranks
-        check_batch_size(config.batch_size, ranks.world_size)
+        check_batch_size(self.config.batch_size, ranks.world_size)
         self.agree_on_samples()
-        device_ids = [torch.device(config.device).index] if self.device_type == "cuda" else None
-        self.ddp = DistributedDataParallel(Tail(self.model, cut), device_ids=device_ids)
+        device_ids = [torch.device(self.config.device).index] if self.device_type == "cuda" else None
+        self.ddp = DistributedDataParallel(Tail(self.model, self.cut), device_ids=device_ids)
         self.deferred: Exception | None = None  # what rank 0's step callback raised (a cancel)
         folder = os.environ.get(C.SAMPLE_LOG_ENV)
         self.sample_log = Path(folder) if folder else None
