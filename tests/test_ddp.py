@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import psutil
 import pytest
 
 from broker.launcher import local_mosquitto
-from tests.agents import finish, spool_query, start_cloud, start_edge, wait_for
+from tests.agents import finish, mistnet, spool_query, start_cloud, start_edge, wait_for
 from tests.harness import mnist_base, stop, write_job
 
 EPOCHS = 8
@@ -54,8 +53,9 @@ def ranks_of(launcher: subprocess.Popen[bytes]) -> dict[int, psutil.Process]:
 
 @dataclass
 class Runs:
-    """One MNIST job trained by one process, and the same job by two ranks under torchrun, rank 1
-    killed with SIGKILL after epoch 2 (the two run side by side, each with its own edge)."""
+    """One MNIST job trained by one process, and the same job by two ranks (`mistnet cloud
+    --nproc-per-node 2`), rank 1 killed with SIGKILL after epoch 2 (the two run side by side, each
+    with its own edge)."""
 
     root: Path
     by_one: dict
@@ -72,14 +72,11 @@ def runs(tmp_path_factory) -> Iterator[Runs]:
     two = write_job(base, root / "two.yaml", name="ddp-two", nodes=("two1",), epochs=EPOCHS)
     edges = [start_edge(node, broker.url, root) for node in ("one1", "two1")]
     single = start_cloud(one, broker.url, root / "one")
-    env = {**os.environ, "MISTNET_SAMPLE_LOG": str(root / "samples"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MISTNET_SAMPLE_LOG": str(root / "samples")}
     log = root / "cloud-two.log"
-    # The documented torchrun form (`mistnet cloud --nproc-per-node` runs the same launcher in-process).
-    ddp = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
-         "-m", "mistnet", "cloud", "--job", str(two), "--broker", broker.url, "--workdir", str(root / "two"), "--json"],
-        stdout=subprocess.PIPE, stderr=log.open("ab"), env=env,
-    )  # fmt: skip
+    # torchrun's launcher in-process; each rank runs `python -m mistnet cloud ...`, as under `torchrun -m mistnet`.
+    ddp = mistnet("cloud", "--job", str(two), "--broker", broker.url, "--workdir", str(root / "two"), "--json",
+                  "--nproc-per-node", "2", "--max-restarts", "1", log=log, env=env)  # fmt: skip
     try:
         saved = root / "two" / "state" / "last.optim.pt"
         wait_for(lambda: saved.exists() and (root / "samples" / "epoch2-rank1.json").exists(), 90,
