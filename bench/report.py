@@ -451,6 +451,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], images: dict[str,
         "make bench                       # full run (this page, bench/results/*.json, PNGs)",
         "mistnet bench --quick --json     # < 3 min, smaller inputs, results in bench/results/quick/",
         "mistnet bench --device cuda      # head and training on the GPU (fails clearly without CUDA)",
+        "mistnet bench --only train_scaling  # one part again; the page keeps the other parts' results",
         "```",
         "",
     ]

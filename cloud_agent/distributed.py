@@ -85,6 +85,11 @@ class Ranks:
         rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
         cuda = torch.device(device).type == "cuda"
         if cuda:
+            if local >= torch.cuda.device_count():
+                raise MistnetError(
+                    f"rank {rank}: no GPU cuda:{local} ({torch.cuda.device_count()} visible): one process per GPU, "
+                    "so --nproc-per-node must not exceed the GPUs of a machine"
+                )
             device = f"cuda:{local}"
             torch.cuda.set_device(local)
         backend = "nccl" if cuda else "gloo"
