@@ -48,6 +48,9 @@ log = logging.getLogger("mistnet.cloud.distributed")
 TRAINING_KEY = "mistnet/training"
 TRAIN, STOP = "train", "stop"
 
+OnEpoch = Callable[[EpochResult], None]
+OnStep = Callable[[int, int, float], None]  # epoch, step, loss
+
 
 class TrainingStopped(Exception):
     """Rank 0 left training (an operator cancelled the job): the other ranks stop with it."""
@@ -239,12 +242,7 @@ class DistributedTrainer(Trainer):
 
     # training ------------------------------------------------------------------------------------
 
-    def fit(
-        self,
-        history: History,
-        on_epoch: Callable[[EpochResult], None],
-        on_step: Callable[[int, int, float], None] | None = None,
-    ) -> History:
+    def fit(self, history: History, on_epoch: OnEpoch, on_step: OnStep | None = None) -> History:
         def step_done(epoch: int, step: int, loss: float) -> None:
             if on_step is None or self.deferred is not None:
                 return
@@ -272,9 +270,7 @@ class DistributedTrainer(Trainer):
             return loss.detach() * math.nan, parts
         return loss, parts
 
-    def train_epoch(
-        self, loader: DataLoader[Any], epoch: int, on_step: Callable[[int, int, float], None] | None
-    ) -> dict[str, float]:
+    def train_epoch(self, loader: DataLoader[Any], epoch: int, on_step: OnStep | None) -> dict[str, float]:
         self.seen.clear()
         losses = super().train_epoch(loader, epoch, on_step)
         if self.sample_log is not None:
