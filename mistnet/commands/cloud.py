@@ -122,6 +122,8 @@ def launch(args: argparse.Namespace, spec: JobSpec, workdir: Path) -> int:
     from common.errors import MistnetError
 
     check_batch_size(spec.cloud.batch_size, args.nproc_per_node * args.nnodes)
+    if args.max_restarts < 0:
+        raise MistnetError(f"--max-restarts must be 0 or more, got {args.max_restarts}")
     if args.nnodes > 1 and not args.rdzv_endpoint:
         raise MistnetError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT, the same on every machine")
     rdzv = ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", spec.name]
