@@ -41,6 +41,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     train = results["train"]
     memory = results["memory"]
     s640 = [s for s in edge if s["scenario"] == "yolov5s@640"]
+    ddp = results.get("train_scaling", {}).get("rows", [])  # absent from runs made before it existed
     summary: dict[str, Any] = {
         "profile": results["profile"],
         "device": results["device"],
@@ -61,8 +62,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         "edge_installed_mb": results["runtimes"]["installed_mb"]["edge"],
         "wire_mb_128_yolov5s_640": s640[0]["wire_bytes_per_image"] * 128 / 1e6 if s640 else None,
         "scaling_collect_s": {str(r["edges"]): r["collect_s"] for r in results["scaling"]["rows"]},
-        "train_scaling_efficiency": {f"{r['task']} x{r['ranks']}": r["efficiency"]
-                                     for r in results.get("train_scaling", {}).get("rows", []) if r["ranks"] > 1},
+        "train_scaling_efficiency": {f"{r['task']} x{r['ranks']}": r["efficiency"] for r in ddp if r["ranks"] > 1},
         "machine": {k: results["machine"].get(k) for k in ("date", "cpu", "cpus")},
         "load": results["load"],
         "seconds": results["seconds"],
