@@ -7,6 +7,8 @@ held-out images, 2 edges x 300), every labelled image under the shift:
 - ``pretrained``: the official checkpoint, full precision: where the edges start.
 - ``centralized``: every layer fine-tuned on the edges' raw images (``mistnet train``): what uploading
   them would give, the non-private upper bound.
+- ``frozen-head``: the tail fine-tuned on the float head outputs of the raw images (no bits, no
+  randomization): the most a method that keeps the edges' head frozen at the cut can reach.
 - ``adapted``: MistNet before any edge data: thresholds and cut decoder from the cloud's public images.
 - ``mistnet``: adapted, then trained on what the edges send (randomized at ε), the epoch chosen on
   held-back received samples; scored through the deployed path (head → levels → decoder → tail).
@@ -27,15 +29,17 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from bench.utility import Setup, fill_spool
 from cloud_agent.adaptation import Adaptation, adapt
-from cloud_agent.centralized import ImageDetection, fine_tune
+from cloud_agent.centralized import INPUT, ImageDetection, ImageSamples, fine_tune
 from cloud_agent.detection import Detection
 from cloud_agent.spool import SpoolFeatures
-from cloud_agent.tasks import Privatize
+from cloud_agent.tasks import Batch, Privatize
 from cloud_agent.trainer import History, TrainConfig, Trainer, selection_split
 from common.checkpoint import load_model
 from common.datasets.shift import Shift
@@ -43,6 +47,7 @@ from common.datasets.yolo import discover_images
 from common.models.cutdecoder import attach
 from common.privacy import BitEncoder, feature_transform
 from common.spec import AdaptSpec, CloudSpec
+from common.split import run_head
 from mistnet.demo import (
     COCO_BATCH_SIZE,
     COCO_CUT,
@@ -71,6 +76,7 @@ class Row:
     map50_95: float
     seconds: float
     selected_epoch: int | None = None
+    variant: str = ""  # the MistNet settings of a trained row (:func:`variant`)
 
 
 @dataclass
@@ -79,12 +85,15 @@ class Bench:
     shift: str
     epochs: int
     out: Path
+    adaptations: Path  # shared by every shift: the public images are never shifted
+    bits: int = 1
+    train_decoder: bool = CloudSpec().train_decoder
+    translate: int = CloudSpec().translate
 
     def record(self, row: Row) -> None:
         print(json.dumps(asdict(row)), flush=True)
         doc = json.loads(self.out.read_text()) if self.out.exists() else {"rows": []}
-        key = (row.shift, row.method, row.epsilon)
-        rows = [r for r in doc["rows"] if (r["shift"], r["method"], r["epsilon"]) != key] + [asdict(row)]
+        rows = [r for r in doc["rows"] if row_key(r) != row_key(asdict(row))] + [asdict(row)]
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(json.dumps({"imgsz": self.setup.imgsz, "epochs": self.epochs, "rows": rows}, indent=1))
 
@@ -107,17 +116,32 @@ class Bench:
         last = next(e.metrics for e in reversed(result.history.epochs) if e.metrics)
         self.record(Row(self.shift, "centralized", None, *scores(last), round(time.monotonic() - t0, 1)))
 
+    def frozen_head(self) -> None:
+        t0 = time.monotonic()
+        model, _ = load_model(self.setup.weights)
+        task = HeadFeatures(model, self.held_out(), self.setup.imgsz)
+        edges = ImageSamples([self.setup.folders[e] for e in self.setup.edges], self.setup.imgsz)
+        config = TrainConfig(self.epochs, COCO_BATCH_SIZE, COCO_LEARNING_RATE, device=self.setup.device, seed=SEED)
+        state = self.setup.workdir / "frozen-head"
+        shutil.rmtree(state, ignore_errors=True)
+        torch.manual_seed(SEED)
+        history = Trainer(model, COCO_CUT, task, edges, config, state, lambda f: f).fit(History(), lambda r: None)
+        last = next(e.metrics for e in reversed(history.epochs) if e.metrics)
+        self.record(Row(self.shift, "frozen-head", None, *scores(last), round(time.monotonic() - t0, 1)))
+
     def adaptation(self, eps: float) -> tuple[Adaptation, float]:
         """The job's adaptation at ε and the seconds it took (made once per work directory)."""
-        path = self.setup.workdir / f"adaptation-eps{eps:g}.safetensors"
+        name = f"eps{eps:g}-bits{self.bits}-decoder{self.setup.decoder_epochs}"
+        path = self.adaptations / f"{name}.safetensors"
         took = path.with_suffix(".json")
         if path.exists() and took.exists():
             return Adaptation.load(path), json.loads(took.read_text())["seconds"]
         t0 = time.monotonic()
         model, _ = load_model(self.setup.weights)
         spec = AdaptSpec(epochs=self.setup.decoder_epochs)
-        found = adapt(model, COCO_CUT, self.setup.folders["public"], self.setup.imgsz, [eps], 1, True, spec,
+        found = adapt(model, COCO_CUT, self.setup.folders["public"], self.setup.imgsz, [eps], self.bits, True, spec,
                       self.setup.device, SEED, log.info)  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
         found.save(path)
         seconds = round(time.monotonic() - t0, 1)
         took.write_text(json.dumps({"seconds": seconds}))
@@ -127,19 +151,20 @@ class Bench:
         t0 = time.monotonic()
         adaptation, adapting = self.adaptation(eps)
         model = adapted_model(self.setup.weights, adaptation)
-        task = Detection(self.held_out(), self.setup.imgsz)
+        task = Detection(self.held_out(), self.setup.imgsz, self.translate)
         transform = feature_transform(adaptation.encoding())
         before = task.evaluate(model, COCO_CUT, transform, self.setup.device)
         self.record(Row(self.shift, "adapted", eps, *scores(before), round(adapting + time.monotonic() - t0, 1)))
         t1 = time.monotonic()
-        encoder = BitEncoder(eps, seed=SEED + 1, thresholds=adaptation.thresholds)
+        encoder = BitEncoder(eps, seed=SEED + 1, bits=self.bits, thresholds=adaptation.thresholds)
         received = fill_spool(self.setup, load_model(self.setup.weights)[0], encoder, f"eps{eps:g}-spool")
         trainer = self.trainer(model, task, received, f"eps{eps:g}", transform)
         trainer.fit(History(), lambda r: log.info("ε %g epoch %d: %s %s", eps, r.epoch, r.losses, r.metrics))
         chosen = trainer.restore_selected()
         got = task.evaluate(model, COCO_CUT, transform, self.setup.device)
         epoch = chosen.epoch if chosen is not None else None
-        row = Row(self.shift, "mistnet", eps, *scores(got), round(time.monotonic() - t1, 1), epoch)
+        row = Row(self.shift, "mistnet", eps, *scores(got), round(time.monotonic() - t1, 1), epoch,
+                  variant(self.bits, self.train_decoder, self.translate))  # fmt: skip
         self.record(row)
 
     def trainer(
@@ -150,8 +175,31 @@ class Bench:
         shutil.rmtree(state, ignore_errors=True)
         train, selection = selection_split(data, CloudSpec().selection_fraction, SEED)
         config = TrainConfig(self.epochs, COCO_BATCH_SIZE, COCO_LEARNING_RATE, device=self.setup.device, seed=SEED,
-                             recalibrate_bn=False)  # fmt: skip
+                             recalibrate_bn=False, train_decoder=self.train_decoder)  # fmt: skip
         return Trainer(model, COCO_CUT, task, train, config, state, transform, selection)
+
+
+class HeadFeatures(ImageDetection):
+    """Raw images through the model's own (frozen) head: batches hold its float outputs at the cut."""
+
+    def __init__(self, model: nn.Module, validation: Path, image_size: int) -> None:
+        super().__init__(validation, image_size)
+        self.model = model
+
+    @torch.no_grad()
+    def collate(self, samples: list[Any]) -> Batch:
+        batch = super().collate(samples)
+        return Batch(run_head(self.model, batch.features[INPUT], COCO_CUT), batch.targets)
+
+
+def variant(bits: int, train_decoder: bool, translate: int) -> str:
+    """The settings a trained MistNet row was measured with, in words."""
+    moves = f"moved by up to {translate} cells" if translate else "not moved"
+    return f"{bits} bit, decoder {'trained' if train_decoder else 'frozen'}, batches {moves}"
+
+
+def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return row["shift"], row["method"], row["epsilon"], row.get("variant", "")
 
 
 def scores(metrics: dict[str, float]) -> tuple[float, float]:
@@ -187,6 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--imgsz", type=int, default=320)
     p.add_argument("--epochs", type=int, default=6, help="training epochs, MistNet and centralized alike")
     p.add_argument("--decoder-epochs", type=int, default=10)
+    p.add_argument(
+        "--translate", type=int, default=CloudSpec().translate, help="training batches move by up to N feature cells"
+    )
+    p.add_argument("--bits", type=int, default=1, help="bits per activation (levels 2^bits)")
+    p.add_argument(
+        "--train-decoder",
+        action=argparse.BooleanOptionalAction,
+        default=CloudSpec().train_decoder,
+        help="also train the cut decoder on the edges' bits (cloud.train_decoder)",
+    )
     p.add_argument("--workdir", type=Path, default=Path("/tmp/mistnet-person"))
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--device", default="cpu")
@@ -197,12 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     folders = prepare(args.data, shift, args.public, workdir)
     setup = Setup(args.weights, args.imgsz, args.epochs, args.decoder_epochs, folders, workdir, args.device)
-    bench = Bench(setup, args.shift, args.epochs, args.out)
+    bench = Bench(setup, args.shift, args.epochs, args.out, args.workdir / "adaptations", args.bits, args.train_decoder,
+                  args.translate)  # fmt: skip
     methods = args.methods.split(",")
     if "pretrained" in methods:
         bench.pretrained()
     if "centralized" in methods:
         bench.centralized()
+    if "frozen-head" in methods:
+        bench.frozen_head()
     if "mistnet" in methods:
         for eps in [float(e) for e in args.epsilons.split(",")]:
             bench.mistnet(eps)

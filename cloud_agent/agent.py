@@ -440,9 +440,8 @@ class CloudAgent:
 
     def train(self) -> None:
         spec = self.spec
-        task = make_task(
-            spec.model.arch, Path(spec.cloud.validation) if spec.cloud.validation else None, self.image_size
-        )
+        validation = Path(spec.cloud.validation) if spec.cloud.validation else None
+        task = make_task(spec.model.arch, validation, self.image_size, spec.cloud.translate)
         if spec.cloud.validation is None:
             log.warning(
                 "no held-out data (cloud.validation): held-out metrics are not computed, and metrics "

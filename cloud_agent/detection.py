@@ -39,9 +39,11 @@ class Detection:
 
     headline = "map50_95"
 
-    def __init__(self, validation: Path | None, image_size: int) -> None:
-        """Without ``validation`` the job trains but reports no mAP: never one measured on training images."""
+    def __init__(self, validation: Path | None, image_size: int, translate: int = 0) -> None:
+        """Without ``validation`` the job trains but reports no mAP: never one measured on training images.
+        ``translate``: training batches move by up to this many cells of the features (:func:`translate`)."""
         self.image_size = image_size
+        self.translate = translate
         self.validation = YoloDataset(validation, image_size) if validation is not None else None
         self._loss: YoloLoss | None = None
         self._loss_model: nn.Module | None = None
@@ -49,6 +51,9 @@ class Detection:
     def collate(self, samples: list[StoredSample]) -> Batch:
         labels = [torch.from_numpy(decode_labels(s.label).copy()) for s in samples]
         return Batch(stack_features(samples), targets_of(labels))
+
+    def augment(self, batch: Batch) -> Batch:
+        return translate(batch, self.translate, self.image_size) if self.translate else batch
 
     def loss(self, model: nn.Module, output: Any, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """``output``: the Detect layer's maps, one ``[B, na, ny, nx, 5+nc]`` per level (in evaluation
@@ -80,3 +85,43 @@ class Detection:
     def predict_fn(self, model: nn.Module, cut: int, privatize: Privatize) -> PredictFn:
         """The deployed path: head → the job's levels → (cut decoder →) tail."""
         return split_predict_fn(model, cut, privatize)
+
+
+MIN_KEPT_AREA = 0.3  # a box cut by a translation stays a target when this share of it is left
+
+
+def translate(batch: Batch, max_cells: int, image_size: int) -> Batch:
+    """Each sample's feature maps moved by a random whole number of cells (up to ``max_cells`` of the
+    coarsest map, each way), with its boxes: the head is convolutional, so a map moved by whole cells
+    is what the edge would have sent for the image moved by as many strides, up to the borders, which
+    repeat the edge row or column (the letterbox padding, mostly)."""
+    samples = len(next(iter(batch.features.values())))
+    coarsest = max(image_size // x.shape[-1] for x in batch.features.values())
+    shifts = torch.randint(-max_cells, max_cells + 1, (samples, 2))
+    features = {k: _moved(x, shifts * coarsest // (image_size // x.shape[-1])) for k, x in batch.features.items()}
+    return Batch(features, _moved_boxes(batch.targets, shifts.float() * coarsest / image_size))
+
+
+def _moved(x: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """``x[b]`` moved by ``cells[b] = (dx, dy)``, borders repeated."""
+    pad = int(cells.abs().max())
+    if pad == 0:
+        return x
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
+    h, w = x.shape[-2:]
+    windows = [(pad - dy, pad - dx) for dx, dy in cells.tolist()]
+    return torch.stack([padded[b, :, top : top + h, left : left + w] for b, (top, left) in enumerate(windows)])
+
+
+def _moved_boxes(targets: torch.Tensor, moves: torch.Tensor) -> torch.Tensor:
+    """Targets ``(image, cls, cx, cy, w, h)`` moved by ``moves[image]`` (normalized), clipped to the
+    square; boxes left with less than :data:`MIN_KEPT_AREA` of their area are dropped."""
+    if not len(targets):
+        return targets
+    move = moves[targets[:, 0].long()]
+    cx, cy, w, h = targets[:, 2] + move[:, 0], targets[:, 3] + move[:, 1], targets[:, 4], targets[:, 5]
+    x1, x2 = (cx - w / 2).clamp(0, 1), (cx + w / 2).clamp(0, 1)
+    y1, y2 = (cy - h / 2).clamp(0, 1), (cy + h / 2).clamp(0, 1)
+    kept = (x2 - x1) * (y2 - y1) >= MIN_KEPT_AREA * w * h
+    moved = torch.stack((targets[:, 0], targets[:, 1], (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), 1)
+    return moved[kept & (x2 > x1) & (y2 > y1)]

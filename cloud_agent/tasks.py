@@ -51,6 +51,10 @@ class CloudTask(Protocol):
 
     def collate(self, samples: list[Any]) -> Batch: ...
 
+    def augment(self, batch: Batch) -> Batch:
+        """A training batch varied the way the task's inputs vary (evaluation batches are not)."""
+        ...
+
     def loss(
         self, model: nn.Module, output: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]: ...
@@ -70,6 +74,9 @@ class Classification:
     def collate(self, samples: list[StoredSample]) -> Batch:
         labels = torch.tensor([decode_label(s.label) for s in samples], dtype=torch.long)
         return Batch(stack_features(samples), labels)
+
+    def augment(self, batch: Batch) -> Batch:
+        return batch
 
     def loss(
         self, model: nn.Module, output: torch.Tensor, targets: torch.Tensor
@@ -91,9 +98,9 @@ class Classification:
         return {"accuracy": correct / len(images)}
 
 
-def make_task(arch: str, validation: Path | None, image_size: int) -> CloudTask:
+def make_task(arch: str, validation: Path | None, image_size: int, translate: int = 0) -> CloudTask:
     if arch == "lenet5":
         return Classification(validation)
     from cloud_agent.detection import Detection
 
-    return Detection(validation, image_size)
+    return Detection(validation, image_size, translate)

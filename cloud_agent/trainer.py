@@ -409,7 +409,7 @@ class Trainer:
         totals: dict[str, float] = {}
         steps = 0
         for batch in loader:
-            batch = batch.to(self.config.device)
+            batch = self.task.augment(batch).to(self.config.device)
             self.set_schedule(self.step)
             loss, parts = self.training_loss(batch)
             self.step += 1

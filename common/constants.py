@@ -53,6 +53,7 @@ DEFAULT_EPOCHS = 10
 DEFAULT_LEARNING_RATE = 0.01
 DEFAULT_DECODER_EPOCHS = 10
 DEFAULT_SELECTION_FRACTION = 0.1
+DEFAULT_TRANSLATE_CELLS = 0  # cloud.translate: docs/privacy-utility.md measures it
 # Fewer received samples than this: no selection split (too few to tell epochs apart), the last epoch ships.
 MIN_SELECTION_SAMPLES = 20
 DEFAULT_DECODER_WIDTH = 128

@@ -151,6 +151,13 @@ class CloudSpec(Strict):
         description="also train the cut decoder on the edges' randomized bits; off, it keeps its adapted weights "
         "and maps clean and randomized levels alike (what lets a tail trained at small ε work on clean levels)",
     )
+    translate: int = Field(
+        default=C.DEFAULT_TRANSLATE_CELLS,
+        ge=0,
+        description="detection: each training batch's feature maps move by a random whole number of cells, up to "
+        "this many each way, with their boxes (what the edge would send for the image moved by as many strides); "
+        "0: no augmentation",
+    )
     selection_fraction: float = Field(
         default=C.DEFAULT_SELECTION_FRACTION,
         ge=0,

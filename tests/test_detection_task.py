@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cloud_agent.detection import Detection, targets_of
+from cloud_agent.detection import Detection, targets_of, translate
 from cloud_agent.spool import Spool, SpoolFeatures, StoredSample
-from cloud_agent.tasks import make_task
+from cloud_agent.tasks import Batch, make_task
 from cloud_agent.trainer import History, TrainConfig, Trainer, lr_factor, warmup_steps
 from common.datasets.yolo import YoloEdgeDataset, encode_labels
 from common.errors import DatasetError
@@ -188,3 +188,26 @@ def test_encode_labels_round_trip_through_collate(tmp_path: Path, model: torch.n
     )
     batch = Detection(folder, SIZE).collate([samples[0], empty, samples[1]])
     assert batch.targets[:, 0].tolist() == [0, 2]
+
+
+def test_translation_moves_features_and_boxes_together():
+    """A hot cell and the box around it stay together whatever the move; a box moved off the square is dropped."""
+    torch.manual_seed(0)
+    size, cells = 320, 40
+    features = torch.zeros(8, 3, cells, cells)
+    features[:, :, 20, 20] = 1.0
+    box = [(20.5 * 8) / size, (20.5 * 8) / size, 16 / size, 16 / size]
+    corner = [0.5 * 8 / size, 0.5 * 8 / size, 8 / size, 8 / size]  # a cell-sized box in the top-left cell
+    targets = torch.tensor([[b, 0.0, *box] for b in range(8)] + [[b, 0.0, *corner] for b in range(8)])
+    moved = translate(Batch({3: features}, targets), 4, size)
+    kept_corners = 0
+    for b in range(8):
+        y, x = divmod(int(moved.features[3][b, 0].argmax()), cells)
+        rows = moved.targets[moved.targets[:, 0] == b]
+        centered = rows[(rows[:, 4] - 16 / size).abs() < 1e-6]
+        assert len(centered) == 1
+        assert centered[0, 2].item() * size / 8 - 0.5 == pytest.approx(x, abs=1e-4)
+        assert centered[0, 3].item() * size / 8 - 0.5 == pytest.approx(y, abs=1e-4)
+        kept_corners += len(rows) - 1
+        assert (rows[:, 2:4] - rows[:, 4:6] / 2 >= -1e-6).all() and (rows[:, 2:4] + rows[:, 4:6] / 2 <= 1 + 1e-6).all()
+    assert 0 < kept_corners < 8  # moved left or up, the corner box leaves the square

@@ -24,6 +24,9 @@ class Digits:
     def collate(self, samples: list[tuple[torch.Tensor, int]]) -> Batch:
         return Batch({CUT - 1: torch.stack([s[0] for s in samples])}, torch.tensor([s[1] for s in samples]))
 
+    def augment(self, batch: Batch) -> Batch:
+        return batch
+
     def loss(self, model: nn.Module, output: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
         loss = F.cross_entropy(output, targets)
         return loss, {"ce": float(loss.detach())}
