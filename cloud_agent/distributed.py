@@ -349,7 +349,8 @@ def run_worker(spec: JobSpec, broker: BrokerOptions, workdir: Path, ranks: Ranks
         if spec.cloud.public is not None and not agent.adaptation_path.exists():
             raise MistnetError(f"rank {ranks.rank}: {agent.adaptation_path} does not exist (rank 0 writes it)")
         agent.adapt()  # loads rank 0's thresholds and cut decoder
-        task = make_task(spec.model.arch, None, agent.image_size)  # no held-out data: rank 0 evaluates
+        # No held-out data (rank 0 evaluates); the same augmentation as rank 0's.
+        task = make_task(spec.model.arch, None, agent.image_size, spec.cloud.translate)
         data, _ = agent.training_split()
         log.info("rank %d: training on its share of %d samples", ranks.rank, len(data))
         agent.make_trainer(task, data, None).fit(History(), lambda _: None)
