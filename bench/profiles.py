@@ -54,6 +54,10 @@ class Profile:
     scaling_edges: tuple[int, ...] = (1, 2, 4, 8)
     scaling_samples: int = 24000  # MNIST samples shared out between the edges (fixed total)
     scaling_repeats: int = 2
+    # Tail training on 1..N DDP processes (bench.train_scaling; on CUDA: 1..every visible GPU).
+    train_scaling_ranks: tuple[int, ...] = (1, 2)
+    train_scaling_repeats: int = 3
+    train_scaling_epochs: int = 3
     profile: bool = True  # cProfile (and py-spy when installed) of an edge and the cloud
     timeouts: dict[str, float] = field(default_factory=lambda: {"run": 900.0, "ready": 180.0})
 
@@ -87,6 +91,8 @@ QUICK = Profile(
     scaling_edges=(1, 2),
     scaling_samples=4000,
     scaling_repeats=1,
+    train_scaling_repeats=1,
+    train_scaling_epochs=2,
     profile=False,
     timeouts={"run": 300.0, "ready": 120.0},
 )
@@ -117,6 +123,7 @@ SMOKE = Profile(
     scaling_edges=(1,),
     scaling_samples=128,
     scaling_repeats=1,
+    train_scaling_ranks=(),  # torchrun's start-up alone would double the suite's benchmark test
     profile=False,
     timeouts={"run": 180.0, "ready": 120.0},
 )

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bench import train_scaling
 from bench.util import RESULTS
 
 REFERENCE_MB_PER_EDGE = 400.11  # "Received 400.11 MB" for 128 images of yolov5s at 640 (Sedna issue)
@@ -40,6 +41,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     train = results["train"]
     memory = results["memory"]
     s640 = [s for s in edge if s["scenario"] == "yolov5s@640"]
+    ddp = results.get("train_scaling", {}).get("rows", [])  # absent from runs made before it existed
     summary: dict[str, Any] = {
         "profile": results["profile"],
         "device": results["device"],
@@ -61,6 +63,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         "edge_installed_mb": results["runtimes"]["installed_mb"]["edge"],
         "wire_mb_128_yolov5s_640": s640[0]["wire_bytes_per_image"] * 128 / 1e6 if s640 else None,
         "scaling_collect_s": {str(r["edges"]): r["collect_s"] for r in results["scaling"]["rows"]},
+        "train_scaling_efficiency": {f"{r['task']} x{r['ranks']}": r["efficiency"] for r in ddp if r["ranks"] > 1},
         "machine": {k: results["machine"].get(k) for k in ("date", "cpu", "cpus")},
         "load": results["load"],
         "seconds": results["seconds"],
@@ -79,14 +82,18 @@ def _meets(value: Any, op: str, target: float) -> bool:
 def write_results(results: dict[str, Any], summary: dict[str, Any], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for key in ("edge", "runtimes", "transport", "train", "memory", "scaling"):
-        path = out / f"{key}.json"
-        path.write_text(json.dumps(results[key], indent=1, default=str) + "\n")
-        written.append(path)
+    for key in ("edge", "runtimes", "transport", "train", "memory", "scaling", "train_scaling"):
+        written.append(write_part(out, key, results[key]))
     meta = {k: results[k] for k in ("profile", "device", "machine", "load", "seconds", "out", "ablation_images")}
     (out / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return [*written, out / "run.json", out / "summary.json"]
+
+
+def write_part(out: Path, key: str, part: dict[str, Any]) -> Path:
+    path = out / f"{key}.json"
+    path.write_text(json.dumps(part, indent=1, default=str) + "\n")
+    return path
 
 
 # Plots ---------------------------------------------------------------------------------------------
@@ -177,6 +184,8 @@ def plots(results: dict[str, Any], out: Path) -> dict[str, Path]:
             ax.legend(fontsize=7)
     fig.tight_layout()
     made["memory"] = _save(fig, out / "memory.png")
+    if results.get("train_scaling", {}).get("rows"):
+        made["train_scaling"] = _save(train_scaling.plot(results["train_scaling"]), out / "train_scaling.png")
     plt.close("all")
     return made
 
@@ -377,6 +386,8 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], images: dict[str,
             f"ratio {_f(mn['spool_2_workers_ratio'])} (the workers compete with training for the same "
             "cores). What the batched read and the vectorised unpack are worth: see below.",
         ]
+    scaling_plot = rel(images["train_scaling"]) if "train_scaling" in images else ""
+    lines += train_scaling.section(results.get("train_scaling"), scaling_plot)
     lines += [
         "",
         "## Memory",
@@ -465,6 +476,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], images: dict[str,
         "make bench                       # full run (this page, bench/results/*.json, PNGs)",
         "mistnet bench --quick --json     # < 3 min, smaller inputs, results in bench/results/quick/",
         "mistnet bench --device cuda      # head and training on the GPU (fails clearly without CUDA)",
+        "mistnet bench --only train_scaling  # one part again; the page keeps the other parts' results",
         "```",
         "",
     ]
@@ -778,9 +790,10 @@ def ctx_images(results: dict[str, Any]) -> int:
 def render(out: Path, docs: Path) -> Path:
     """Plots and the markdown page again from the JSON of an earlier run (no measuring)."""
     results: dict[str, Any] = json.loads((out / "run.json").read_text())
-    for key in ("edge", "runtimes", "transport", "train", "memory", "scaling"):
-        results[key] = json.loads((out / f"{key}.json").read_text())
-    results.setdefault("out", str(out))
+    for key in ("edge", "runtimes", "transport", "train", "memory", "scaling", "train_scaling"):
+        if (out / f"{key}.json").exists():  # train_scaling: not in runs made before it existed
+            results[key] = json.loads((out / f"{key}.json").read_text())
+    results["out"] = str(out)  # the folder read, wherever the run that wrote it put it
     results.setdefault("ablation_images", 64)
     summary = summarize(results)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -5,15 +5,16 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import edge, memory, report, runtimes, scaling, train, transport
+from bench import edge, memory, report, runtimes, scaling, train, train_scaling, transport
 from bench.profiles import PROFILES
 from bench.util import DOCS, RESULTS, BenchError, Context, LoadRecord, bench_broker, coco_images, machine
 
-PARTS = ("edge", "runtimes", "transport", "train", "memory", "scaling")
+PARTS = ("edge", "runtimes", "transport", "train", "memory", "scaling", "train_scaling")
+MODULES = dict(zip(PARTS, (edge, runtimes, transport, train, memory, scaling, train_scaling), strict=True))
 
 
 def default_out(profile: str) -> Path:
@@ -38,8 +39,10 @@ def run_bench(
     docs: Path | None = None,
     log: Callable[[str], None] = print,
     keep: bool = False,
+    only: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Run the benchmarks of ``profile`` and write results; returns the summary object."""
+    """Run the benchmarks of ``profile`` and write results; returns the summary object. ``only``:
+    these parts alone, the page rendered again with the other parts' results of an earlier run."""
     from broker.launcher import find_mosquitto
 
     if profile not in PROFILES:
@@ -66,17 +69,19 @@ def run_bench(
         with bench_broker(workdir / "broker").start() as broker:
             pid = broker.process.pid if broker.process else None
             ctx = Context(prof, device, workdir, broker.url, log, broker_pid=pid)
-            for name, module in zip(PARTS, (edge, runtimes, transport, train, memory, scaling), strict=True):
+            for name in only or PARTS:
                 t = time.monotonic()
-                results[name] = module.run(ctx)
+                results[name] = MODULES[name].run(ctx)
                 log(f"{name}: {time.monotonic() - t:.0f} s")
     finally:
         results["load"] = load.stop()
-        if not keep and all(k in results for k in PARTS):
+        if not keep and all(k in results for k in only or PARTS):
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             log(f"scratch folder kept: {workdir}")
     results["seconds"] = time.monotonic() - started
+    if only:
+        return part_results(results, only, out, docs, log)
     summary = report.summarize(results)
     report.write_results(results, summary, out)
     images = report.plots(results, out)
@@ -84,3 +89,15 @@ def run_bench(
     docs.write_text(report.markdown(results, summary, images, docs))
     log(f"results in {out}, page {docs}")
     return summary
+
+
+def part_results(
+    results: dict[str, Any], only: Sequence[str], out: Path, docs: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """``--only``: each part's JSON, then the page again from everything in ``out``."""
+    for name in only:
+        report.write_part(out, name, results[name])
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    report.render(out, docs)
+    log(f"results in {out}, page {docs}")
+    return {"profile": results["profile"], "device": results["device"], **{k: results[k] for k in only}}

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import ValidationError
@@ -29,6 +30,7 @@ from cloud_agent.tasks import CloudTask, make_task
 from cloud_agent.trainer import (
     EpochResult,
     History,
+    Samples,
     Selection,
     TrainConfig,
     Trainer,
@@ -74,6 +76,9 @@ from common.storage import ObjectStore, S3Options, put_object, s3_options, split
 from common.transport import BrokerOptions, Inbound, LinkEvent, MqttLink
 from common.weights import pack_state
 
+if TYPE_CHECKING:
+    from cloud_agent.distributed import Ranks
+
 log = logging.getLogger("mistnet.cloud")
 
 
@@ -86,10 +91,14 @@ class JobCancelled(MistnetError):
 
 
 class CloudAgent:
-    def __init__(self, spec: JobSpec, broker: BrokerOptions, workdir: Path, device: str = "cpu") -> None:
+    def __init__(
+        self, spec: JobSpec, broker: BrokerOptions, workdir: Path, device: str = "cpu", ranks: Ranks | None = None
+    ) -> None:
+        """``ranks``: the training processes when torchrun started this one as rank 0 (docs/deploy.md)."""
         self.spec = spec
         self.workdir = workdir
         self.device = device
+        self.ranks = ranks
         self.cut = spec.cut_layer
         self.spool = Spool(workdir / "spool.sqlite")
         self.model = self.build_model()
@@ -194,6 +203,8 @@ class CloudAgent:
             self.cancel_assignments()
             self.set_phase(JobPhase.CANCELLED, str(exc))
         finally:
+            if self.ranks is not None:
+                self.ranks.release()  # the other ranks stop waiting when this job ends without training
             log.info("job %s: %s", self.spec.name, self.collector.summary())
             if self.phase in (JobPhase.DONE, JobPhase.FAILED, JobPhase.CANCELLED):
                 self.clean_up_objects()
@@ -205,7 +216,7 @@ class CloudAgent:
     # adapting ----------------------------------------------------------------------------------
 
     @property
-    def _adaptation_path(self) -> Path:
+    def adaptation_path(self) -> Path:
         return self.workdir / "adaptation.safetensors"
 
     def adapt(self) -> None:
@@ -214,8 +225,8 @@ class CloudAgent:
         spec = self.spec
         if spec.cloud.public is None:
             return
-        if self._adaptation_path.exists():
-            self.adaptation = Adaptation.load(self._adaptation_path)
+        if self.adaptation_path.exists():
+            self.adaptation = Adaptation.load(self.adaptation_path)
         else:
             self.set_phase(JobPhase.ADAPTING, f"adapting to {spec.privacy.bits}-bit features on {spec.cloud.public}")
             self.adaptation = adapt(
@@ -231,7 +242,7 @@ class CloudAgent:
                 spec.seed,
                 self.adapt_progress,
             )
-            self.adaptation.save(self._adaptation_path)
+            self.adaptation.save(self.adaptation_path)
         self.transform = feature_transform(self.adaptation.encoding())
         if self.adaptation.decoder is not None:
             attach(self.model, self.adaptation.decoder.to(self.device))
@@ -436,12 +447,8 @@ class CloudAgent:
                 "no held-out data (cloud.validation): held-out metrics are not computed, and metrics "
                 "on training data are never reported in their place"
             )
-        data, selection = selection_split(
-            SpoolFeatures(self.spool, self.delivered()), spec.cloud.selection_fraction, spec.seed
-        )
-        trainer = Trainer(
-            self.model, self.cut, task, data, self.train_config(), self.workdir / "state", self.privatize, selection
-        )
+        data, selection = self.training_split()
+        trainer = self.make_trainer(task, data, selection)
         history = History.from_json(self.spool.get_meta("history"))
         if history.epochs:
             # A restart: the trainer reloads workdir/state (model, optimizer, step) of the last epoch.
@@ -484,6 +491,16 @@ class CloudAgent:
         if chosen is not None:
             self.record_selection(chosen, task, history)
         self.set_phase(JobPhase.EVALUATING)
+
+    def training_split(self) -> tuple[Samples, Samples | None]:
+        """The received samples to train on, and those held back to choose the epoch that ships."""
+        samples = SpoolFeatures(self.spool, self.delivered())
+        return selection_split(samples, self.spec.cloud.selection_fraction, self.spec.seed)
+
+    def make_trainer(self, task: CloudTask, data: Samples, selection: Samples | None) -> Trainer:
+        config, state = self.train_config(), self.workdir / "state"
+        args = (self.model, self.cut, task, data, config, state, self.privatize, selection)
+        return Trainer(*args) if self.ranks is None else self.ranks.trainer(*args)
 
     def train_config(self) -> TrainConfig:
         cloud = self.spec.cloud
@@ -684,6 +701,7 @@ class CloudAgent:
             duration_s=round(duration_s, 3),
             message=self.spool.get_meta("message") or "",
             selected_epoch=self.selected_epoch,
+            world_size=self.ranks.world_size if self.ranks is not None else 1,
         )
 
 

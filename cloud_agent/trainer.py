@@ -377,10 +377,17 @@ class Trainer:
             on_epoch(result)
         return history
 
-    def forward_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward_loss(
+        self, batch: Batch, tail: Callable[[dict[int, torch.Tensor]], torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``tail``: what runs the tail (default: the model's own layers; DDP's wrapper when distributed)."""
         with torch.autocast(self.device_type, dtype=torch.float16, enabled=self.amp):
-            output = run_tail(self.model, batch.features, self.cut)
+            output = run_tail(self.model, batch.features, self.cut) if tail is None else tail(batch.features)
             return self.task.loss(self.model, output, batch.targets)
+
+    def training_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss a training step descends (``cloud_agent.distributed`` runs it through DDP)."""
+        return self.forward_loss(batch)
 
     def train_mode(self) -> None:
         """Training mode, except that frozen layers' BatchNorm keeps its statistics (the Detect layer
@@ -404,7 +411,7 @@ class Trainer:
         for batch in loader:
             batch = self.task.augment(batch).to(self.config.device)
             self.set_schedule(self.step)
-            loss, parts = self.forward_loss(batch)
+            loss, parts = self.training_loss(batch)
             self.step += 1
             if not torch.isfinite(loss.detach()):
                 self.skipped_steps += 1

@@ -61,6 +61,16 @@ DEFAULT_DECODER_LEARNING_RATE = 2e-3
 DEFAULT_COLLECT_TIMEOUT_S = 600.0
 STATUS_INTERVAL_S = 1.0
 
+# Training on several processes (``mistnet cloud --nproc-per-node``, torchrun): how long a collective
+# may wait (rank 0 evaluates and checkpoints between epochs while the others wait in the next one),
+# how often a rank waiting for rank 0's collection says so, and the environment variable naming a
+# folder where every rank writes the (node, id) of the samples it trained on, per epoch (tests, debugging).
+DDP_TIMEOUT_S = 3600.0
+RANK_WAIT_LOG_S = 30.0
+SAMPLE_LOG_ENV = "MISTNET_SAMPLE_LOG"
+# Restarts of the training processes after one of them fails (``mistnet cloud --max-restarts``).
+DEFAULT_MAX_RESTARTS = 3
+
 # COCO-C corruptions (``mistnet data shift``, ``common.datasets.shift``) and their severities.
 CORRUPTIONS = (
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",

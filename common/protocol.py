@@ -711,3 +711,4 @@ class JobSummary(Message):
     # The epoch whose weights shipped, chosen on received samples held back from training (0: none
     # beat the model before training); None: no selection (too few samples, or selection_fraction 0).
     selected_epoch: int | None = None
+    world_size: int = Field(default=1, ge=1)  # training processes (torchrun ranks) that trained the tail

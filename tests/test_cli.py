@@ -54,8 +54,9 @@ def test_demo_json_meets_its_promises(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert set(summary) == {"job", "phase", "edges", "metrics", "checkpoint", "duration_s", "message",
-                            "selected_epoch", "baselines"}  # fmt: skip
+                            "selected_epoch", "baselines", "world_size"}  # fmt: skip
     assert summary["phase"] == "done" and len(summary["edges"]) == 2 and summary["message"] == ""
+    assert summary["world_size"] == 1
     # 10% of the 3000 received samples chose the epoch that shipped; MNIST improves on the start.
     assert 1 <= summary["selected_epoch"] <= 6 and summary["baselines"] == {}
     assert summary["metrics"]["accuracy"] >= 0.90

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# The parts of the run (``bench.runner.PARTS``; spelled out here so that --help needs no torch).
+PARTS = ("edge", "runtimes", "transport", "train", "memory", "scaling", "train_scaling")
+
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
@@ -24,6 +27,9 @@ def register(sub: Any) -> None:
     p.add_argument("--docs", type=Path, help="where the markdown page goes (default docs/benchmarks.md for full runs)")
     p.add_argument("--profile", choices=("full", "quick", "smoke"), help=argparse.SUPPRESS)
     p.add_argument("--keep", action="store_true", help="keep the scratch folder (logs of every process)")
+    p.add_argument("--only", nargs="+", choices=PARTS, metavar="PART",
+                   help=f"run these benchmarks alone ({', '.join(PARTS)}) and render the page again with the "
+                   "others' results of an earlier run")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -32,10 +38,18 @@ def run(args: argparse.Namespace) -> int:
 
     profile = args.profile or ("quick" if args.quick else "full")
     summary = run_bench(
-        profile, args.device, args.out, args.docs, log=lambda line: print(line, file=sys.stderr), keep=args.keep
+        profile,
+        args.device,
+        args.out,
+        args.docs,
+        log=lambda line: print(line, file=sys.stderr),
+        keep=args.keep,
+        only=args.only or (),
     )
     if args.json:
         sys.stdout.write(json.dumps(summary) + "\n")
+    elif args.only:
+        print(json.dumps(summary, indent=1))
     else:
         for key, met in summary["goals_met"].items():
             print(f"{key:<24} {summary[key]:>10.3f}  {'ok' if met else 'NOT MET'}")
