@@ -90,6 +90,7 @@ class Bench:
     bits: int = 1
     train_decoder: bool = CloudSpec().train_decoder
     translate: int = CloudSpec().translate
+    learning_rate: float = COCO_LEARNING_RATE  # every method's
 
     def record(self, row: Row) -> None:
         print(json.dumps(asdict(row)), flush=True)
@@ -111,7 +112,7 @@ class Bench:
         t0 = time.monotonic()
         state = self.setup.workdir / "centralized"
         shutil.rmtree(state, ignore_errors=True)
-        config = TrainConfig(self.epochs, COCO_BATCH_SIZE, COCO_LEARNING_RATE, device=self.setup.device, seed=SEED)
+        config = TrainConfig(self.epochs, COCO_BATCH_SIZE, self.learning_rate, device=self.setup.device, seed=SEED)
         edges = [self.setup.folders[e] for e in self.setup.edges]
         result = fine_tune(self.setup.weights, edges, self.held_out(), self.setup.imgsz, config, state)
         last = next(e.metrics for e in reversed(result.history.epochs) if e.metrics)
@@ -122,7 +123,7 @@ class Bench:
         model, _ = load_model(self.setup.weights)
         task = HeadFeatures(model, self.held_out(), self.setup.imgsz)
         edges = ImageSamples([self.setup.folders[e] for e in self.setup.edges], self.setup.imgsz)
-        config = TrainConfig(self.epochs, COCO_BATCH_SIZE, COCO_LEARNING_RATE, device=self.setup.device, seed=SEED)
+        config = TrainConfig(self.epochs, COCO_BATCH_SIZE, self.learning_rate, device=self.setup.device, seed=SEED)
         state = self.setup.workdir / "frozen-head"
         shutil.rmtree(state, ignore_errors=True)
         torch.manual_seed(SEED)
@@ -165,7 +166,7 @@ class Bench:
         got = task.evaluate(model, COCO_CUT, transform, self.setup.device)
         epoch = chosen.epoch if chosen is not None else None
         row = Row(self.shift, "mistnet", eps, *scores(got), round(time.monotonic() - t1, 1), epoch,
-                  variant(self.bits, self.train_decoder, self.translate))  # fmt: skip
+                  variant(self.bits, self.train_decoder, self.translate, self.learning_rate))  # fmt: skip
         self.record(row)
 
     def trainer(
@@ -175,7 +176,7 @@ class Bench:
         state = self.setup.workdir / name / "state"
         shutil.rmtree(state, ignore_errors=True)
         train, selection = selection_split(data, CloudSpec().selection_fraction, SEED)
-        config = TrainConfig(self.epochs, COCO_BATCH_SIZE, COCO_LEARNING_RATE, device=self.setup.device, seed=SEED,
+        config = TrainConfig(self.epochs, COCO_BATCH_SIZE, self.learning_rate, device=self.setup.device, seed=SEED,
                              recalibrate_bn=False, train_decoder=self.train_decoder)  # fmt: skip
         return Trainer(model, COCO_CUT, task, train, config, state, transform, selection)
 
@@ -233,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--translate", type=int, default=CloudSpec().translate, help="training batches move by up to N feature cells"
     )
+    p.add_argument("--lr", type=float, default=COCO_LEARNING_RATE, help="learning rate of every method")
     p.add_argument("--bits", type=int, default=1, help="bits per activation (levels 2^bits)")
     p.add_argument(
         "--train-decoder",
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     folders = prepare(args.data, shift, args.public, workdir)
     setup = Setup(args.weights, args.imgsz, args.epochs, args.decoder_epochs, folders, workdir, args.device)
     bench = Bench(setup, args.shift, args.epochs, args.out, args.workdir / "adaptations", args.bits, args.train_decoder,
-                  args.translate)  # fmt: skip
+                  args.translate, args.lr)  # fmt: skip
     methods = args.methods.split(",")
     if "pretrained" in methods:
         bench.pretrained()

@@ -17,13 +17,15 @@ GOAL_SHIFT = "contrast:5"
 GAIN_GOALS = {100.0: 0.9, 4.0: 0.7}
 
 Row = dict[str, Any]
+DEMO_LEARNING_RATE = 0.001  # mistnet.demo's COCO_LEARNING_RATE (not imported: the demo pulls in torch)
 OLD_VARIANT = "1 bit, decoder frozen, batches not moved"  # rows measured before variants were recorded
 
 
-def variant(bits: int, train_decoder: bool, translate: int) -> str:
-    """The settings a trained MistNet row was measured with, in words."""
+def variant(bits: int, train_decoder: bool, translate: int, learning_rate: float = DEMO_LEARNING_RATE) -> str:
+    """The settings a trained MistNet row was measured with, in words (the learning rate when not the demo's)."""
     moves = f"moved by up to {translate} cells" if translate else "not moved"
-    return f"{bits} bit, decoder {'trained' if train_decoder else 'frozen'}, batches {moves}"
+    words = f"{bits} bit, decoder {'trained' if train_decoder else 'frozen'}, batches {moves}"
+    return words if learning_rate == DEMO_LEARNING_RATE else f"{words}, lr {learning_rate:g}"
 
 
 def default_variant() -> str:
