@@ -10,7 +10,8 @@ once:
   written to the spool; only after that COMMIT is the transfer acknowledged (one acknowledgement
   with ``transfer_done``, which settles all its chunks at the edge).
 - The collector works in batches (:meth:`Collector.batch`: the cloud agent opens one per inbox
-  drain): everything a batch stores goes into one SQLite transaction, and the batch's
+  drain): everything a batch stores goes into one spool transaction (its feature bytes appended
+  to a segment file and fsync'd, then one SQLite COMMIT of their index rows), and the batch's
   acknowledgements (and rejections) are published after its COMMIT.
 - Chunks of a transfer that stays incomplete longer than ``hold_s`` (an edge whose window is
   smaller than a transfer, a slow or rate-limited link, a lost chunk), or while more than
@@ -41,7 +42,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from cloud_agent.spool import Spool, StoredChunk
+from cloud_agent.spool import Spool, StoredChunk, StoredObject
 from common.errors import ProtocolError, TransportError
 from common.protocol import (
     Ack,
@@ -113,6 +114,7 @@ class _Commit:
     batch: FeatureBatch
     wire_bytes: int
     had_stored: bool  # persisted chunks of this transfer to delete
+    obj: StoredObject | None = None  # the S3 object it arrived as
 
 
 class Collector:
@@ -215,12 +217,11 @@ class Collector:
                     for key in drops:
                         self.spool.drop_chunks(*key)
                     for c in commits:
-                        self.spool.insert_transfer(c.node, c.batch, c.wire_bytes)
+                        self.spool.insert_transfer(c.node, c.batch, c.wire_bytes, c.obj)
                         if c.had_stored:
                             self.spool.drop_chunks(c.node, c.batch.transfer)
                     if rows:
                         self.spool.put_chunks(rows)
-                self.spool.written(sum(len(c.batch.data) for c in commits) + sum(len(p) for _, p in rows))
         except BaseException:
             # Nothing of this batch is acknowledged: the edges resend it. Stale rows stay to delete.
             self._reset_batch(keep_drops=True)
@@ -422,7 +423,8 @@ class Collector:
             self._reject(node, claim.transfer, 0, str(exc), label="damaged object")
             return
         self.store_error = ""
-        self._queue_commit(_Commit(node, batch, message_bytes + claim.size, False), 0)
+        obj = StoredObject(node, claim.transfer, claim.key, claim.sha256, claim.size)
+        self._queue_commit(_Commit(node, batch, message_bytes + claim.size, False, obj), 0)
 
     # ---------------------------------------------------------------------------------------------
 
