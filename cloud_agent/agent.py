@@ -24,6 +24,7 @@ from cloud_agent.adaptation import Adaptation, adapt
 from cloud_agent.checkpoints import load_pretrained, save_model
 from cloud_agent.collector import Collector
 from cloud_agent.export import export_head
+from cloud_agent.feature_store import share_features
 from cloud_agent.spool import Spool, SpoolFeatures
 from cloud_agent.tasks import CloudTask, make_task
 from cloud_agent.trainer import (
@@ -180,6 +181,7 @@ class CloudAgent:
                 self.offer_job()
                 self.collect()
             if self.phase == JobPhase.TRAINING:
+                self.share_features()
                 self.train()
             if self.phase == JobPhase.EVALUATING:
                 self.finish()
@@ -426,6 +428,15 @@ class CloudAgent:
         self.link.publish(Topics.ack(ack.node, ack.job), to_json(ack))
 
     # training ----------------------------------------------------------------------------------
+
+    def share_features(self) -> None:
+        """Put the job's feature store in place (S3 transmitter or ``cloud.feature_store``), once: what
+        training ranks on other nodes read (``feature_store.open_store``) instead of this spool."""
+        if self.spool.get_meta("feature_store") is not None:
+            return
+        url = share_features(self.spec, self.spool, self.delivered())
+        if url is not None:
+            self.spool.set_meta("feature_store", url)
 
     def train(self) -> None:
         spec = self.spec

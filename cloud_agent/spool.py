@@ -29,6 +29,7 @@ import logging
 import os
 import sqlite3
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ CREATE TABLE IF NOT EXISTS skipped (
 CREATE TABLE IF NOT EXISTS nodes (node TEXT PRIMARY KEY, total INTEGER);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS objects (
-    node TEXT, transfer INTEGER, key TEXT, sha256 BLOB, size INTEGER, PRIMARY KEY (node, transfer));
+    node TEXT, transfer INTEGER, key TEXT, sha256 BLOB, size INTEGER, ids TEXT, PRIMARY KEY (node, transfer));
 """
 # Columns a spool written before segment files lacks (its features are in ``samples.features``).
 SEGMENT_COLUMNS = ("segment INTEGER", "offset INTEGER", "length INTEGER", "crc32 INTEGER")
@@ -199,7 +200,7 @@ class Spool:
             (node, batch.transfer, len(batch.ids), len(batch.skipped), wire_bytes),
         )
         if obj is not None:
-            db.execute("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?)", obj)
+            db.execute("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?)", (*obj, json.dumps(batch.ids)))
 
     def commit_transfer(self, node: str, batch: FeatureBatch, wire_bytes: int | None = None) -> None:
         """Store a verified transfer's samples and forget any of its persisted chunks, atomically.
@@ -306,10 +307,10 @@ class Spool:
         except KeyError as exc:
             raise KeyError(f"no spooled sample with rowid {exc.args[0]}") from None
 
-    def objects(self) -> list[StoredObject]:
-        """The S3 objects committed transfers arrived as, in (node, transfer) order."""
-        rows = self.db.execute("SELECT node, transfer, key, sha256, size FROM objects ORDER BY node, transfer")
-        return [StoredObject(str(n), int(t), str(k), bytes(d), int(z)) for n, t, k, d, z in rows]
+    def objects(self) -> list[tuple[StoredObject, list[int]]]:
+        """The S3 objects committed transfers arrived as, with their sample ids, in (node, transfer) order."""
+        rows = self.db.execute("SELECT node, transfer, key, sha256, size, ids FROM objects ORDER BY node, transfer")
+        return [(StoredObject(str(n), int(t), str(k), bytes(d), int(z)), json.loads(i)) for n, t, k, d, z, i in rows]
 
     # state -----------------------------------------------------------------------------------
 
@@ -321,7 +322,21 @@ class Spool:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
 
-class SpoolFeatures(Dataset[StoredSample]):
+class FeatureStore(Dataset[StoredSample], ABC):
+    """A job's samples in (node, id) order, wherever they are kept (this spool, or S3 for training
+    ranks on other nodes: ``cloud_agent.feature_store``); ``__getitems__`` reads a whole batch."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __getitems__(self, indices: list[int]) -> list[StoredSample]: ...
+
+    def __getitem__(self, index: int) -> StoredSample:
+        return self.__getitems__([index])[0]
+
+
+class SpoolFeatures(FeatureStore):
     """Reads samples from disk on demand: memory does not grow with the data. The DataLoader asks
     for a whole batch at once (``__getitems__``): one query per batch, not one per sample."""
 
@@ -331,9 +346,6 @@ class SpoolFeatures(Dataset[StoredSample]):
 
     def __len__(self) -> int:
         return len(self.rowids)
-
-    def __getitem__(self, index: int) -> StoredSample:
-        return self.spool.read(self.rowids[index])
 
     def __getitems__(self, indices: list[int]) -> list[StoredSample]:
         rowids = self.rowids
