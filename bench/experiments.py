@@ -40,6 +40,11 @@ TRANSPORT_ARMS: dict[str, tuple[list[str], dict[str, str], int | None]] = {
         {},
         None,
     ),
+    "each batch fsync'd and committed before the next batch is handled (no pipelining)": (
+        ["--no-pipeline"],
+        {},
+        None,
+    ),
     "Nagle's algorithm on the cloud's connection": (["--nagle"], {}, None),
     "glibc's malloc defaults in the cloud (no reuse of large buffers)": (["--default-malloc"], {}, None),
     "window of 16 chunks (4 MiB) instead of 64": ([], {}, 16),

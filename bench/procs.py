@@ -500,6 +500,8 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
         agent.collector.max_batch_bytes = args.max_batch_bytes
     if args.no_segment_sync:  # segment bytes written before each COMMIT, not fsync'd
         agent.spool.segments.sync_writes = False
+    if args.no_pipeline:  # each batch's fsync and COMMIT before the next batch is handled
+        agent.collector.pipeline = False
     acks: Counter[str] = Counter()
     send = agent.collector.send_ack
 
@@ -585,6 +587,9 @@ def parser() -> argparse.ArgumentParser:
             q.add_argument("--spool-pragma", default="", help="e.g. wal_autocheckpoint=16384 (experiments)")
             q.add_argument(
                 "--no-segment-sync", action="store_true", help="no fsync of the spool's segment file before each commit"
+            )
+            q.add_argument(
+                "--no-pipeline", action="store_true", help="fsync and COMMIT each batch before handling the next"
             )
             q.add_argument("--nagle", action="store_true", help="no TCP_NODELAY on the cloud's broker connection")
             q.add_argument("--default-malloc", action="store_true", help="glibc's malloc defaults in the cloud")

@@ -119,6 +119,7 @@ class CloudAgent:
             self.send_ack,
             fetch=self.fetch_object if self.store else None,
             object_prefix=(lambda node: ref.object_prefix(spec.name, node)) if ref else None,
+            pipeline=True,
         )
 
     def object_store(self) -> tuple[ObjectStoreRef | None, ObjectStore | None]:
@@ -311,16 +312,20 @@ class CloudAgent:
 
     def collect(self) -> None:
         deadline = float(self.spool.get_meta("collect_started") or time.time()) + self.spec.collect.timeout_s
-        while True:
-            self.pump(0.5)
-            self.publish_status(message=self.collector.store_error)
-            pending = [e.node for e in self.spec.edges if not self.spool.counts(e.node).complete]
-            if not pending:
-                break
-            failed = {n: why for n in pending if (why := self.failure(n))}
-            if time.time() > deadline or len(failed) == len(pending):
-                self.give_up_on(pending, failed)
-                break
+        try:
+            while True:
+                self.pump(0.5)
+                self.publish_status(message=self.collector.store_error)
+                pending = [e.node for e in self.spec.edges if not self.spool.counts(e.node).complete]
+                if not pending:
+                    break
+                failed = {n: why for n in pending if (why := self.failure(n))}
+                if time.time() > deadline or len(failed) == len(pending):
+                    self.collector.close()  # what was verified counts
+                    self.give_up_on(pending, failed)
+                    break
+        finally:
+            self.collector.close()
         log.info("job %s collected: %s", self.spec.name, self.collector.summary())
         self.set_phase(JobPhase.TRAINING, f"{self.training_samples()} samples from {len(self.delivered())} edge(s)")
 

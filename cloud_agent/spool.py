@@ -172,14 +172,27 @@ class Spool:
             out.setdefault(str(node), set()).add(int(transfer))
         return out
 
-    def insert_transfer(self, node: str, batch: FeatureBatch, wire_bytes: int, obj: StoredObject | None = None) -> None:
-        """Append a verified transfer's feature bytes to the segment, write its index rows, skipped
-        samples and commit record; call inside :meth:`transaction`. ``obj``: the S3 object it came as."""
+    def append_features(self, batch: FeatureBatch) -> tuple[int, int]:
+        """Append a transfer's feature bytes to the segment: (segment, offset) for
+        :meth:`insert_transfer`; durable at the next commit (or ``segments.sync``)."""
+        return self.segments.append(self, memoryview(batch.data)[: batch.sample_bytes * len(batch.ids)])
+
+    def insert_transfer(
+        self,
+        node: str,
+        batch: FeatureBatch,
+        wire_bytes: int,
+        obj: StoredObject | None = None,
+        at: tuple[int, int] | None = None,
+    ) -> None:
+        """Write a verified transfer's index rows, skipped samples and commit record, its feature bytes
+        appended first unless ``at`` says where :meth:`append_features` put them; call inside
+        :meth:`transaction`. ``obj``: the S3 object it came as."""
         db = self.db
         layout = json.dumps([f.model_dump() for f in batch.layout])
         size = batch.sample_bytes
         data = memoryview(batch.data)
-        segment, base = self.segments.append(self, data[: size * len(batch.ids)])
+        segment, base = at or self.append_features(batch)
         # Named columns: a spool written before sample keys left the wire still has a key column.
         db.executemany(
             "INSERT OR IGNORE INTO samples (node, id, bits, layout, label, segment, offset, length, crc32) "
@@ -366,6 +379,7 @@ class Segments:
         self.fd = -1
         self.end = 0  # committed bytes of the current segment
         self.pending = 0  # end of the bytes appended by the open transaction
+        self.synced = 0  # end of the bytes known durable
 
     def file(self, segment: int) -> Path:
         return self.folder / f"{segment:06d}{SEGMENT_SUFFIX}"
@@ -384,8 +398,11 @@ class Segments:
         return self.current, offset
 
     def sync(self) -> None:
-        if self.pending != self.end and self.sync_writes:
+        """Make the appended bytes durable (thread-safe against reads; one syncing thread at a time)."""
+        pending = self.pending
+        if pending > self.synced and self.sync_writes:
             os.fdatasync(self.fd)
+        self.synced = max(self.synced, pending)
 
     def committed(self) -> None:
         self.end = self.pending
@@ -393,7 +410,7 @@ class Segments:
     def rollback(self) -> None:
         if self.pending != self.end:
             os.ftruncate(self.fd, self.end)
-            self.pending = self.end
+            self.pending = self.synced = self.end
 
     def read(self, segment: int, offset: int, length: int) -> bytes:
         fd = self.readers.get(segment)
@@ -429,7 +446,7 @@ class Segments:
         if self.fd >= 0:
             os.close(self.fd)
         self.fd = os.open(self.file(segment), os.O_WRONLY | os.O_CREAT, 0o644)
-        self.current, self.end, self.pending = segment, end, end
+        self.current, self.end, self.pending, self.synced = segment, end, end, end
         if self.sync_writes:  # the new file's name is durable before any row points into it
             folder = os.open(self.folder, os.O_RDONLY)
             try:
