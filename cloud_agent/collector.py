@@ -12,7 +12,9 @@ once:
 - The collector works in batches (:meth:`Collector.batch`: the cloud agent opens one per inbox
   drain): everything a batch stores goes into one spool transaction (its feature bytes appended
   to a segment file and fsync'd, then one SQLite COMMIT of their index rows), and the batch's
-  acknowledgements (and rejections) are published after its COMMIT.
+  acknowledgements (and rejections) are published after its COMMIT. Pipelined (as the cloud agent
+  runs it), a batch of commits hands its fsync to a thread and the next messages are handled
+  meanwhile; the batch is committed and acknowledged as soon as the fsync is done.
 - Chunks of a transfer that stays incomplete longer than ``hold_s`` (an edge whose window is
   smaller than a transfer, a slow or rate-limited link, a lost chunk), or while more than
   ``max_held_bytes`` wait in memory, are written to the ``chunks`` table and acknowledged one by

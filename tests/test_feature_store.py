@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,30 +17,20 @@ from cloud_agent.collector import Collector
 from cloud_agent.spool import DamagedSample, FeatureStore, Spool, SpoolFeatures
 from cloud_agent.tasks import stack_features
 from common.errors import SpecError
-from common.protocol import FeatureBatch, FeatureLayout, FeatureObject, encode_batch, to_msgpack
+from common.protocol import FeatureBatch, FeatureObject, encode_batch, to_msgpack
 from common.spec import build_job
 from common.storage import ObjectStore, S3Options
 from tests.harness import moto_s3
+from tests.test_spool import LAYOUT, PER, SAMPLE_BYTES
+from tests.test_spool import _batch as spool_batch
 
 __all__ = ["moto_s3"]
 
-PER = 8
-LAYOUT = [FeatureLayout(layer=1, shape=[6, 14, 14]), FeatureLayout(layer=2, shape=[3, 5, 5])]  # 157 bytes
-SAMPLE_BYTES = 157
 TRANSFERS = {"edge1": 3, "edge2": 2}
 
 
 def _batch(node: str, transfer: int) -> FeatureBatch:
-    rng = np.random.default_rng(hash((node, transfer)) % 2**32)
-    ids = list(range(transfer * PER, (transfer + 1) * PER))
-    return FeatureBatch(
-        transfer=transfer,
-        bits=1,
-        layout=LAYOUT,
-        ids=ids,
-        labels=[bytes([i % 10, len(node)]) for i in ids],
-        data=rng.integers(0, 256, PER * SAMPLE_BYTES, dtype=np.uint8).tobytes(),
-    )
+    return spool_batch(transfer, LAYOUT, SAMPLE_BYTES, seed=len(node) * 7 + int(node[-1]))
 
 
 def _expected() -> list[tuple[str, int, bytes, bytes]]:
