@@ -11,8 +11,9 @@ row only ever points at bytes already on disk. Bytes appended by a transaction t
 (a crash, kill -9, a rollback) lie beyond the last indexed byte: readers never look there and the
 next writer truncates them before it appends. Only the chunks of a transfer that stays incomplete
 for a while are written to SQLite's ``chunks`` table (so they can be acknowledged), and those rows
-are deleted when their transfer commits. Training streams from here, one query and one read per
-sample per batch, so cloud memory does not grow with the data.
+are deleted when their transfer commits. Training streams from here, one query per batch and each
+sample sliced from a read-only map of its segment (the page cache holds it, not the process), so
+cloud memory does not grow with the data.
 
 Before, the feature bytes went into SQLite itself (WAL, then checkpointed into the database): each
 byte written twice; spools written that way are still read (their ``features`` column).
@@ -26,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import mmap
 import os
 import sqlite3
 import zlib
@@ -374,7 +376,7 @@ class Segments:
     def __init__(self, folder: Path, sync: bool = True) -> None:
         self.folder = folder
         self.sync_writes = sync
-        self.readers: dict[int, int] = {}
+        self.maps: dict[int, mmap.mmap] = {}
         self.current = 0  # the segment being appended to; 0: writer not open
         self.fd = -1
         self.end = 0  # committed bytes of the current segment
@@ -413,19 +415,31 @@ class Segments:
             self.pending = self.synced = self.end
 
     def read(self, segment: int, offset: int, length: int) -> bytes:
-        fd = self.readers.get(segment)
-        if fd is None:
-            fd = self.readers[segment] = os.open(self.file(segment), os.O_RDONLY)
-        data = os.pread(fd, length, offset)
-        if len(data) != length:
-            raise DamagedSample(f"{self.file(segment)} ends before byte {offset + length}: the spool is damaged")
-        return data
+        """Through a read-only map of the segment (a slice, no system call per sample), mapped again
+        when it has grown since."""
+        end = offset + length
+        view = self.maps.get(segment)
+        if view is None or end > len(view):
+            view = self._map(segment, end)
+        return view[offset:end]
+
+    def _map(self, segment: int, end: int) -> mmap.mmap:
+        old = self.maps.pop(segment, None)
+        if old is not None:
+            old.close()
+        with self.file(segment).open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < end:
+                raise DamagedSample(f"{self.file(segment)} ends before byte {end}: the spool is damaged")
+            view = self.maps[segment] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return view
 
     def close(self) -> None:
-        for fd in [*self.readers.values(), self.fd]:
-            if fd >= 0:
-                os.close(fd)
-        self.readers.clear()
+        for view in self.maps.values():
+            view.close()
+        self.maps.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
         self.fd = -1
 
     def _open_writer(self, spool: Spool) -> None:

@@ -259,6 +259,12 @@ def test_a_rollback_cuts_its_bytes_and_damaged_bytes_are_refused(tmp_path: Path)
     with pytest.raises(DamagedSample, match=r"edge1/9: .*000001.seg at 1413 do not match their crc32"):
         data.__getitems__([8, 9])
     spool.close()
+    os.truncate(segment, 5 * SAMPLE_BYTES)  # and cut short
+    spool = Spool(tmp_path / "spool.sqlite")
+    assert SpoolFeatures(spool, ["edge1"])[4].features == _batch(0, LAYOUT, SAMPLE_BYTES).sample_data(4)
+    with pytest.raises(DamagedSample, match=r"000001.seg ends before byte 1570: the spool is damaged"):
+        SpoolFeatures(spool, ["edge1"])[9]
+    spool.close()
 
 
 def test_a_spool_written_before_segment_files_is_read_and_extended(tmp_path: Path) -> None:
