@@ -620,6 +620,7 @@ SEGMENT_SPOOL = [
     "",
 ]
 
+
 def cloud_changes_section(results: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     """Issue #6: the cloud's receive path and the trainer's data path, before and after."""
     b = BEFORE_ISSUE_6
