@@ -589,7 +589,7 @@ BEFORE_ISSUE_6 = {
 }
 
 
-# Issue 14, measured once (2026-12-05, 2 shared cores, load average median 4.8): the spool before and
+# Issue 14, measured 2026-12-05 (2 shared cores): the spool before and
 # after segment files. Kept as text: the SQLite-only spool no longer exists to be run again.
 SEGMENT_SPOOL = [
     "## What the segment spool changed (issue 14)",
@@ -600,14 +600,15 @@ SEGMENT_SPOOL = [
     "fsync with handling the next messages (a batch is committed and acknowledged once its bytes are durable).",
     "",
     "Transport, 134 MB (82 transfers of 1.6 MB, yolov5s at 640 px), `bench.transport.run_raw` / `run_proto` "
-    "interleaved in 8 rounds, the old arm running the cloud of main at c75636d:",
+    "interleaved in 8 rounds, the old arm running the cloud of main at c75636d; two runs (load average median "
+    "4.8 and 3.1 on 2 shared cores):",
     "",
-    "| cloud side | MB/s (median) | ratio to raw paho (median of rounds) | cloud CPU ms per MB |",
+    "| cloud side | MB/s (median), run 1 · run 2 | ratio to raw paho (median of rounds) | cloud CPU ms per MB |",
     "|---|---|---|---|",
-    "| raw paho QoS 1 | 355.6 | 1.00 | 1.14 (raw subscriber) |",
-    "| SQLite spool (before) | 199.2 | 0.55 | 2.80 |",
-    "| **segment spool, fsync overlapped (as shipped)** | **257.6** | **0.76** | 2.10 |",
-    "| segment spool, each batch fsync'd and committed before the next | 235.3 | 0.70 | 2.04 |",
+    "| raw paho QoS 1 | 355.6 · 409.6 | 1.00 | 1.14 · 1.13 (raw subscriber) |",
+    "| SQLite spool (before) | 199.2 · 232.0 | 0.55 · 0.55 | 2.80 · 2.92 |",
+    "| **segment spool, fsync overlapped (as shipped)** | **257.6 · 278.6** | **0.76 · 0.72** | 2.10 · 2.21 |",
+    "| segment spool, each batch fsync'd and committed before the next | 235.3 · 268.2 | 0.70 · 0.62 | 2.04 · 2.17 |",
     "",
     "The receive path alone (`Collector` fed 164 MB of pre-encoded 256 KiB chunks in batches of 64, no "
     "broker; median of 5 runs each): SQLite spool 318 MB/s at 2.43 CPU ms per MB; segment spool without the "
