@@ -126,8 +126,7 @@ class DamagedSample(ProtocolError):
 
 
 class Spool:
-    def __init__(self, path: Path, sync: bool = True) -> None:
-        """``sync``: fsync segment files before each commit (off only to measure what it costs)."""
+    def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -137,7 +136,7 @@ class Spool:
         self.db.execute("PRAGMA busy_timeout=10000")
         self.db.executescript(SCHEMA)
         _add_segment_columns(self.db)
-        self.segments = Segments(path.with_suffix(".segments"), sync)
+        self.segments = Segments(path.with_suffix(".segments"))
 
     def close(self) -> None:
         self.segments.close()
@@ -373,9 +372,9 @@ class Segments:
     a spool opened only to read never truncates anything, and a writer first cuts off what lies
     beyond the last indexed byte (a torn tail left by a crash)."""
 
-    def __init__(self, folder: Path, sync: bool = True) -> None:
+    def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.sync_writes = sync
+        self.sync_writes = True  # off only to measure what the fsyncs cost (bench.procs --no-segment-sync)
         self.maps: dict[int, mmap.mmap] = {}
         self.current = 0  # the segment being appended to; 0: writer not open
         self.fd = -1
