@@ -180,3 +180,28 @@ def test_with_the_s3_transmitter_the_edges_objects_are_the_store(tmp_path: Path,
 def test_the_feature_store_must_be_an_s3_url() -> None:
     with pytest.raises(SpecError, match=r"cloud\.feature_store.*s3://bucket\[/prefix\]"):
         build_job(_job(feature_store="/mnt/shared/features"))
+
+
+def test_the_cloud_agent_puts_its_store_in_place_once_before_training(
+    tmp_path: Path, moto_s3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cloud_agent.agent import CloudAgent
+    from common.transport import BrokerOptions
+
+    access, secret = moto_s3.keys["cloud"]
+    for name, value in (("ACCESS_KEY", access), ("SECRET_KEY", secret), ("ENDPOINT", moto_s3.url)):
+        monkeypatch.setenv(f"MISTNET_S3_{name}", value)
+    spec = build_job(_job(feature_store=f"s3://{moto_s3.bucket}/shared"))  # features over MQTT
+    agent = CloudAgent(spec, BrokerOptions(), tmp_path / "cloud")
+    for node, n in TRANSFERS.items():
+        for t in range(n):
+            agent.spool.commit_transfer(node, _batch(node, t))
+    agent.share_features()
+    assert agent.spool.get_meta("feature_store") == f"s3://{moto_s3.bucket}/shared/j/features-index.json"
+    written = moto_s3.keys_under()
+    agent.share_features()  # a restarted cloud does not write it again
+    assert moto_s3.keys_under() == written and len(written) == 1 + 2  # index, one object per node
+    data = fs.open_store(spec)
+    assert data is not None
+    assert [(s.node, s.id, s.label, s.features) for s in data.__getitems__(list(range(len(data))))] == _expected()
+    agent.spool.close()
