@@ -35,8 +35,16 @@ TRANSPORT_ARMS: dict[str, tuple[list[str], dict[str, str], int | None]] = {
         {},
         None,
     ),
-    "4 KiB pages instead of 64 KiB": (["--spool-page-size", "4096"], {}, None),
-    "WAL checkpoints on the collector's path (no background thread)": (["--no-checkpoint-thread"], {}, None),
+    "segment file not fsync'd before each commit (safe against a crash of the cloud, not of the machine)": (
+        ["--no-segment-sync"],
+        {},
+        None,
+    ),
+    "each batch fsync'd and committed before the next batch is handled (no pipelining)": (
+        ["--no-pipeline"],
+        {},
+        None,
+    ),
     "Nagle's algorithm on the cloud's connection": (["--nagle"], {}, None),
     "glibc's malloc defaults in the cloud (no reuse of large buffers)": (["--default-malloc"], {}, None),
     "window of 16 chunks (4 MiB) instead of 64": ([], {}, 16),

@@ -237,7 +237,7 @@ def cmd_cloud(args: argparse.Namespace) -> int:
     for edge in spec.edges:
         counts = agent.spool.counts(edge.node)
         row = agent.spool.db.execute(
-            "SELECT COALESCE(AVG(LENGTH(features)), 0) FROM samples WHERE node=?", (edge.node,)
+            "SELECT COALESCE(AVG(COALESCE(length, LENGTH(features))), 0) FROM samples WHERE node=?", (edge.node,)
         ).fetchone()
         edges[edge.node] = {
             "t_start": agent.t_start.get(edge.node),
@@ -514,14 +514,6 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
         cloud=CloudSpec(epochs=0),
         collect=CollectSpec(timeout_s=args.timeout),
     )
-    if args.spool_page_size:  # a spool created with bigger pages (experiments)
-        import sqlite3
-
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(Path(args.workdir) / "spool.sqlite")
-        db.execute(f"PRAGMA page_size={int(args.spool_page_size)}")
-        db.execute("VACUUM")
-        db.close()
     if not args.default_malloc:  # as `mistnet cloud` does
         reuse_large_buffers()
     agent = CloudAgent(spec, BrokerOptions(url=args.broker), Path(args.workdir))
@@ -531,10 +523,10 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
         agent.collector.hold_s = args.hold_s
     if args.max_batch_bytes is not None:  # 1: one batch (transaction, flush) per message
         agent.collector.max_batch_bytes = args.max_batch_bytes
-    if args.no_checkpoint_thread:  # SQLite's own autocheckpoint, on the collector's path, every 64 MB
-        agent.spool.written = lambda nbytes: None  # type: ignore[method-assign]
-        page = int(agent.spool.db.execute("PRAGMA page_size").fetchone()[0])
-        agent.spool.db.execute(f"PRAGMA wal_autocheckpoint={max(1000, (64 << 20) // page)}")
+    if args.no_segment_sync:  # segment bytes written before each COMMIT, not fsync'd
+        agent.spool.segments.sync_writes = False
+    if args.no_pipeline:  # each batch's fsync and COMMIT before the next batch is handled
+        agent.collector.pipeline = False
     acks: Counter[str] = Counter()
     send = agent.collector.send_ack
 
@@ -626,11 +618,11 @@ def parser() -> argparse.ArgumentParser:
         else:
             q.add_argument("--workdir", required=True)
             q.add_argument("--spool-pragma", default="", help="e.g. wal_autocheckpoint=16384 (experiments)")
-            q.add_argument("--spool-page-size", type=int, default=0, help="create the spool with this page size")
             q.add_argument(
-                "--no-checkpoint-thread",
-                action="store_true",
-                help="checkpoint the WAL on the collector's path (SQLite's autocheckpoint)",
+                "--no-segment-sync", action="store_true", help="no fsync of the spool's segment file before each commit"
+            )
+            q.add_argument(
+                "--no-pipeline", action="store_true", help="fsync and COMMIT each batch before handling the next"
             )
             q.add_argument("--nagle", action="store_true", help="no TCP_NODELAY on the cloud's broker connection")
             q.add_argument("--default-malloc", action="store_true", help="glibc's malloc defaults in the cloud")

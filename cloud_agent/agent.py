@@ -25,6 +25,7 @@ from cloud_agent.adaptation import Adaptation, adapt
 from cloud_agent.checkpoints import load_pretrained, save_model
 from cloud_agent.collector import Collector
 from cloud_agent.export import export_head
+from cloud_agent.feature_store import share_features
 from cloud_agent.spool import Spool, SpoolFeatures
 from cloud_agent.tasks import CloudTask, make_task
 from cloud_agent.trainer import (
@@ -127,6 +128,7 @@ class CloudAgent:
             self.send_ack,
             fetch=self.fetch_object if self.store else None,
             object_prefix=(lambda node: ref.object_prefix(spec.name, node)) if ref else None,
+            pipeline=True,
         )
 
     def object_store(self) -> tuple[ObjectStoreRef | None, ObjectStore | None]:
@@ -189,6 +191,7 @@ class CloudAgent:
                 self.offer_job()
                 self.collect()
             if self.phase == JobPhase.TRAINING:
+                self.share_features()
                 self.train()
             if self.phase == JobPhase.EVALUATING:
                 self.finish()
@@ -320,16 +323,20 @@ class CloudAgent:
 
     def collect(self) -> None:
         deadline = float(self.spool.get_meta("collect_started") or time.time()) + self.spec.collect.timeout_s
-        while True:
-            self.pump(0.5)
-            self.publish_status(message=self.collector.store_error)
-            pending = [e.node for e in self.spec.edges if not self.spool.counts(e.node).complete]
-            if not pending:
-                break
-            failed = {n: why for n in pending if (why := self.failure(n))}
-            if time.time() > deadline or len(failed) == len(pending):
-                self.give_up_on(pending, failed)
-                break
+        try:
+            while True:
+                self.pump(0.5)
+                self.publish_status(message=self.collector.store_error)
+                pending = [e.node for e in self.spec.edges if not self.spool.counts(e.node).complete]
+                if not pending:
+                    break
+                failed = {n: why for n in pending if (why := self.failure(n))}
+                if time.time() > deadline or len(failed) == len(pending):
+                    self.collector.close()  # what was verified counts
+                    self.give_up_on(pending, failed)
+                    break
+        finally:
+            self.collector.close()
         log.info("job %s collected: %s", self.spec.name, self.collector.summary())
         self.set_phase(JobPhase.TRAINING, f"{self.training_samples()} samples from {len(self.delivered())} edge(s)")
 
@@ -437,6 +444,15 @@ class CloudAgent:
         self.link.publish(Topics.ack(ack.node, ack.job), to_json(ack))
 
     # training ----------------------------------------------------------------------------------
+
+    def share_features(self) -> None:
+        """Put the job's feature store in place (S3 transmitter or ``cloud.feature_store``), once: what
+        training ranks on other nodes read (``feature_store.open_store``) instead of this spool."""
+        if self.spool.get_meta("feature_store") is not None:
+            return
+        url = share_features(self.spec, self.spool, self.delivered())
+        if url is not None:
+            self.spool.set_meta("feature_store", url)
 
     def train(self) -> None:
         spec = self.spec

@@ -10,8 +10,11 @@ once:
   written to the spool; only after that COMMIT is the transfer acknowledged (one acknowledgement
   with ``transfer_done``, which settles all its chunks at the edge).
 - The collector works in batches (:meth:`Collector.batch`: the cloud agent opens one per inbox
-  drain): everything a batch stores goes into one SQLite transaction, and the batch's
-  acknowledgements (and rejections) are published after its COMMIT.
+  drain): everything a batch stores goes into one spool transaction (its feature bytes appended
+  to a segment file and fsync'd, then one SQLite COMMIT of their index rows), and the batch's
+  acknowledgements (and rejections) are published after its COMMIT. Pipelined (as the cloud agent
+  runs it), a batch of commits hands its fsync to a thread and the next messages are handled
+  meanwhile; the batch is committed and acknowledged as soon as the fsync is done.
 - Chunks of a transfer that stays incomplete longer than ``hold_s`` (an edge whose window is
   smaller than a transfer, a slow or rate-limited link, a lost chunk), or while more than
   ``max_held_bytes`` wait in memory, are written to the ``chunks`` table and acknowledged one by
@@ -38,10 +41,11 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from cloud_agent.spool import Spool, StoredChunk
+from cloud_agent.spool import Spool, StoredChunk, StoredObject
 from common.errors import ProtocolError, TransportError
 from common.protocol import (
     Ack,
@@ -68,6 +72,8 @@ Fetch = Callable[[FeatureObject], bytes]
 HOLD_S = 0.2
 # At most this many chunk bytes wait in memory; beyond it the oldest transfers are persisted.
 MAX_HELD_BYTES = 64 * 1024 * 1024
+# How often the inbox is looked at while a pipelined batch waits for its fsync (then committed).
+PENDING_POLL_S = 0.001
 # A batch commits (and acknowledges) at least every this many bytes of feature messages.
 MAX_BATCH_BYTES = 32 * 1024 * 1024
 
@@ -113,6 +119,18 @@ class _Commit:
     batch: FeatureBatch
     wire_bytes: int
     had_stored: bool  # persisted chunks of this transfer to delete
+    obj: StoredObject | None = None  # the S3 object it arrived as
+
+
+@dataclass
+class _Group:
+    """A batch's commits whose feature bytes are appended and being fsync'd by the syncer thread:
+    committed (index rows, COMMIT) and acknowledged by :meth:`Collector.settle`."""
+
+    commits: list[_Commit]
+    at: list[tuple[int, int]]  # where each commit's bytes are in the segment
+    acks: list[Ack]
+    synced: Future[None]
 
 
 class Collector:
@@ -124,9 +142,12 @@ class Collector:
         send_ack: Callable[[Ack], None],
         fetch: Fetch | None = None,
         object_prefix: Callable[[str], str] | None = None,
+        pipeline: bool = False,
     ) -> None:
         """``nodes`` maps each expected edge to its samples per transfer (its batch size); ``fetch`` and
-        ``object_prefix`` (node -> the key prefix its objects must have) enable the S3 transmitter."""
+        ``object_prefix`` (node -> the key prefix its objects must have) enable the S3 transmitter;
+        ``pipeline``: a batch of commits is committed and acknowledged at the next flush, its fsync
+        running meanwhile (the cloud agent's loop flushes again at once while one is pending)."""
         self.spool = spool
         self.job = job
         self.nodes = nodes
@@ -143,6 +164,11 @@ class Collector:
         self.hold_s = HOLD_S
         self.max_held_bytes = MAX_HELD_BYTES
         self.max_batch_bytes = MAX_BATCH_BYTES
+        # Overlap a batch's fsync with handling the next batch's messages (see :meth:`flush`).
+        self.pipeline = pipeline
+        self._syncer: ThreadPoolExecutor | None = None
+        self._pending: _Group | None = None
+        self._settling: set[tuple[str, int]] = set()
         # Rebuilt from the spool: what is committed, and what is persisted of unfinished transfers.
         self.committed: dict[str, set[int]] = spool.committed()
         self.assemblies: dict[tuple[str, int], _Assembly] = {}
@@ -189,16 +215,25 @@ class Collector:
                 self.flush()
 
     def wait_s(self, timeout_s: float) -> float:
-        """How long the inbox may be waited on: ``timeout_s``, or less when held chunks are due."""
+        """How long the inbox may be waited on: ``timeout_s``, or less when held chunks are due; not at
+        all while a batch waits to be committed."""
+        if self._pending is not None:
+            return min(timeout_s, PENDING_POLL_S)
         if not self.held_bytes:
             return timeout_s
         due = min(a.since for a in self.assemblies.values() if a.held) + self.hold_s
         return max(0.0, min(timeout_s, due - time.monotonic()))
 
     def flush(self) -> None:
-        """Persist what this batch verified in one transaction, then publish its acknowledgements."""
+        """Persist what this batch verified in one transaction, then publish its acknowledgements.
+        Pipelined, a batch of commits only (the steady stream) is appended and handed to the syncer
+        thread instead, and committed by the next flush."""
+        self.settle()
         spills = self._due_spills()
         if not (self._commits or spills or self._drops or self._acks):
+            return
+        if self.pipeline and self._commits and not spills and not self._drops:
+            self._start_group()
             return
         rows: list[tuple[StoredChunk, bytes]] = []
         spilled: list[tuple[_Assembly, int, _Held]] = []
@@ -215,12 +250,11 @@ class Collector:
                     for key in drops:
                         self.spool.drop_chunks(*key)
                     for c in commits:
-                        self.spool.insert_transfer(c.node, c.batch, c.wire_bytes)
+                        self.spool.insert_transfer(c.node, c.batch, c.wire_bytes, c.obj)
                         if c.had_stored:
                             self.spool.drop_chunks(c.node, c.batch.transfer)
                     if rows:
                         self.spool.put_chunks(rows)
-                self.spool.written(sum(len(c.batch.data) for c in commits) + sum(len(p) for _, p in rows))
         except BaseException:
             # Nothing of this batch is acknowledged: the edges resend it. Stale rows stay to delete.
             self._reset_batch(keep_drops=True)
@@ -237,6 +271,52 @@ class Collector:
         self._reset_batch()
         for ack in acks:
             self.send_ack(ack)
+
+    def _start_group(self) -> None:
+        commits, acks = self._commits, self._acks
+        try:
+            at = [self.spool.append_features(c.batch) for c in commits]
+        except BaseException:
+            self.spool.segments.rollback()
+            self._reset_batch(keep_drops=True)
+            raise
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="spool-sync")
+        self._pending = _Group(commits, at, acks, self._syncer.submit(self.spool.segments.sync))
+        self._settling = {(c.node, c.batch.transfer) for c in commits}
+        self._reset_batch()
+
+    def settle(self) -> None:
+        """Commit the pending batch once its bytes are durable, then publish its acknowledgements."""
+        group, self._pending = self._pending, None
+        if group is None:
+            return
+        try:
+            try:
+                group.synced.result()
+            except BaseException:
+                self.spool.segments.rollback()
+                raise
+            with self.spool.transaction():
+                for c, at in zip(group.commits, group.at, strict=True):
+                    self.spool.insert_transfer(c.node, c.batch, c.wire_bytes, c.obj, at)
+                    if c.had_stored:
+                        self.spool.drop_chunks(c.node, c.batch.transfer)
+        finally:
+            self._settling = set()  # committed now, or never acknowledged (the edges resend)
+        for c in group.commits:
+            self.committed.setdefault(c.node, set()).add(c.batch.transfer)
+        for ack in group.acks:
+            self.send_ack(ack)
+
+    def close(self) -> None:
+        """Settle what is pending and stop the syncer thread."""
+        try:
+            self.settle()
+        finally:
+            if self._syncer is not None:
+                self._syncer.shutdown()
+                self._syncer = None
 
     def _reset_batch(self, keep_drops: bool = False) -> None:
         self._commits, self._acks = [], []
@@ -264,6 +344,8 @@ class Collector:
     # feature messages ----------------------------------------------------------------------------
 
     def on_features(self, node: str, payload: bytes) -> None:
+        if self._pending is not None and self._pending.synced.done():
+            self.settle()  # its acknowledgements go out now, not after this whole batch
         with self.batch():
             try:
                 message = self._parse(node, payload)
@@ -383,7 +465,8 @@ class Collector:
         self._ack(commit.node, commit.batch.transfer, seq, done=True)
 
     def _is_committed(self, node: str, transfer: int) -> bool:
-        return transfer in self.committed.get(node, ()) or (node, transfer) in self._committing
+        key = (node, transfer)
+        return transfer in self.committed.get(node, ()) or key in self._committing or key in self._settling
 
     def _duplicate(self, node: str, transfer: int, seq: int) -> None:
         self.duplicates += 1
@@ -422,7 +505,8 @@ class Collector:
             self._reject(node, claim.transfer, 0, str(exc), label="damaged object")
             return
         self.store_error = ""
-        self._queue_commit(_Commit(node, batch, message_bytes + claim.size, False), 0)
+        obj = StoredObject(node, claim.transfer, claim.key, claim.sha256, claim.size)
+        self._queue_commit(_Commit(node, batch, message_bytes + claim.size, False, obj), 0)
 
     # ---------------------------------------------------------------------------------------------
 
@@ -458,7 +542,8 @@ class Collector:
             log.info("%s is streaming to a restarted cloud: sending it the resume point", status.node)
         else:
             return
-        self.flush()  # the resume point includes everything verified so far
+        self.flush()  # the resume point includes everything verified so far, committed
+        self.settle()
         self.greeted.add(status.node)
         if status.total is not None:
             self.spool.set_total(status.node, status.total)

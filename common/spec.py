@@ -127,6 +127,12 @@ class AdaptSpec(Strict):
     distill_layers: int = Field(default=3, ge=1, description="tail layers whose outputs are distilled")
 
 
+def s3_url(value: str) -> str:
+    if not value.startswith("s3://") or len(value) <= len("s3://") or value[5] == "/":
+        raise ValueError("must be an s3://bucket[/prefix] URL")
+    return value
+
+
 class CloudSpec(Strict):
     node: str = Field(default="cloud", min_length=1, description="the node that trains the tail")
     epochs: int = Field(default=C.DEFAULT_EPOCHS, ge=0, description="training epochs of the tail")
@@ -166,6 +172,17 @@ class CloudSpec(Strict):
         description="share of the received samples held back from training to choose the epoch that ships "
         "(lowest loss; epoch 0, the model before training, included); 0: train on all, ship the last epoch",
     )
+    feature_store: str | None = Field(
+        default=None,
+        description="s3://bucket[/prefix] where the cloud puts the committed samples after collection (objects "
+        "plus an index), so training ranks on any node read them there instead of from the spool on rank 0's "
+        "disk; with the S3 transmitter and none named, the edges' own objects are the store",
+    )
+
+    @field_validator("feature_store")
+    @classmethod
+    def _store_url(cls, value: str | None) -> str | None:
+        return None if value is None else s3_url(value)
 
 
 class S3Spec(Strict):
@@ -179,9 +196,7 @@ class S3Spec(Strict):
     @field_validator("bucket_path")
     @classmethod
     def _s3_url(cls, value: str) -> str:
-        if not value.startswith("s3://") or len(value) <= len("s3://") or value[5] == "/":
-            raise ValueError("must be an s3://bucket[/prefix] URL")
-        return value
+        return s3_url(value)
 
 
 class TransmitterSpec(Strict):

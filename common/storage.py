@@ -135,8 +135,9 @@ class ObjectStore:
         except self._errors() as exc:
             raise TransportError(f"cannot upload s3://{self.bucket}/{key}: {describe_s3_error(exc)}") from None
 
-    def get(self, key: str, size: int) -> bytes:
-        """The object's bytes; ProtocolError when it is missing or not ``size`` bytes (checked before reading)."""
+    def get(self, key: str, size: int | None = None, max_bytes: int = C.MAX_TRANSFER_BYTES) -> bytes:
+        """The object's bytes; ProtocolError when it is missing, not ``size`` bytes (when given) or
+        larger than ``max_bytes`` (checked before reading)."""
         from botocore.exceptions import ClientError
 
         try:
@@ -148,18 +149,22 @@ class ObjectStore:
         except self._errors() as exc:
             raise TransportError(f"cannot read s3://{self.bucket}/{key}: {describe_s3_error(exc)}") from None
         body = response["Body"]
+        length = int(response.get("ContentLength", -1))
+        limit = max_bytes if size is None else size
         try:
-            if int(response.get("ContentLength", -1)) != size:
-                raise ProtocolError(
-                    f"object s3://{self.bucket}/{key} is {response.get('ContentLength')} bytes, the claim says {size}"
-                )
-            data = bytes(body.read(size + 1))
+            if size is not None and length != size:
+                raise ProtocolError(f"object s3://{self.bucket}/{key} is {length} bytes, the claim says {size}")
+            if length > max_bytes:
+                raise ProtocolError(f"object s3://{self.bucket}/{key} is {length} bytes, over {max_bytes}")
+            data = bytes(body.read(limit + 1))
         except self._errors() as exc:
             raise TransportError(f"cannot read s3://{self.bucket}/{key}: {describe_s3_error(exc)}") from None
         finally:
             body.close()
-        if len(data) != size:
+        if size is not None and len(data) != size:
             raise ProtocolError(f"object s3://{self.bucket}/{key} is {len(data)} bytes, the claim says {size}")
+        if len(data) > max_bytes:
+            raise ProtocolError(f"object s3://{self.bucket}/{key} is over {max_bytes} bytes")
         return data
 
     def delete_prefix(self, prefix: str) -> int:

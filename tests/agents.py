@@ -91,6 +91,20 @@ def spool_query(workdir: Path, sql: str, *params: object) -> list[tuple[object, 
         db.close()
 
 
+def spooled_samples(workdir: Path) -> list[tuple[str, int, bytes, bytes]]:
+    """(node, id, label, features) of every spooled sample in (node, id) order, read through the
+    spool (features live in its segment files); reading never changes the spool."""
+    from cloud_agent.spool import Spool, SpoolFeatures
+
+    spool = Spool(workdir / "spool.sqlite")
+    try:
+        nodes = [str(n) for (n,) in spool.db.execute("SELECT DISTINCT node FROM samples")]
+        data = SpoolFeatures(spool, nodes)
+        return [(s.node, s.id, s.label, s.features) for s in data.__getitems__(list(range(len(data))))]
+    finally:
+        spool.close()
+
+
 def committed_transfers(workdir: Path, node: str) -> int:
     rows = spool_query(workdir, "SELECT COUNT(*) FROM transfers WHERE node=?", node)
     return int(rows[0][0]) if rows else 0  # type: ignore[call-overload]

@@ -3,11 +3,12 @@ batched commits with acknowledgements only after COMMIT; every byte written once
 
 import random
 import sqlite3
+import threading
 
 import pytest
 
 from cloud_agent.collector import Collector
-from cloud_agent.spool import Spool
+from cloud_agent.spool import Spool, SpoolFeatures
 from common.protocol import (
     AckKind,
     FeatureBatch,
@@ -46,6 +47,11 @@ def corrupt(payload):
     bad = bytearray(payload)
     bad[-3] ^= 0xFF
     return bytes(bad)
+
+
+def distinct_features(spool):
+    data = SpoolFeatures(spool, ["edge1", "edge2"])
+    return {s.features for s in data.__getitems__(list(range(len(data))))}
 
 
 def chunk_rows(spool):
@@ -293,8 +299,7 @@ def test_a_re_extracted_transfer_replaces_the_earlier_version(collector):
     for m in new:
         collector.on_features("edge1", m)
     collector.on_features("edge1", old[3])  # a late redelivery of the old version: a duplicate now
-    rows = collector.spool.db.execute("SELECT DISTINCT features FROM samples WHERE node='edge1'").fetchall()
-    assert rows == [(bytes([9]) * 50,)] and chunk_rows(collector.spool) == 0
+    assert distinct_features(collector.spool) == {bytes([9]) * 50} and chunk_rows(collector.spool) == 0
     assert collector.spool.sample_ids("edge1") == list(range(8))
 
 
@@ -306,8 +311,7 @@ def test_late_chunks_of_a_replaced_version_are_ignored(collector):
     assert collector.assemblies[("edge1", 0)].held.keys() == {0}
     for m in new[1:]:
         collector.on_features("edge1", m)
-    rows = collector.spool.db.execute("SELECT DISTINCT features FROM samples").fetchall()
-    assert rows == [(bytes([9]) * 50,)]
+    assert distinct_features(collector.spool) == {bytes([9]) * 50}
 
 
 def test_a_transfer_that_never_verifies_is_asked_for_again_whole(collector):
@@ -328,3 +332,32 @@ def test_a_transfer_that_never_verifies_is_asked_for_again_whole(collector):
     rejected = [a.seq for a in collector.acks if a.kind == AckKind.REJECTED]
     assert rejected == list(range(len(mixed))) and collector.rejected["corrupt transfer"] == 1
     assert collector.spool.sample_ids("edge1") == [] and not collector.assemblies
+
+
+def test_pipelined_batches_are_acknowledged_only_once_committed(collector):
+    """Pipelined (as the cloud agent runs it), a batch's fsync runs while the next messages are
+    handled; its commit and acknowledgements come once the fsync is done, and its transfers count as
+    committed for duplicates meanwhile."""
+    collector.pipeline = True
+    gate, sync = threading.Event(), collector.spool.segments.sync
+    collector.spool.segments.sync = lambda: (gate.wait(10), sync())[1]  # a slow disk
+    with collector.batch():
+        for m in payloads(0):
+            collector.on_features("edge1", m)
+    assert collector.acks == [] and collector.spool.committed() == {}  # fsync'ing, not committed
+    assert collector.wait_s(5.0) < 0.01  # the agent's loop comes straight back
+    with collector.batch():
+        collector.on_features("edge1", payloads(0)[2])  # a duplicate of the pending transfer
+        assert collector.duplicates == 1 and collector.acks == []
+        gate.set()
+    assert collector.spool.committed_transfers("edge1") == [0]  # settled by that batch's flush
+    assert [(a.transfer, a.transfer_done) for a in collector.acks] == [(0, True), (0, True)]
+    with collector.batch():
+        for m in payloads(1):
+            collector.on_features("edge1", m)
+    collector._pending.synced.result()
+    collector.on_features("edge1", payloads(1)[0])  # fsync'd: settled before this message is handled
+    assert [(a.transfer, a.transfer_done) for a in collector.acks][2:] == [(1, True), (1, True)]
+    collector.close()
+    assert collector.spool.committed_transfers("edge1") == [0, 1] and collector.wait_s(5.0) == 5.0
+    assert collector.spool.sample_ids("edge1") == list(range(16))

@@ -489,7 +489,7 @@ def streaming(workdir, nodes) -> bool:
 def test_job_under_a_flood_of_malformed_messages(tmp_path, mosquitto, tmp_path_factory):
     """The same job twice, side by side: on a quiet broker, and on one flooded with malformed messages."""
     from broker.launcher import local_mosquitto
-    from tests.agents import finish, spool_query, start_cloud, start_edge, wait_for
+    from tests.agents import finish, spooled_samples, start_cloud, start_edge, wait_for
     from tests.harness import client, log_numbers, mnist_base, stop, write_job
 
     base = mnist_base(tmp_path_factory)
@@ -523,7 +523,7 @@ def test_job_under_a_flood_of_malformed_messages(tmp_path, mosquitto, tmp_path_f
             summary = json.loads(finish(cloud, 180))
             assert cloud.returncode == 0, (root / "cloud-cloud.log").read_text()[-3000:]
             assert all(e.wait(30) == 0 for e in edges)
-            rows = spool_query(root / "cloud", "SELECT node, id, label, features FROM samples ORDER BY node, id")
+            rows = spooled_samples(root / "cloud")
             results[run] = (summary, hashlib.sha256(repr(rows).encode()).hexdigest(), Counter(r[0] for r in rows))
         took = time.monotonic() - t0
     finally:

@@ -13,7 +13,7 @@ from common.errors import ProtocolError
 from common.models.registry import build
 from common.onnx_check import ALLOWED_OPS, check_onnx_head
 from common.protocol import FeatureLayout
-from tests.agents import finish, mnist_job, spool_query, start_cloud, start_edge, without
+from tests.agents import finish, mnist_job, spooled_samples, start_cloud, start_edge, without
 
 LENET_INPUT = [1, 28, 28]
 # What a device without torch lacks; the onnx edge below runs with these imports failing.
@@ -96,8 +96,8 @@ def test_onnx_and_torch_edges_send_the_same_bits_for_the_same_data(tmp_path, mos
     assert summary["phase"] == "done"
     assert {n: e["samples"] for n, e in summary["edges"].items()} == {"edge1": 1500, "edge2": 1500}
     assert "onnx runtime" in (tmp_path / "edge1.log").read_text()
-    rows = spool_query(tmp_path / "cloud", "SELECT node, id, features FROM samples ORDER BY node, id")
-    sent = {n: np.frombuffer(b"".join(f for node, _, f in rows if node == n), np.uint8) for n in ("edge1", "edge2")}
+    rows = spooled_samples(tmp_path / "cloud")
+    sent = {n: np.frombuffer(b"".join(f for node, _, _, f in rows if node == n), np.uint8) for n in ("edge1", "edge2")}
     assert len(sent["edge1"]) == len(sent["edge2"]) == 1500 * 6 * 14 * 14 // 8
     differ = np.unpackbits(sent["edge1"] ^ sent["edge2"]).mean()
     assert differ < 1e-3, differ

@@ -115,6 +115,9 @@ def test_secured_job_with_s3_leaks_no_secret(tmp_path, secured_broker, moto_s3, 
     assert summary["phase"] == "done" and [e["samples"] for e in summary["edges"].values()] == [1500, 1500]
     rows = spool_query(tmp_path / "cloud", "SELECT node, COUNT(DISTINCT id), COUNT(*) FROM samples GROUP BY node")
     assert rows == [("edge1", 1500, 1500), ("edge2", 1500, 1500)]
+    # before training, the cloud listed the edges' objects as the job's feature store (other nodes' ranks read it)
+    index = spool_query(tmp_path / "cloud", "SELECT value FROM meta WHERE key='feature_store'")
+    assert index == [(f"s3://{moto_s3.bucket}/runs/mnist-demo/features-index.json",)]
     # claim-check: only FeatureObject claims went over MQTT, the objects are deleted after the job
     claims = [decode_features(p) for p in sniffed["features"]]
     assert claims and all(isinstance(c, FeatureObject) for c in claims)

@@ -3,6 +3,7 @@ batched reads (``SpoolFeatures.__getitems__``) and the vectorised unpack give th
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from cloud_agent.collector import Collector
-from cloud_agent.spool import PAGE_SIZE, Spool, SpoolFeatures, StoredSample
+from cloud_agent.spool import PAGE_SIZE, DamagedSample, Spool, SpoolFeatures, StoredSample
 from cloud_agent.tasks import Classification, stack_features
 from common.errors import ProtocolError
 from common.privacy import BitEncoder, decode_features
@@ -60,7 +61,7 @@ def _child(path: Path, messages: list[list[bytes]], out: int, seed: int) -> None
     def send(ack) -> None:
         os.write(out, f"{ack.kind.value} {ack.transfer} {ack.seq} {int(ack.transfer_done)}\n".encode())
 
-    collector = Collector(spool, "job", {"edge1": PER}, send)
+    collector = Collector(spool, "job", {"edge1": PER}, send, pipeline=seed != 1)  # as the cloud agent runs it
     stream = [m for ms in messages for m in ms]
     while True:
         rng.shuffle(stream)
@@ -130,7 +131,7 @@ def test_kill_9_at_any_moment_loses_nothing_acknowledged(tmp_path: Path, seed: i
     assert spool.sample_ids("edge1") == list(range(12 * PER))
     assert spool.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 0
     expected = b"".join(_batch(t, LAYOUT, SAMPLE_BYTES).data for t in range(12))
-    stored = b"".join(f for (f,) in spool.db.execute("SELECT features FROM samples ORDER BY id"))
+    stored = b"".join(s.features for s in SpoolFeatures(spool, ["edge1"]).__getitems__(list(range(12 * PER))))
     assert stored == expected
     spool.close()
 
@@ -188,21 +189,100 @@ def test_unpack_of_samples_with_different_layouts_or_sizes(tmp_path: Path) -> No
         stack_features(short)
 
 
-def test_the_background_checkpoint_keeps_the_wal_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import cloud_agent.spool as module
-
-    monkeypatch.setattr(module, "CHECKPOINT_BYTES", 1 << 20)
+def test_feature_bytes_go_once_into_a_segment_file_and_the_wal_stays_small(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool.sqlite")
     big = [FeatureLayout(layer=1, shape=[8, 128, 128])]  # 16 KiB a sample, 128 KiB a transfer
     for t in range(40):
         spool.commit_transfer("edge1", _batch(t, big, 16384))
-    deadline = time.monotonic() + 10
-    checkpointed = 0
-    while time.monotonic() < deadline and not checkpointed:
-        time.sleep(0.05)
-        checkpointed = os.path.getsize(tmp_path / "spool.sqlite") > 2 << 20  # pages copied into the database
-    assert checkpointed
+    segments = sorted((tmp_path / "spool.segments").iterdir())
+    assert [p.stat().st_size for p in segments] == [40 * PER * 16384]  # every byte once, nothing else
+    # each commit writes a few index pages to the WAL, not its 128 KiB of features
+    assert os.path.getsize(tmp_path / "spool.sqlite-wal") < 40 * 8 * PAGE_SIZE  # 1.3 MB against 5.2 MB
     assert spool.counts("edge1").samples == 40 * PER
-    thread = spool._checkpointer.thread if spool._checkpointer else None
+    assert spool.read_many([1])[0].features == _batch(0, big, 16384).sample_data(0)
     spool.close()
-    assert thread is not None and not thread.is_alive()
+
+
+def _commit_then_die(path: Path, transfer: int) -> None:
+    """Append a transfer's bytes and fsync them, then die (kill -9) before the COMMIT."""
+    spool = Spool(path)
+    with spool.transaction():
+        spool.insert_transfer("edge1", _batch(transfer, LAYOUT, SAMPLE_BYTES), 0)
+        spool.segments.sync()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_torn_segment_tail_is_never_read_and_cut_off_by_the_next_writer(tmp_path: Path) -> None:
+    _filled(tmp_path, 3).close()
+    segment = tmp_path / "spool.segments" / "000001.seg"
+    committed = segment.stat().st_size
+    assert committed == 3 * PER * SAMPLE_BYTES
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - killed
+        try:
+            _commit_then_die(tmp_path / "spool.sqlite", 3)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert segment.stat().st_size == committed + PER * SAMPLE_BYTES  # durable, but never committed
+    with segment.open("ab") as f:
+        f.write(b"\x5a" * 77)  # and a partial write on top
+    spool = Spool(tmp_path / "spool.sqlite")
+    assert spool.committed() == {"edge1": {0, 1, 2}} and spool.sample_ids("edge1") == list(range(3 * PER))
+    data = SpoolFeatures(spool, ["edge1"])
+    assert [s.features for s in data.__getitems__(list(range(3 * PER)))] == [
+        _batch(t, LAYOUT, SAMPLE_BYTES).sample_data(i) for t in range(3) for i in range(PER)
+    ]
+    assert segment.stat().st_size > committed  # reading changes nothing
+    spool.commit_transfer("edge1", _batch(3, LAYOUT, SAMPLE_BYTES, seed=5))  # another version of transfer 3
+    assert segment.stat().st_size == committed + PER * SAMPLE_BYTES  # the tail was cut, then appended to
+    got = SpoolFeatures(spool, ["edge1"]).__getitems__(list(range(3 * PER, 4 * PER)))
+    assert [s.features for s in got] == [_batch(3, LAYOUT, SAMPLE_BYTES, seed=5).sample_data(i) for i in range(PER)]
+    spool.close()
+
+
+def test_a_rollback_cuts_its_bytes_and_damaged_bytes_are_refused(tmp_path: Path) -> None:
+    spool = _filled(tmp_path, 2)
+    segment = tmp_path / "spool.segments" / "000001.seg"
+    with pytest.raises(RuntimeError), spool.transaction():
+        spool.insert_transfer("edge1", _batch(2, LAYOUT, SAMPLE_BYTES), 0)
+        raise RuntimeError("the batch failed")
+    assert segment.stat().st_size == 2 * PER * SAMPLE_BYTES and spool.committed() == {"edge1": {0, 1}}
+    with segment.open("r+b") as f:  # one bit flipped in sample 9
+        f.seek(9 * SAMPLE_BYTES + 100)
+        byte = f.read(1)[0]
+        f.seek(9 * SAMPLE_BYTES + 100)
+        f.write(bytes([byte ^ 1]))
+    data = SpoolFeatures(spool, ["edge1"])
+    assert data[8].features == _batch(1, LAYOUT, SAMPLE_BYTES).sample_data(0)
+    with pytest.raises(DamagedSample, match=r"edge1/9: .*000001.seg at 1413 do not match their crc32"):
+        data.__getitems__([8, 9])
+    spool.close()
+    os.truncate(segment, 5 * SAMPLE_BYTES)  # and cut short
+    spool = Spool(tmp_path / "spool.sqlite")
+    assert SpoolFeatures(spool, ["edge1"])[4].features == _batch(0, LAYOUT, SAMPLE_BYTES).sample_data(4)
+    with pytest.raises(DamagedSample, match=r"000001.seg ends before byte 1570: the spool is damaged"):
+        SpoolFeatures(spool, ["edge1"])[9]
+    spool.close()
+
+
+def test_a_spool_written_before_segment_files_is_read_and_extended(tmp_path: Path) -> None:
+    old = sqlite3.connect(tmp_path / "spool.sqlite")
+    old.executescript(
+        "CREATE TABLE samples (node TEXT, id INTEGER, bits INTEGER, layout TEXT, label BLOB, features BLOB, "
+        "PRIMARY KEY (node, id));"
+        "CREATE TABLE transfers (node TEXT, transfer INTEGER, samples INTEGER, skipped INTEGER, wire_bytes INTEGER, "
+        "PRIMARY KEY (node, transfer));"
+    )
+    layout = json.dumps([f.model_dump() for f in LAYOUT])
+    old.execute("INSERT INTO samples VALUES ('edge1', 0, 1, ?, x'01', ?)", (layout, b"\x07" * SAMPLE_BYTES))
+    old.execute("INSERT INTO transfers VALUES ('edge1', 0, 1, 0, 10)")
+    old.commit()
+    old.close()
+    spool = Spool(tmp_path / "spool.sqlite")
+    spool.commit_transfer("edge1", _batch(1, LAYOUT, SAMPLE_BYTES))
+    data = SpoolFeatures(spool, ["edge1"])
+    assert data[0].features == b"\x07" * SAMPLE_BYTES and data[0].label == b"\x01"
+    assert data[1].features == _batch(1, LAYOUT, SAMPLE_BYTES).sample_data(0) and len(data) == 1 + PER
+    spool.close()
