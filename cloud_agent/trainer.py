@@ -65,9 +65,8 @@ class TrainConfig:
     amp: bool = True  # float16 autocast + gradient scaling, only when the device is CUDA
     recalibrate_bn: bool = True  # re-estimate the tail's BatchNorm statistics before epoch 1
     tail_layers: int | None = None  # train only this many tail layers next to the cut (None: all)
-    # The cut decoder (when the model has one) keeps its adapted weights: it maps clean and randomized
-    # levels alike to activations, so a tail trained on randomized bits also works on clean ones.
-    train_decoder: bool = False
+    # The cut decoder (when the model has one) trains with the tail (cloud.train_decoder).
+    train_decoder: bool = True
 
 
 @dataclass

@@ -153,9 +153,10 @@ class CloudSpec(Strict):
         description="train only this many tail layers next to the cut; none: the whole tail",
     )
     train_decoder: bool = Field(
-        default=False,
-        description="also train the cut decoder on the edges' randomized bits; off, it keeps its adapted weights "
-        "and maps clean and randomized levels alike (what lets a tail trained at small ε work on clean levels)",
+        default=True,
+        description="also train the cut decoder on the edges' levels, with the tail: it learns what the edges' "
+        "conditions do to the features (coco-person contrast:5: 0.176 held-out mAP50-95 at ε 100 and 0.162 at ε 4, "
+        "against 0.159 and 0.149 with the decoder kept as adapted, docs/privacy-utility.md)",
     )
     translate: int = Field(
         default=C.DEFAULT_TRANSLATE_CELLS,
