@@ -25,8 +25,8 @@ from cloud_agent.adaptation import Adaptation, adapt
 from cloud_agent.checkpoints import load_pretrained, save_model
 from cloud_agent.collector import Collector
 from cloud_agent.export import export_head
-from cloud_agent.feature_store import share_features
-from cloud_agent.spool import Spool, SpoolFeatures
+from cloud_agent.feature_store import open_store, share_features
+from cloud_agent.spool import FeatureStore, Spool, SpoolFeatures
 from cloud_agent.tasks import CloudTask, make_task
 from cloud_agent.trainer import (
     EpochResult,
@@ -73,7 +73,7 @@ from common.protocol import (
 )
 from common.spec import JobSpec, OnTimeout
 from common.split import check_cut, head_activations, head_state_dict, tail_inputs
-from common.storage import ObjectStore, S3Options, put_object, s3_options, split_s3
+from common.storage import ObjectStore, S3Options, put_object, s3_options, split_s3, write_atomic
 from common.transport import BrokerOptions, Inbound, LinkEvent, MqttLink
 from common.weights import pack_state
 
@@ -81,6 +81,9 @@ if TYPE_CHECKING:
     from cloud_agent.distributed import Ranks
 
 log = logging.getLogger("mistnet.cloud")
+
+# Rank 0's adaptation file, as the other training ranks receive it (``Ranks.share``).
+ADAPTATION_KEY = "adaptation"
 
 
 class JobFailed(MistnetError):
@@ -192,6 +195,7 @@ class CloudAgent:
                 self.collect()
             if self.phase == JobPhase.TRAINING:
                 self.share_features()
+                self.share_adaptation()
                 self.train()
             if self.phase == JobPhase.EVALUATING:
                 self.finish()
@@ -249,6 +253,22 @@ class CloudAgent:
         self.transform = feature_transform(self.adaptation.encoding())
         if self.adaptation.decoder is not None:
             attach(self.model, self.adaptation.decoder.to(self.device))
+
+    def share_adaptation(self) -> None:
+        """Rank 0, before training: the adaptation to the other ranks, whose nodes may lack this work
+        directory (each torchrun attempt has its own store, so every attempt shares it again)."""
+        if self.ranks is not None and self.adaptation_path.exists():
+            self.ranks.share(ADAPTATION_KEY, self.adaptation_path.read_bytes())
+
+    def receive_adaptation(self) -> None:
+        """Rank > 0: rank 0's adaptation, written here when this work directory lacks it (another
+        node) or holds another job's; a shared work directory is left as it is."""
+        data = self.ranks.fetch(ADAPTATION_KEY) if self.ranks is not None else None
+        path = self.adaptation_path
+        if data is None or (path.exists() and path.read_bytes() == data):
+            return
+        write_atomic(path, data)
+        log.info("rank 0's adaptation written to %s", path)
 
     def adapt_progress(self, message: str) -> None:
         log.info("job %s: %s", self.spec.name, message)
@@ -510,8 +530,21 @@ class CloudAgent:
 
     def training_split(self) -> tuple[Samples, Samples | None]:
         """The received samples to train on, and those held back to choose the epoch that ships."""
-        samples = SpoolFeatures(self.spool, self.delivered())
-        return selection_split(samples, self.spec.cloud.selection_fraction, self.spec.seed)
+        return selection_split(self.features(), self.spec.cloud.selection_fraction, self.spec.seed)
+
+    def features(self) -> FeatureStore:
+        """The spool's samples; on a rank > 0 whose work directory holds none (another node, no
+        shared filesystem), the job's feature store, which rank 0 put in place from its spool."""
+        if self.ranks is None or self.ranks.rank == 0 or self.training_samples() > 0:
+            return SpoolFeatures(self.spool, self.delivered())
+        store = open_store(self.spec)
+        if store is None:
+            raise MistnetError(
+                f"rank {self.ranks.rank}: {self.workdir} holds none of the job's samples and the job names no "
+                "feature store: share the cloud's work directory or set cloud.feature_store"
+            )
+        log.info("rank %d: reading the job's samples from its feature store (%d)", self.ranks.rank, len(store))
+        return store
 
     def make_trainer(self, task: CloudTask, data: Samples, selection: Samples | None) -> Trainer:
         config, state = self.train_config(), self.workdir / "state"

@@ -3,8 +3,10 @@
 torchrun (or ``mistnet cloud --nproc-per-node N``, which runs torchrun's own launcher) starts one
 ``mistnet cloud`` per rank. Rank 0 is the cloud agent exactly as without torchrun: it offers the
 job, collects the edges' features, publishes status and announces the checkpoint. The other ranks
-wait in torchrun's rendezvous store until rank 0 starts training, then read the same work directory
-(spool, adaptation) and train with it: DDP over gloo (CPU) or NCCL (CUDA). Every global batch (the
+wait in torchrun's rendezvous store until rank 0 starts training, then train with it: DDP over gloo
+(CPU) or NCCL (CUDA). They read rank 0's spool when their node shares its work directory, else the
+job's feature store in S3 (``cloud.feature_store``, or the S3 transmitter's objects); rank 0's
+adaptation reaches them through the rendezvous store. Every global batch (the
 job's ``cloud.batch_size``) is the one a single process would train on, shared out between the
 ranks, so N ranks descend the same gradients as one. Rank 0 alone evaluates, selects the epoch,
 checkpoints and reports; after torchrun restarts the group it reloads the last epoch's checkpoint
@@ -29,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cloud_agent.feature_store import store_location
 from cloud_agent.spool import StoredSample
 from cloud_agent.tasks import Batch, make_task
 from cloud_agent.trainer import EpochResult, History, Trainer, batchnorm_layers
@@ -47,6 +50,8 @@ log = logging.getLogger("mistnet.cloud.distributed")
 # when the job ends without (more) training.
 TRAINING_KEY = "mistnet/training"
 TRAIN, STOP = "train", "stop"
+# What rank 0 shares with the other ranks (``Ranks.share``) lives under this prefix.
+SHARED_PREFIX = "mistnet/shared/"
 
 OnEpoch = Callable[[EpochResult], None]
 OnStep = Callable[[int, int, float], None]  # epoch, step, loss
@@ -118,6 +123,15 @@ class Ranks:
                 self.store.set(TRAINING_KEY, STOP)
             except dist.DistError as exc:  # torchrun is tearing the group down
                 log.debug("the other ranks were not told to stop: %s", exc)
+
+    def share(self, key: str, data: bytes) -> None:
+        """Rank 0, before the go-ahead: bytes every rank can read, whatever its node's disk holds."""
+        self.store.set(SHARED_PREFIX + key, data)  # type: ignore[arg-type]  # c10d takes bytes; its stub says str
+
+    def fetch(self, key: str) -> bytes | None:
+        """Rank > 0, after the go-ahead: what rank 0 shared under ``key`` (None: nothing)."""
+        full = SHARED_PREFIX + key
+        return bytes(self.store.get(full)) if self.store.check([full]) else None
 
     def wait_for_training(self) -> bool:
         """Rank > 0: waits until rank 0 trains (True) or ends the job without training (False)."""
@@ -208,7 +222,7 @@ class DistributedTrainer(Trainer):
 
     def agree_on_samples(self) -> None:
         """Every rank must train on the same samples: rank 0's spool must not have changed after it
-        started, and every rank must read the same one."""
+        started, and every rank must read it or the feature store rank 0 wrote from it."""
         count = len(self.data)
         span = torch.tensor([count, -count], dtype=torch.int64, device=self.config.device)
         dist.all_reduce(span, op=dist.ReduceOp.MAX)
@@ -216,7 +230,7 @@ class DistributedTrainer(Trainer):
         if most != fewest:
             raise MistnetError(
                 f"the training processes see {fewest} to {most} samples (rank {self.ranks.rank}: {count}): "
-                "every rank must read the same work directory"
+                "every rank must read the same work directory or the job's feature store"
             )
         if 0 < count < self.ranks.world_size:
             raise MistnetError(f"{count} training samples cannot be shared out between {self.ranks.world_size} ranks")
@@ -336,16 +350,16 @@ def run_worker(spec: JobSpec, broker: BrokerOptions, workdir: Path, ranks: Ranks
     if not ranks.wait_for_training():
         log.info("rank %d: the job ended without training", ranks.rank)
         return 0
-    spool = workdir / "spool.sqlite"
-    if not spool.exists():
+    if not (workdir / "spool.sqlite").exists() and store_location(spec) is None:
         raise MistnetError(
-            f"rank {ranks.rank}: {spool} does not exist: every training process needs the cloud's work "
-            "directory (one machine, or a filesystem all nodes share)"
+            f"rank {ranks.rank}: {workdir} holds no spool and the job names no feature store: every training "
+            "process needs the cloud's work directory (one machine, a shared filesystem) or cloud.feature_store"
         )
     from cloud_agent.agent import CloudAgent  # the agent only imports this module for typing
 
     agent = CloudAgent(spec, broker, workdir, ranks.device, ranks)
     try:
+        agent.receive_adaptation()
         if spec.cloud.public is not None and not agent.adaptation_path.exists():
             raise MistnetError(f"rank {ranks.rank}: {agent.adaptation_path} does not exist (rank 0 writes it)")
         agent.adapt()  # loads rank 0's thresholds and cut decoder

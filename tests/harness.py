@@ -103,6 +103,7 @@ def write_job(
     s3: S3Spec | None = None,
     output: Path | None = None,
     epsilon: float = 100,
+    feature_store: str | None = None,
 ) -> Path:
     """A native job file: node k of ``nodes`` holds shard k of a ``shards``-edge split."""
     spec = JobSpec(
@@ -119,6 +120,7 @@ def write_job(
             learning_rate=0.02,
             validation=str(base.test),
             output=str(output or path.parent / f"{name}.safetensors"),
+            feature_store=feature_store,
         ),
         collect=CollectSpec(timeout_s=timeout_s, min_edges=min_edges, on_timeout=OnTimeout(on_timeout)),
         transmitter=TransmitterSpec(s3=s3),

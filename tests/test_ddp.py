@@ -9,13 +9,19 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
 
 from broker.launcher import local_mosquitto
-from tests.agents import finish, mistnet, spool_query, start_cloud, start_edge, wait_for
-from tests.harness import mnist_base, stop, write_job
+from tests.agents import finish, mistnet, spool_query, spooled_samples, start_cloud, start_edge, wait_for
+from tests.harness import mnist_base, moto_s3, stop, write_job
+
+if TYPE_CHECKING:
+    from common.spec import JobSpec
+
+__all__ = ["moto_s3"]
 
 EPOCHS = 8
 HELD_BACK = 0.1  # cloud.selection_fraction's default: these samples choose the epoch, never train
@@ -58,6 +64,7 @@ class Runs:
     with its own edge)."""
 
     root: Path
+    broker: str
     by_one: dict
     by_two: dict
     log: str
@@ -86,7 +93,7 @@ def runs(tmp_path_factory) -> Iterator[Runs]:
         by_one = json.loads(finish(single, 60))
         assert ddp.returncode == 0 and single.returncode == 0, log.read_text()[-3000:]
         assert all(e.wait(30) == 0 for e in edges)
-        yield Runs(root, by_one, by_two, log.read_text())
+        yield Runs(root, broker.url, by_one, by_two, log.read_text())
     finally:
         stop([ddp, single, *edges])
         broker.stop()
@@ -114,6 +121,102 @@ def test_killed_rank_restarts_the_group_which_resumes_after_the_last_epoch(runs)
     assert_each_sample_once_per_epoch(records, 1500)
     history = json.loads(spool_query(runs.root / "two", "SELECT value FROM meta WHERE key='history'")[0][0])
     assert [e["epoch"] for e in history] == list(range(1, EPOCHS + 1))
+
+
+@pytest.mark.integration
+def test_two_nodes_without_a_shared_filesystem_train_from_the_feature_store(runs, moto_s3, tmp_path_factory):
+    """Two launchers as two machines (`--nnodes 2`), each with its own work directory: the rank on
+    the node without rank 0's spool reads the samples from S3 (cloud.feature_store)."""
+    from broker.launcher import free_port
+
+    root = tmp_path_factory.mktemp("nodes")
+    store = f"s3://{moto_s3.bucket}/shared"
+    job = write_job(mnist_base(tmp_path_factory), root / "nodes.yaml", name="ddp-nodes", nodes=("nodes1",),
+                    epochs=EPOCHS, feature_store=store)  # fmt: skip
+    access, secret = moto_s3.keys["cloud"]
+    env = {**os.environ, "MISTNET_SAMPLE_LOG": str(root / "samples"), "MISTNET_S3_ENDPOINT": moto_s3.url,
+           "MISTNET_S3_ACCESS_KEY": access, "MISTNET_S3_SECRET_KEY": secret}  # fmt: skip
+    edge = start_edge("nodes1", runs.broker, root)
+    rdzv = f"127.0.0.1:{free_port()}"
+    nodes = [mistnet("cloud", "--job", str(job), "--broker", runs.broker, "--workdir", str(root / f"node{k}"),
+                     "--json", "--nproc-per-node", "1", "--nnodes", "2", "--rdzv-endpoint", rdzv,
+                     log=root / f"node{k}.log", env=env) for k in (1, 2)]  # fmt: skip
+    try:
+        outputs = [finish(node, 120) for node in nodes]
+        logs = "".join((root / f"node{k}.log").read_text() for k in (1, 2))
+        assert [node.returncode for node in nodes] == [0, 0] and edge.wait(30) == 0, logs[-3000:]
+    finally:
+        stop([*nodes, edge])
+    # c10d's rendezvous ranks the nodes in no fixed order: rank 0 ran on one of them.
+    first = next(k for k, out in enumerate(outputs) if out.strip())
+    summary, other = json.loads(outputs[first]), root / f"node{2 - first}"
+    assert summary["phase"] == "done" and summary["world_size"] == 2, summary
+    assert len(spooled_samples(root / f"node{first + 1}")) == 1500
+    assert spooled_samples(other) == [] and not any(other.glob("*.segments/*"))
+    assert "reading the job's samples from its feature store (1500)" in logs
+    assert "shared/ddp-nodes/features-index.json" in moto_s3.keys_under("shared/ddp-nodes/")
+    assert_each_sample_once_per_epoch(sample_log(root / "samples", EPOCHS, 2), 1500)
+    assert abs(summary["metrics"]["accuracy"] - runs.by_one["metrics"]["accuracy"]) <= 0.02, (runs.by_one, summary)
+
+
+def tiny_job() -> JobSpec:
+    from common.spec import build_job
+
+    return build_job({"name": "j", "model": {"arch": "lenet5", "num_classes": 10}, "cut_layer": 2,
+                      "edges": [{"node": "e", "dataset": "x", "batch_size": 8}]})  # fmt: skip
+
+
+def test_rank_0_shares_its_adaptation_with_ranks_whose_node_lacks_it(tmp_path):
+    import torch
+    import torch.distributed as dist
+
+    from broker.launcher import free_port
+    from cloud_agent.adaptation import Adaptation
+    from cloud_agent.agent import CloudAgent
+    from cloud_agent.distributed import Ranks
+    from common.transport import BrokerOptions
+
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", port, 2, is_master=False)
+    spec = tiny_job()
+    first, other = (CloudAgent(spec, BrokerOptions(), tmp_path / f"node{r}", "cpu",
+                               Ranks(r, 2, 0, "cpu", dist.PrefixStore("mistnet/attempt-0", store)))
+                    for r, store in enumerate((server, client)))  # fmt: skip
+    other.receive_adaptation()
+    assert not other.adaptation_path.exists()  # rank 0 shared nothing: no adaptation in this job
+    thresholds = {1: torch.tensor([0.25, -1.5])}
+    Adaptation(1, thresholds, None).save(first.adaptation_path)
+    other.adaptation_path.write_bytes(b"another job's adaptation")
+    first.share_adaptation()
+    other.receive_adaptation()
+    assert other.adaptation_path.read_bytes() == first.adaptation_path.read_bytes()
+    assert torch.equal(Adaptation.load(other.adaptation_path).thresholds[1], thresholds[1])
+    assert [p.name for p in other.workdir.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    for agent in (first, other):
+        agent.spool.close()
+
+
+@pytest.mark.parametrize("empty_spool", [False, True])
+def test_a_rank_with_neither_samples_nor_feature_store_stops_with_a_clear_error(tmp_path, empty_spool):
+    import torch.distributed as dist
+
+    from cloud_agent.distributed import TRAIN, TRAINING_KEY, Ranks, run_worker
+    from cloud_agent.spool import Spool
+    from common.errors import MistnetError
+    from common.transport import BrokerOptions
+
+    store = dist.HashStore()
+    store.set(TRAINING_KEY, TRAIN)
+    spec = tiny_job()
+    workdir = tmp_path / "node2"
+    if empty_spool:  # e.g. left by an earlier job on this node
+        workdir.mkdir()
+        Spool(workdir / "spool.sqlite").close()
+    held = "none of the job's samples" if empty_spool else "no spool"
+    with pytest.raises(MistnetError, match=rf"^rank 1: .*node2 holds {held} and the job names no feature store"):
+        run_worker(spec, BrokerOptions(), workdir, Ranks(1, 2, 0, "cpu", store))
+    assert workdir.exists() == empty_spool
 
 
 @pytest.mark.parametrize("size", [1, 2, 63, 64, 65, 127, 128, 129, 200])

@@ -142,7 +142,8 @@ def launch(args: argparse.Namespace, spec: JobSpec, workdir: Path) -> int:
 
 
 def job_status(workdir: Path) -> int:
-    """0 if the job in ``workdir`` is done (or rank 0 ran on another machine), else 1."""
+    """0 if the job in ``workdir`` is done (or rank 0 ran on another machine: this node's ranks only
+    trained, so its work directory holds no job of its own), else 1."""
     from cloud_agent.spool import Spool
     from common.protocol import JobPhase
 
@@ -150,6 +151,7 @@ def job_status(workdir: Path) -> int:
         return 0
     spool = Spool(workdir / "spool.sqlite")
     try:
-        return 0 if spool.get_meta("phase") == JobPhase.DONE.value else 1
+        phase = spool.get_meta("phase")
+        return 0 if phase is None or phase == JobPhase.DONE.value else 1
     finally:
         spool.close()
