@@ -103,7 +103,8 @@ def start_edges(
     env = child_env(threads)
     kids = []
     for k, node in enumerate(nodes):
-        edge = ["edge", "--node", node, "--broker", ctx.broker_url, "--once", "--device", ctx.device]
+        device = "cpu" if runtime == "onnx" else ctx.device  # ONNX Runtime's edge runs on the CPU only
+        edge = ["edge", "--node", node, "--broker", ctx.broker_url, "--once", "--device", device]
         edge += ["--runtime", runtime] if runtime else []
         args = procs_args("edge", "--opts", opts, "--", *edge) if opts is not None else mistnet_args(*edge)
         argv0 = None

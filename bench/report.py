@@ -599,14 +599,13 @@ def gpu_section(doc: Path) -> list[str]:
         q = json.loads(summary_file.read_text())
         lines += [
             "",
-            f"`mistnet bench --quick --device cuda` on the same machine ({os.path.relpath(folder, doc.parent)}/; "
-            "measured before issue #6 changed the cloud's receive and training data paths): "
+            f"`mistnet bench --quick --device cuda` on a lent {q.get('machine', {}).get('gpu', 'GPU')} "
+            f"({q.get('machine', {}).get('date')}; {os.path.relpath(folder, doc.parent)}/): "
             f"transport ratio {_f(q['transport_ratio'])}, training ratio {_f(q['train_throughput_ratio'])} "
-            f"(YOLO, 8 images) and {_f(q['train_throughput_ratio_mnist'])} (MNIST: on a GPU the tail trains "
-            "faster than the spool is read and decoded), edge peak RSS "
-            f"{_f(q['edge_peak_rss_mib'], 0)} MiB (a CUDA context adds ~400 MiB on the host). That quick run "
-            "still had cudnn.benchmark on, whose autotuning made the prepared head slower than plain torch on its "
-            "32 images; the 640 px run above is without it.",
+            f"(YOLO, 8 images; the trainer with AMP against a plain fp32 loop) and "
+            f"{_f(q['train_throughput_ratio_mnist'])} (MNIST), edge peak RSS {_f(q['edge_peak_rss_mib'], 0)} MiB "
+            "(a CUDA context adds ~400 MiB on the host). The torch/onnx edge comparison of that run ran on the CPU "
+            "(the onnx edge runs on the CPU only).",
         ]
     lines.append("")
     return lines

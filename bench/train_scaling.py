@@ -171,7 +171,8 @@ def section(data: dict[str, Any] | None, image: str) -> list[str]:
         "DDP is synchronous: every step waits for the slowest rank, so a rank that loses its core to other work "
         "stalls them all, and with one rank per core nothing is left over for the data path. LeNet-5's tail costs "
         "tens of microseconds per sample, so the per-step gradient all-reduce and Python overhead weigh most; "
-        "YOLO's tail is compute-bound and scales better. No GPU figures: none was lent to this run.",
+        "YOLO's tail is compute-bound and scales better. Runs on a lent GPU, where there were any, are under"
+        " *On a GPU* below.",
         "",
         f"![training scaling]({image})",
     ]
