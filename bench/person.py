@@ -27,7 +27,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +156,9 @@ class Bench:
         task = Detection(self.held_out(), self.setup.imgsz, self.translate)
         transform = feature_transform(adaptation.encoding())
         before = task.evaluate(model, COCO_CUT, transform, self.setup.device)
-        self.record(Row(self.shift, "adapted", eps, *scores(before), round(adapting + time.monotonic() - t0, 1)))
+        levels = "" if self.bits == 1 else f"{self.bits} bit"
+        adapted = Row(self.shift, "adapted", eps, *scores(before), round(adapting + time.monotonic() - t0, 1))
+        self.record(replace(adapted, variant=levels))
         t1 = time.monotonic()
         encoder = BitEncoder(eps, seed=SEED + 1, bits=self.bits, thresholds=adaptation.thresholds)
         received = fill_spool(self.setup, load_model(self.setup.weights)[0], encoder, f"eps{eps:g}-spool")
