@@ -16,7 +16,6 @@ Throughput is all edges' images over the span from the first start to the last e
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +28,14 @@ from bench.util import (
     await_result,
     child_env,
     children,
+    cloud_command,
     coco_images,
     link_images,
     median,
     mistnet_args,
     paired_ratio,
     procs_args,
+    pyspy_command,
     spawn,
     spread,
     wait_ready,
@@ -111,18 +112,7 @@ def start_edges(
         if profile_dir is not None and k == 0:
             args = ["-m", "cProfile", "-o", str(profile_dir / "edge.prof"), *args]
         elif profile_dir is not None and k == 1 and pyspy():
-            argv0 = [
-                str(pyspy()),
-                "record",
-                "-r",
-                "100",
-                "-f",
-                "raw",
-                "-o",
-                str(profile_dir / "edge.pyspy.txt"),
-                "--",
-                sys.executable,
-            ]
+            argv0 = pyspy_command(str(pyspy()), profile_dir)
         kid = spawn(node, args, logdir, env, argv0=argv0)
         started.append(kid)
         kids.append(kid)
@@ -144,17 +134,7 @@ def run_system(
     threads = threads_per_edge(ctx, len(dirs))
     nodes = [f"{name}-e{k + 1}" for k in range(len(dirs))]
     with children() as started, RssSampler() as rss:
-        cloud_args = [
-            "cloud",
-            "--job",
-            str(job),
-            "--workdir",
-            str(ctx.workdir / "cloud" / name),
-            "--broker",
-            ctx.broker_url,
-            "--collect-only",
-            "--hold",
-        ]
+        cloud_args = cloud_command(ctx, job, name, "--collect-only", "--hold")
         if profile_dir is not None:
             cloud_args += ["--profile", str(profile_dir / "cloud.prof")]
         cloud = spawn("cloud", procs_args(*cloud_args), logdir, child_env())

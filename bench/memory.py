@@ -22,6 +22,7 @@ from bench.util import (
     await_result,
     child_env,
     children,
+    cloud_command,
     coco_images,
     link_images,
     procs_args,
@@ -31,17 +32,7 @@ from bench.util import (
 
 def run_job(ctx: Context, job: Path, name: str, nodes: list[str], collect_only: bool, threads: int) -> dict[str, Any]:
     logdir = ctx.workdir / "logs" / name
-    args = [
-        "cloud",
-        "--job",
-        str(job),
-        "--workdir",
-        str(ctx.workdir / "cloud" / name),
-        "--broker",
-        ctx.broker_url,
-        "--device",
-        ctx.device,
-    ]
+    args = cloud_command(ctx, job, name, "--device", ctx.device)
     if collect_only:
         args.append("--collect-only")
     with children() as started, RssSampler() as rss:

@@ -27,9 +27,11 @@ from bench.util import (
     await_result,
     child_env,
     children,
+    cloud_command,
     median,
     mistnet_args,
     procs_args,
+    pyspy_command,
     spawn,
     write_job,
 )
@@ -77,16 +79,7 @@ def collect_run(
     job = mnist_job(ctx, name, shards)
     logdir = ctx.workdir / "logs" / name
     nodes = [f"{name}-e{k + 1}" for k in range(edges)]
-    cloud_args = [
-        "cloud",
-        "--job",
-        str(job),
-        "--workdir",
-        str(ctx.workdir / "cloud" / name),
-        "--broker",
-        ctx.broker_url,
-        "--collect-only",
-    ]
+    cloud_args = cloud_command(ctx, job, name, "--collect-only")
     if profile_dir is not None:
         cloud_args += ["--profile", str(profile_dir / "cloud.prof")]
     with children() as started, RssSampler() as rss:
@@ -115,18 +108,7 @@ def collect_run(
                     edge,
                     logdir,
                     child_env(1),
-                    argv0=[
-                        spy,
-                        "record",
-                        "-r",
-                        "100",
-                        "-f",
-                        "raw",
-                        "-o",
-                        str(profile_dir / "edge.pyspy.txt"),
-                        "--",
-                        sys.executable,
-                    ],
+                    argv0=pyspy_command(spy, profile_dir),
                 )
             else:
                 kid = spawn(node, edge, logdir, child_env(1))

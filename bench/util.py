@@ -467,3 +467,14 @@ def bench_broker(workdir: Path) -> Any:
     broker = local_mosquitto(workdir)
     broker.config.write_text(broker.config.read_text() + "set_tcp_nodelay true\n")
     return broker
+
+
+def cloud_command(ctx: Context, job: Path, name: str, *extra: str) -> list[str]:
+    """``mistnet cloud`` arguments for a benchmark job: its own work directory, the run's broker."""
+    return ["cloud", "--job", str(job), "--workdir", str(ctx.workdir / "cloud" / name), "--broker", ctx.broker_url,
+            *extra]  # fmt: skip
+
+
+def pyspy_command(spy: str, profile_dir: Path) -> list[str]:
+    """The argv prefix that samples a Python process with py-spy into ``profile_dir``."""
+    return [spy, "record", "-r", "100", "-f", "raw", "-o", str(profile_dir / "edge.pyspy.txt"), "--", sys.executable]
