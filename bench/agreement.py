@@ -49,13 +49,8 @@ def levels(encoder: LevelEncoder, outputs: dict[int, np.ndarray]) -> np.ndarray:
 
 def raw_medians(outputs: dict[int, torch.Tensor]) -> dict[int, np.ndarray]:
     """1-bit thresholds as calibrated before they were moved off ties: the per-channel medians."""
-    return {
-        i: torch.quantile(
-            y.transpose(0, 1).reshape(y.shape[1], -1).float()[:, :: max(1, y[:, 0].numel() >> 20)], 0.5, dim=1
-        )[:, None].numpy()
-        for i, y in outputs.items()
-        if y.dim() == 4
-    }
+    return {i: torch.quantile(y.transpose(0, 1).reshape(y.shape[1], -1).float()[:, :: max(1, y[:, 0].numel() >> 20)],
+                              0.5, dim=1)[:, None].numpy() for i, y in outputs.items() if y.dim() == 4}
 
 
 def compare(model: nn.Module, cut: int, x: np.ndarray, public: torch.Tensor, step: int) -> dict[str, Any]:
@@ -86,13 +81,9 @@ def compare(model: nn.Module, cut: int, x: np.ndarray, public: torch.Tensor, ste
         for name, encoder in encoders.items():
             differ[name] += int((levels(encoder, a) != levels(encoder, b)).sum())
         total += sum(y[0].size for y in a.values()) * len(batch)
-    return {
-        "cut": cut,
-        "outputs": [f.layer for f in layout],
-        "activations": total,
-        **{f"disagreement {k}": v / total for k, v in differ.items()},
-        **{f"{k}_s": round(v, 2) for k, v in seconds.items()},
-    }
+    return {"cut": cut, "outputs": [f.layer for f in layout], "activations": total,
+            **{f"disagreement {k}": v / total for k, v in differ.items()},
+            **{f"{k}_s": round(v, 2) for k, v in seconds.items()}}
 
 
 def yolo_rows(arch: str, weights: Path | None, cuts: list[int], count: int, public: int) -> list[dict[str, Any]]:
@@ -106,10 +97,8 @@ def yolo_rows(arch: str, weights: Path | None, cuts: list[int], count: int, publ
     model.eval()
     x = images(YoloEdgeDataset(SHARED / "data" / "coco128", 640), count)
     pub = torch.cat(list(augmented_inputs(public_images(SHARED / "data" / "public-images")[:public], 640)))
-    return [
-        {"arch": arch, "weights": str(weights or "random init"), "images": len(x), **compare(model, cut, x, pub, 2)}
-        for cut in cuts
-    ]
+    return [{"arch": arch, "weights": str(weights or "random init"), "images": len(x), **compare(model, cut, x, pub, 2)}
+            for cut in cuts]
 
 
 def lenet_rows(workdir: Path, cuts: list[int]) -> list[dict[str, Any]]:
@@ -118,10 +107,8 @@ def lenet_rows(workdir: Path, cuts: list[int]) -> list[dict[str, Any]]:
     model = build("lenet5", 10).eval()  # random init; LeNet's public digits calibrate it as the demo does
     x = images(MnistShard(split.edges[0]), 1000)
     pub = torch.from_numpy(images(MnistShard(split.public), 1000))
-    return [
-        {"arch": "lenet5", "weights": "random init", "images": len(x), **compare(model, cut, x, pub, 256)}
-        for cut in cuts
-    ]
+    return [{"arch": "lenet5", "weights": "random init", "images": len(x), **compare(model, cut, x, pub, 256)}
+            for cut in cuts]
 
 
 def main() -> int:

@@ -69,10 +69,8 @@ def main() -> int:
     for extra in sys.argv[1:] or ["edge"]:
         sizes = installed(extra)
         top = sorted(sizes.items(), key=lambda kv: -kv[1])[:8]
-        print(
-            f"mistnet[{extra}]: {sum(sizes.values()) / 1e6:.0f} MB in {len(sizes)} distributions; largest: "
-            + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in top)
-        )
+        print(f"mistnet[{extra}]: {sum(sizes.values()) / 1e6:.0f} MB in {len(sizes)} distributions; largest: "
+              + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in top))
     return 0
 
 

@@ -48,19 +48,11 @@ def main() -> int:
     check = exactly_once(Path(run["spool"]), run["shard_samples"])
     edges = run["edge_peak_rss_mib"]
     result = {
-        "edges": args.edges,
-        "runtime": args.runtime,
-        "samples": run["samples"],
-        "collect_s": run["collect_s"],
-        "last_ready_s": run["last_ready_s"],
-        "exactly_once": not check["wrong"] and check["nodes"] == args.edges,
-        "spool_check": check,
-        "edge_peak_rss_mib_max": max(edges),
-        "edge_peak_rss_mib_mean": sum(edges) / len(edges),
-        "edges_peak_rss_mib_sum": sum(edges),
-        "cloud_peak_rss_mib": run["cloud_peak_rss_mib"],
-        "broker_peak_rss_mib": run["broker_peak_rss_mib"],
-        "cpu_s": run["cpu_s"],
+        "edges": args.edges, "runtime": args.runtime, "samples": run["samples"], "collect_s": run["collect_s"],
+        "last_ready_s": run["last_ready_s"], "exactly_once": not check["wrong"] and check["nodes"] == args.edges,
+        "spool_check": check, "edge_peak_rss_mib_max": max(edges), "edge_peak_rss_mib_mean": sum(edges) / len(edges),
+        "edges_peak_rss_mib_sum": sum(edges), "cloud_peak_rss_mib": run["cloud_peak_rss_mib"],
+        "broker_peak_rss_mib": run["broker_peak_rss_mib"], "cpu_s": run["cpu_s"],
     }
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))

@@ -29,26 +29,18 @@ def run(ctx: Context) -> dict[str, Any]:
         for runtime in RUNTIMES:
             runs[runtime].append(run_system(ctx, scn, dirs, runtime=runtime))
             last = runs[runtime][-1]
-            ctx.log(
-                f"runtimes {scn.name}, repeat {r + 1}: {runtime} {last['images_per_s']:.2f} img/s, "
-                f"peak RSS {last['edge_peak_rss_mib']:.0f} MiB"
-            )
+            ctx.log(f"runtimes {scn.name}, repeat {r + 1}: {runtime} {last['images_per_s']:.2f} img/s, "
+                    f"peak RSS {last['edge_peak_rss_mib']:.0f} MiB")
     ips = {r: [x["images_per_s"] for x in runs[r]] for r in RUNTIMES}
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "scenario": scn.name,
         "images": runs["torch"][-1]["images"],
         "threads": runs["torch"][-1]["threads_per_edge"],
-        **{
-            r: {
-                "images_per_s": median(ips[r]),
-                "runs": ips[r],
-                "edge_peak_rss_mib": max(x["edge_peak_rss_mib"] for x in runs[r]),
-                "edge_cpu_s_per_image": median([x["cpu_s_per_image"]["edges"] for x in runs[r]]),
-                "wire_bytes_per_image": runs[r][-1]["wire_bytes_per_image"],
-            }
-            for r in RUNTIMES
-        },
+        **{r: {"images_per_s": median(ips[r]), "runs": ips[r],
+               "edge_peak_rss_mib": max(x["edge_peak_rss_mib"] for x in runs[r]),
+               "edge_cpu_s_per_image": median([x["cpu_s_per_image"]["edges"] for x in runs[r]]),
+               "wire_bytes_per_image": runs[r][-1]["wire_bytes_per_image"]} for r in RUNTIMES},
         "onnx_throughput_ratio": paired_ratio(ips["onnx"], ips["torch"]),
         "installed_mb": {extra: sum(installed(extra).values()) / 1e6 for extra in ("edge", "edge-torch")},
     }

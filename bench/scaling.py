@@ -91,15 +91,8 @@ def collect_run(
         kids = []
         spy = pyspy()
         for k, node in enumerate(nodes):
-            edge = mistnet_args(
-                "edge",
-                "--node",
-                node,
-                "--broker",
-                ctx.broker_url,
-                "--once",
-                *(["--runtime", runtime] if runtime else []),
-            )
+            edge = mistnet_args("edge", "--node", node, "--broker", ctx.broker_url, "--once",
+                                *(["--runtime", runtime] if runtime else []))  # fmt: skip
             if profile_dir is not None and k == 0:
                 kid = spawn(node, ["-m", "cProfile", "-o", str(profile_dir / "edge.prof"), *edge], logdir, child_env(1))
             elif profile_dir is not None and k == 1 and spy:

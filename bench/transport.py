@@ -57,36 +57,13 @@ def run_raw(ctx: Context, count: int, size: int) -> dict[str, Any]:
     topic, done = f"bench/{tag}/data", f"bench/{tag}/done"
     logdir = ctx.workdir / "logs" / tag
     with children() as started, RssSampler() as rss:
-        sub = spawn(
-            "raw-sub",
-            procs_args(
-                "raw-sub", "--broker", ctx.broker_url, "--topic", topic, "--done-topic", done, "--count", str(count)
-            ),
-            logdir,
-            child_env(),
-        )
+        sub = spawn("raw-sub", procs_args("raw-sub", "--broker", ctx.broker_url, "--topic", topic,
+                                          "--done-topic", done, "--count", str(count)), logdir, child_env())
         started.append(sub)
         wait_ready([sub], ctx.timeout("ready"))
-        pub = spawn(
-            "raw-pub",
-            procs_args(
-                "raw-pub",
-                "--broker",
-                ctx.broker_url,
-                "--topic",
-                topic,
-                "--done-topic",
-                done,
-                "--count",
-                str(count),
-                "--size",
-                str(size),
-                "--wait-go",
-            ),
-            logdir,
-            child_env(),
-            stdin=True,
-        )
+        pub = spawn("raw-pub", procs_args("raw-pub", "--broker", ctx.broker_url, "--topic", topic, "--done-topic",
+                                          done, "--count", str(count), "--size", str(size), "--wait-go"),
+                    logdir, child_env(), stdin=True)
         started.append(pub)
         for k in started:
             rss.watch(k.name, k.pid)
@@ -97,14 +74,9 @@ def run_raw(ctx: Context, count: int, size: int) -> dict[str, Any]:
         out = await_result(pub, [sub], ctx.timeout())
         received = sub.result(30)
     seconds = out["t_end"] - out["t_start"]
-    return {
-        "mb_per_s": out["bytes"] / seconds / 1e6,
-        "seconds": seconds,
-        "bytes": out["bytes"],
-        "received": received["received"],
-        "messages": count,
-        "cpu_s": {n: rss.cpu_between(n, out["t_start"], out["t_end"]) for n in ("raw-pub", "raw-sub", "broker")},
-    }
+    return {"mb_per_s": out["bytes"] / seconds / 1e6, "seconds": seconds, "bytes": out["bytes"],
+            "received": received["received"], "messages": count,
+            "cpu_s": {n: rss.cpu_between(n, out["t_start"], out["t_end"]) for n in ("raw-pub", "raw-sub", "broker")}}
 
 
 def run_proto(
@@ -124,31 +96,13 @@ def run_proto(
     url, broker_pid = broker or (ctx.broker_url, ctx.broker_pid)
     common = ["--broker", url, "--job", tag, "--node", node, "--batch", str(BATCH)]
     with children() as started, RssSampler() as rss:
-        recv = spawn(
-            "proto-recv",
-            procs_args("proto-recv", *common, "--workdir", str(ctx.workdir / "cloud" / tag), *(recv_extra or [])),
-            logdir,
-            {**child_env(), **(recv_env or {})},
-        )
-        send = spawn(
-            "proto-send",
-            procs_args(
-                "proto-send",
-                *common,
-                "--transfers",
-                str(transfers),
-                "--sample-bytes",
-                str(SAMPLE_BYTES),
-                "--chunk-bytes",
-                str(C.DEFAULT_CHUNK_BYTES),
-                "--window",
-                str(window or C.DEFAULT_WINDOW_CHUNKS),
-                "--wait-go",
-            ),
-            logdir,
-            child_env(),
-            stdin=True,
-        )
+        recv = spawn("proto-recv", procs_args("proto-recv", *common, "--workdir", str(ctx.workdir / "cloud" / tag),
+                                              *(recv_extra or [])), logdir, {**child_env(), **(recv_env or {})})
+        send = spawn("proto-send", procs_args("proto-send", *common, "--transfers", str(transfers),
+                                              "--sample-bytes", str(SAMPLE_BYTES),
+                                              "--chunk-bytes", str(C.DEFAULT_CHUNK_BYTES),
+                                              "--window", str(window or C.DEFAULT_WINDOW_CHUNKS), "--wait-go"),
+                     logdir, child_env(), stdin=True)
         started += [recv, send]
         for k in started:
             rss.watch(k.name, k.pid)
@@ -160,18 +114,11 @@ def run_proto(
         got = recv.result(60)
     seconds = out["t_end"] - out["t_start"]
     moved = transfers * transfer_bytes()
-    return {
-        "mb_per_s": moved / seconds / 1e6,
-        "seconds": seconds,
-        "bytes": moved,
-        "samples": got["samples"],
-        "wire_bytes": out["wire_bytes"],
-        "resent": out["resent"],
-        "duplicates": got["duplicates"],
-        "spilled_chunks": got.get("spilled", 0),
-        "acks": got.get("acks", {}),
-        "cpu_s": {n: rss.cpu_between(n, out["t_start"], out["t_end"]) for n in ("proto-send", "proto-recv", "broker")},
-    }
+    return {"mb_per_s": moved / seconds / 1e6, "seconds": seconds, "bytes": moved, "samples": got["samples"],
+            "wire_bytes": out["wire_bytes"], "resent": out["resent"], "duplicates": got["duplicates"],
+            "spilled_chunks": got.get("spilled", 0), "acks": got.get("acks", {}),
+            "cpu_s": {n: rss.cpu_between(n, out["t_start"], out["t_end"])
+                      for n in ("proto-send", "proto-recv", "broker")}}
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -184,10 +131,8 @@ def run(ctx: Context) -> dict[str, Any]:
     for r in range(prof.transport_repeats):
         raw.append(run_raw(ctx, chunks, C.DEFAULT_CHUNK_BYTES))
         proto.append(run_proto(ctx, transfers))
-        ctx.log(
-            f"transport {r + 1}/{prof.transport_repeats}: raw paho {raw[-1]['mb_per_s']:.0f} MB/s, "
-            f"protocol {proto[-1]['mb_per_s']:.0f} MB/s"
-        )
+        ctx.log(f"transport {r + 1}/{prof.transport_repeats}: raw paho {raw[-1]['mb_per_s']:.0f} MB/s, "
+                f"protocol {proto[-1]['mb_per_s']:.0f} MB/s")
     raw_rate = [x["mb_per_s"] for x in raw]
     proto_rate = [x["mb_per_s"] for x in proto]
     mb = transfers * blob / 1e6
