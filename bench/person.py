@@ -27,7 +27,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from cloud_agent.detection import Detection
 from cloud_agent.spool import SpoolFeatures
 from cloud_agent.tasks import Batch, Privatize
 from cloud_agent.trainer import History, TrainConfig, Trainer, selection_split
+from common import constants as C
 from common.checkpoint import load_model
 from common.datasets.shift import Shift
 from common.datasets.yolo import discover_images
@@ -52,7 +53,6 @@ from common.split import run_head
 from mistnet.demo import (
     COCO_BATCH_SIZE,
     COCO_CUT,
-    COCO_LEARNING_RATE,
     PERSON_HELD_OUT,
     link_yolo_folder,
     shifted_split,
@@ -90,7 +90,7 @@ class Bench:
     bits: int = 1
     train_decoder: bool = CloudSpec().train_decoder
     translate: int = CloudSpec().translate
-    learning_rate: float = COCO_LEARNING_RATE  # every method's
+    learning_rate: float = C.DETECTION_LEARNING_RATE  # every method's
 
     def record(self, row: Row) -> None:
         print(json.dumps(asdict(row)), flush=True)
@@ -112,10 +112,9 @@ class Bench:
         t0 = time.monotonic()
         state = self.setup.workdir / "centralized"
         shutil.rmtree(state, ignore_errors=True)
-        config = TrainConfig(self.epochs, COCO_BATCH_SIZE, self.learning_rate, device=self.setup.device, seed=SEED)
         edges = [self.setup.folders[e] for e in self.setup.edges]
-        result = fine_tune(self.setup.weights, edges, self.held_out(), self.setup.imgsz, config, state)
-        last = next(e.metrics for e in reversed(result.history.epochs) if e.metrics)
+        result = fine_tune(self.setup.weights, edges, self.held_out(), self.setup.imgsz, self.config(), state)
+        last = last_metrics(result.history)
         self.record(Row(self.shift, "centralized", None, *scores(last), round(time.monotonic() - t0, 1)))
 
     def frozen_head(self) -> None:
@@ -123,12 +122,11 @@ class Bench:
         model, _ = load_model(self.setup.weights)
         task = HeadFeatures(model, self.held_out(), self.setup.imgsz)
         edges = ImageSamples([self.setup.folders[e] for e in self.setup.edges], self.setup.imgsz)
-        config = TrainConfig(self.epochs, COCO_BATCH_SIZE, self.learning_rate, device=self.setup.device, seed=SEED)
         state = self.setup.workdir / "frozen-head"
         shutil.rmtree(state, ignore_errors=True)
         torch.manual_seed(SEED)
-        history = Trainer(model, COCO_CUT, task, edges, config, state, lambda f: f).fit(History(), lambda r: None)
-        last = next(e.metrics for e in reversed(history.epochs) if e.metrics)
+        trainer = Trainer(model, COCO_CUT, task, edges, self.config(), state, lambda f: f)
+        last = last_metrics(trainer.fit(History(), lambda r: None))
         self.record(Row(self.shift, "frozen-head", None, *scores(last), round(time.monotonic() - t0, 1)))
 
     def adaptation(self, eps: float) -> tuple[Adaptation, float]:
@@ -157,8 +155,8 @@ class Bench:
         transform = feature_transform(adaptation.encoding())
         before = task.evaluate(model, COCO_CUT, transform, self.setup.device)
         levels = "" if self.bits == 1 else f"{self.bits} bit"
-        adapted = Row(self.shift, "adapted", eps, *scores(before), round(adapting + time.monotonic() - t0, 1))
-        self.record(replace(adapted, variant=levels))
+        seconds = round(adapting + time.monotonic() - t0, 1)
+        self.record(Row(self.shift, "adapted", eps, *scores(before), seconds, variant=levels))
         t1 = time.monotonic()
         encoder = BitEncoder(eps, seed=SEED + 1, bits=self.bits, thresholds=adaptation.thresholds)
         received = fill_spool(self.setup, load_model(self.setup.weights)[0], encoder, f"eps{eps:g}-spool")
@@ -178,9 +176,13 @@ class Bench:
         state = self.setup.workdir / name / "state"
         shutil.rmtree(state, ignore_errors=True)
         train, selection = selection_split(data, CloudSpec().selection_fraction, SEED)
-        config = TrainConfig(self.epochs, COCO_BATCH_SIZE, self.learning_rate, device=self.setup.device, seed=SEED,
-                             recalibrate_bn=False, train_decoder=self.train_decoder)  # fmt: skip
+        config = self.config(recalibrate_bn=False, train_decoder=self.train_decoder)
         return Trainer(model, COCO_CUT, task, train, config, state, transform, selection)
+
+    def config(self, **options: Any) -> TrainConfig:
+        """The training settings every method shares: the bench's epochs and learning rate, the demo's batch."""
+        return TrainConfig(self.epochs, COCO_BATCH_SIZE, self.learning_rate, device=self.setup.device, seed=SEED,
+                           **options)  # fmt: skip
 
 
 class HeadFeatures(ImageDetection):
@@ -194,6 +196,10 @@ class HeadFeatures(ImageDetection):
     def collate(self, samples: list[Any]) -> Batch:
         batch = super().collate(samples)
         return Batch(run_head(self.model, batch.features[INPUT], COCO_CUT), batch.targets)
+
+
+def last_metrics(history: History) -> dict[str, float]:
+    return next(e.metrics for e in reversed(history.epochs) if e.metrics)
 
 
 def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
@@ -236,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--translate", type=int, default=CloudSpec().translate, help="training batches move by up to N feature cells"
     )
-    p.add_argument("--lr", type=float, default=COCO_LEARNING_RATE, help="learning rate of every method")
+    p.add_argument("--lr", type=float, default=C.DETECTION_LEARNING_RATE, help="learning rate of every method")
     p.add_argument("--bits", type=int, default=1, help="bits per activation (levels 2^bits)")
     p.add_argument(
         "--train-decoder",

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common import constants as C
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "person.json"
 PLOT = "person-learning.png"
@@ -17,15 +19,14 @@ GOAL_SHIFT = "contrast:5"
 GAIN_GOALS = {100.0: 0.9, 4.0: 0.7}
 
 Row = dict[str, Any]
-DEMO_LEARNING_RATE = 0.001  # mistnet.demo's COCO_LEARNING_RATE (not imported: the demo pulls in torch)
 OLD_VARIANT = "1 bit, decoder frozen, batches not moved"  # rows measured before variants were recorded
 
 
-def variant(bits: int, train_decoder: bool, translate: int, learning_rate: float = DEMO_LEARNING_RATE) -> str:
+def variant(bits: int, train_decoder: bool, translate: int, learning_rate: float = C.DETECTION_LEARNING_RATE) -> str:
     """The settings a trained MistNet row was measured with, in words (the learning rate when not the demo's)."""
     moves = f"moved by up to {translate} cells" if translate else "not moved"
     words = f"{bits} bit, decoder {'trained' if train_decoder else 'frozen'}, batches {moves}"
-    return words if learning_rate == DEMO_LEARNING_RATE else f"{words}, lr {learning_rate:g}"
+    return words if learning_rate == C.DETECTION_LEARNING_RATE else f"{words}, lr {learning_rate:g}"
 
 
 def default_variant() -> str:

@@ -51,6 +51,9 @@ DEFAULT_EPSILON = 100.0
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_EPOCHS = 10
 DEFAULT_LEARNING_RATE = 0.01
+# Detection demos fine-tune on a few hundred images, which memorises them: at 0.01 held-out mAP collapses
+# within a few epochs (shared/notes/mistnet-utility-measurements.md); 0.001, the Sedna example's rate, keeps it.
+DETECTION_LEARNING_RATE = 0.001
 DEFAULT_DECODER_EPOCHS = 10
 DEFAULT_SELECTION_FRACTION = 0.1
 DEFAULT_TRANSLATE_CELLS = 0  # cloud.translate: docs/privacy-utility.md measures it

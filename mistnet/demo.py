@@ -66,9 +66,6 @@ COCO_PUBLIC = 32  # the cloud's public images: threshold calibration and cut dec
 PERSON_HELD_OUT = 200  # of coco-person's 800 images; the other 600 go to the edges
 PERSON_EPOCHS = 6  # held-out AP levels off after 4-5 epochs on 540 images (bench.person)
 COCO_BATCH_SIZE = 16
-# Fine-tuning on ~100 images memorises them: at 0.01 held-out mAP collapses within a few epochs
-# (see shared/notes/mistnet-utility-measurements.md); 0.001, the Sedna example's rate, keeps it.
-COCO_LEARNING_RATE = 0.001
 COCO_TRANSFER_SAMPLES = 16
 
 
@@ -291,7 +288,7 @@ def prepare_detection_job(opts: DemoOptions, root: Path) -> PreparedJob:
         cloud=CloudSpec(
             epochs=scenario.epochs if opts.epochs is None else opts.epochs,
             batch_size=opts.batch_size or COCO_BATCH_SIZE,
-            learning_rate=opts.learning_rate or COCO_LEARNING_RATE,
+            learning_rate=opts.learning_rate or C.DETECTION_LEARNING_RATE,
             validation=str(validation),
             output=str(root / f"{name}.safetensors"),
             public=str(adapt_on) if adapt_on else None,
