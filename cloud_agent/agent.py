@@ -25,7 +25,7 @@ from cloud_agent.adaptation import Adaptation, adapt
 from cloud_agent.checkpoints import load_pretrained, save_model
 from cloud_agent.collector import Collector
 from cloud_agent.export import export_head
-from cloud_agent.feature_store import open_store, share_features
+from cloud_agent.feature_store import open_store, share_features, store_options
 from cloud_agent.spool import FeatureStore, Spool, SpoolFeatures
 from cloud_agent.tasks import CloudTask, make_task
 from cloud_agent.trainer import (
@@ -73,7 +73,7 @@ from common.protocol import (
 )
 from common.spec import JobSpec, OnTimeout
 from common.split import check_cut, head_activations, head_state_dict, tail_inputs
-from common.storage import ObjectStore, S3Options, put_object, s3_options, split_s3, write_atomic
+from common.storage import ObjectStore, S3Options, put_object, split_s3, write_atomic
 from common.transport import BrokerOptions, Inbound, LinkEvent, MqttLink
 from common.weights import pack_state
 
@@ -640,13 +640,9 @@ class CloudAgent:
         return self.spec.cloud.output or str(self.workdir / "final.safetensors")
 
     def s3_options(self) -> S3Options | None:
-        """The job's S3 settings (its Sedna Secret's keys) over the MISTNET_S3_* environment."""
-        s3 = self.spec.transmitter.s3
-        if s3 is None:
-            return None
-        return s3_options(
-            endpoint_url=s3.endpoint_url, access_key=s3.access_key, secret_key=s3.secret_key, region=s3.region
-        )
+        """The S3 transmitter's settings (its Sedna Secret's keys) over the MISTNET_S3_* environment; None
+        without one."""
+        return store_options(self.spec) if self.spec.transmitter.s3 is not None else None
 
     def clean_up_objects(self) -> None:
         """Delete the job's feature objects (``transmitter.s3.cleanup``), whatever became of the job."""
