@@ -25,8 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common import constants as C
 from common.errors import SpecError
-from common.protocol import NAME_PATTERN
 
+# Node and job ids: they become MQTT topic levels and client ids (common.protocol.topics), so no
+# wildcards, slashes or empties. The one definition, shared with the protocol's messages.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 NAME_RULE = "letters, digits, '_', '.', '-'; starts with a letter or digit; at most 63 characters"
 
