@@ -57,8 +57,8 @@ from common.protocol import (
     NodeStatus,
     Topics,
     decode_batch,
-    decode_features,
     join_transfer,
+    parse_feature_message,
 )
 from common.transport import Rejections
 
@@ -363,7 +363,7 @@ class Collector:
     def _parse(self, node: str, payload: bytes) -> Chunk | FeatureObject:
         if node not in self.nodes:
             raise ProtocolError(f"features from node {node!r}, which is not part of job {self.job}")
-        message = decode_features(payload)
+        message = parse_feature_message(payload)
         if message.job != self.job or message.node != node:
             raise ProtocolError(f"features of {message.job}/{message.node} on the topic of {self.job}/{node}")
         return message

@@ -32,8 +32,8 @@ from common.protocol import (
     PrivacyParams,
     Topics,
     decode_batch,
-    decode_features,
     join_transfer,
+    parse_feature_message,
     to_json,
 )
 from common.spec import CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec
@@ -74,7 +74,7 @@ def delivered_batches(messages: list[tuple[str, bytes]], node: str, job: str) ->
     chunks: dict[int, dict[int, object]] = {}
     for topic, payload in messages:
         if topic == Topics.features(node, job):
-            chunk = decode_features(payload)
+            chunk = parse_feature_message(payload)
             chunks.setdefault(chunk.transfer, {})[chunk.seq] = chunk  # type: ignore[union-attr]
     out = {}
     for transfer, parts in chunks.items():

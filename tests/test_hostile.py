@@ -49,12 +49,12 @@ from common.protocol import (
     Topics,
     decode_batch,
     decode_chunk,
-    decode_features,
     decode_head_chunk,
     encode_batch,
     encode_chunk,
     encode_head_chunk,
     from_json,
+    parse_feature_message,
     split_transfer,
     to_json,
     to_msgpack,
@@ -145,7 +145,7 @@ def real_messages(node: str = "edge1") -> dict[str, list[bytes]]:
 
 DECODERS: dict[str, Callable[[bytes], Any]] = {
     "chunk": decode_chunk,
-    "features": decode_features,
+    "features": parse_feature_message,
     "batch": decode_batch,
     "head_chunk": decode_head_chunk,
     "ack": lambda p: from_json(Ack, p),
@@ -299,7 +299,7 @@ def malformed(kind: str, payload: bytes) -> bool:
         return False  # an empty payload withdraws a retained message: not malformed
     if kind == "features":
         return refuses(decode_chunk, payload) and (
-            refuses(decode_features, payload) or isinstance(decode_features(payload), Chunk)
+            refuses(parse_feature_message, payload) or isinstance(parse_feature_message(payload), Chunk)
         )
     return refuses(DECODERS[kind], payload)
 
@@ -335,7 +335,7 @@ def test_size_claims_are_refused_before_allocation():
     claim = msgpack.unpackb(REAL["features"][-1], raw=False)
     for field, value in (("size", 10 * 1024**3), ("size", 0), ("key", "x" * 5000), ("transfer", -1)):
         with pytest.raises(ProtocolError):
-            decode_features(msgpack.packb({**claim, field: value}, use_bin_type=True))
+            parse_feature_message(msgpack.packb({**claim, field: value}, use_bin_type=True))
     chunk = msgpack.unpackb(REAL["chunk"][0], raw=False)
     for field, value in (("total", 2**40), ("total", chunk["size"] + 1), ("seq", chunk["total"])):
         with pytest.raises(ProtocolError):

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from broker.tls import tls_init
-from common.protocol import FeatureObject, Topics, decode_features
+from common.protocol import FeatureObject, Topics, parse_feature_message
 from common.spec import S3Spec
 from tests.agents import finish, spool_query, start_cloud, start_edge
 from tests.harness import client, mnist_base, moto_s3, retained, single_thread, stop, write_job
@@ -119,7 +119,7 @@ def test_secured_job_with_s3_leaks_no_secret(tmp_path, secured_broker, moto_s3, 
     index = spool_query(tmp_path / "cloud", "SELECT value FROM meta WHERE key='feature_store'")
     assert index == [(f"s3://{moto_s3.bucket}/runs/mnist-demo/features-index.json",)]
     # claim-check: only FeatureObject claims went over MQTT, the objects are deleted after the job
-    claims = [decode_features(p) for p in sniffed["features"]]
+    claims = [parse_feature_message(p) for p in sniffed["features"]]
     assert claims and all(isinstance(c, FeatureObject) for c in claims)
     assert {c.transfer for c in claims if c.node == "edge1"} == set(range(24))
     assert moto_s3.keys_under("runs/") == {}

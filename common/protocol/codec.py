@@ -91,7 +91,7 @@ def decode_chunk(payload: bytes) -> Chunk:
     return _decode_verified(Chunk, payload)
 
 
-def decode_features(payload: bytes) -> Chunk | FeatureObject:
+def parse_feature_message(payload: bytes) -> Chunk | FeatureObject:
     """A message of the features topic: a chunk, or (``kind: object``) an object claim.
 
     Only the structure is checked here; the collector verifies digests so it can answer a damaged
