@@ -41,7 +41,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.jobfile import describe, load_job_file
+    from common.jobspec import describe, load_job_file
 
     loaded = load_job_file(args.file)
     for warning in loaded.warnings:
@@ -159,7 +159,7 @@ def run_cancel(args: argparse.Namespace) -> int:
     import uuid
 
     from common.errors import TransportError
-    from common.jobfile import load_job
+    from common.jobspec import load_job
     from common.protocol import Control, ControlAction, JobPhase, JobStatus, Topics, from_json, to_json
     from common.transport import Inbound, MqttLink
     from mistnet.flags import broker_from_args

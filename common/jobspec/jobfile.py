@@ -1,4 +1,4 @@
-"""Job files: YAML on disk → :class:`~common.spec.JobSpec`, and a spec → its effective configuration.
+"""Job files: YAML on disk → :class:`~common.jobspec.JobSpec`, and a spec → its effective configuration.
 
 A job file is either
 
@@ -21,7 +21,7 @@ A job file is either
       seed: 0
 
 * **Sedna**: KubeEdge Sedna manifests (``Dataset``, ``Model``, ``Secret``, ``FederatedLearningJob``
-  documents, as for ``kubectl apply -f``), translated by :mod:`common.sedna`.
+  documents, as for ``kubectl apply -f``), translated by :mod:`common.jobspec.sedna`.
 
 A single document whose ``kind`` is ``MistNetJob`` or absent (and which has no ``apiVersion`` other
 than ``mistnet/v1``) is native; anything else is read as Sedna manifests.
@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 
 from common.errors import SpecError
-from common.spec import (
+from common.jobspec.spec import (
     JobSpec,
     JobSpecInvalid,
     LayerCount,
@@ -268,7 +268,7 @@ def parse_job_text(text: str, source: str = "<string>", *, layer_count: LayerCou
             )
     if len(docs) == 1 and _is_native(docs[0].data):
         return _load_native(docs[0], layer_count)
-    from common import sedna
+    from common.jobspec import sedna
 
     tr = sedna.translate(docs)
     spec = build_located(tr.data, tr.origin_for, layer_count)
@@ -306,7 +306,7 @@ def _load_native(doc: Document, layer_count: LayerCount | None) -> LoadedJob:
 
 
 def build_located(data: Mapping[str, Any], origin_for: OriginFor, layer_count: LayerCount | None) -> JobSpec:
-    """:func:`common.spec.build_job`, with each problem reported where its value came from."""
+    """:func:`common.jobspec.spec.build_job`, with each problem reported where its value came from."""
     try:
         return build_job(data, layer_count)
     except JobSpecInvalid as exc:

@@ -58,8 +58,8 @@ from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
 from common.errors import SpecError
-from common.jobfile import NATIVE_KIND, UNSET, Document, Origin
-from common.spec import Loc, format_loc, is_yolo, known_archs
+from common.jobspec.jobfile import NATIVE_KIND, UNSET, Document, Origin
+from common.jobspec.spec import Loc, format_loc, is_yolo, known_archs
 
 SEDNA_API_VERSION = "sedna.io/v1alpha1"
 JOB_KIND = "FederatedLearningJob"
