@@ -25,8 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common import constants as C
 from common.errors import SpecError
-from common.protocol import NAME_PATTERN
 
+# Node and job ids become MQTT topic levels: no wildcards, slashes or empties (common.protocol checks them too).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 NAME_RULE = "letters, digits, '_', '.', '-'; starts with a letter or digit; at most 63 characters"
 
