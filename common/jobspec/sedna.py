@@ -58,7 +58,7 @@ from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
 from common.errors import SpecError
-from common.jobspec.jobfile import NATIVE_KIND, UNSET, Document, Origin
+from common.jobspec.documents import NATIVE_KIND, UNSET, Document, Origin
 from common.jobspec.spec import Loc, format_loc, is_yolo, known_archs
 
 SEDNA_API_VERSION = "sedna.io/v1alpha1"
@@ -215,7 +215,7 @@ class Translation:
         return self.fallback
 
 
-def translate(docs: list[Document]) -> Translation:
+def job_data_from_sedna(docs: list[Document]) -> Translation:
     """JobSpec data from the non-empty mapping documents of a Sedna manifest file."""
     return _Translator(docs).run()
 
