@@ -49,151 +49,33 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import PurePosixPath
-from typing import Any, TypeVar
+from typing import Any
 
-from common.errors import SpecError
-from common.jobspec.documents import NATIVE_KIND, UNSET, Document, Origin
+from common.jobspec.documents import UNSET, Document, Origin
+from common.jobspec.manifest import EnvVar, Manifest, Resource, Worker
 from common.jobspec.spec import Loc, format_loc, is_yolo, known_archs
 
-SEDNA_API_VERSION = "sedna.io/v1alpha1"
-JOB_KIND = "FederatedLearningJob"
-USED_KINDS = {"Dataset": SEDNA_API_VERSION, "Model": SEDNA_API_VERSION, JOB_KIND: SEDNA_API_VERSION, "Secret": "v1"}
 DEFAULT_ARCH = "yolov5s"  # the reference example's yolov5.pth is a YOLOv5s
 ALGORITHM = "mistnet"
-
-# lower-cased env name → what it sets
-ENV_KEYS = {
-    "epochs": "epochs",
-    "batch_size": "batch_size",
-    "learning_rate": "learning_rate",
-    "cut_layer": "cut_layer",
-    "epsilon": "epsilon",
-    "aggregation_algorithm": "aggregation_algorithm",
-    "model": "model",
-    "model_name": "model",
-    "num_classes": "num_classes",
-    "image_size": "image_size",
-    "validation": "validation",
+# the JobSpec fields a worker's env variables set, and how each value is parsed
+CLOUD_ENV: dict[str, Callable[[EnvVar], Any]] = {
+    "epochs": EnvVar.as_int,
+    "batch_size": EnvVar.as_int,
+    "learning_rate": EnvVar.as_float,
 }
+EDGE_ENV: dict[str, Callable[[EnvVar], Any]] = {
+    "batch_size": EnvVar.as_int,
+    "epsilon": EnvVar.as_float,
+    "epochs": EnvVar.as_int,
+}
+PRIVACY_ENV: dict[str, Callable[[EnvVar], Any]] = {"epsilon": EnvVar.as_float}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-_INT = re.compile(r"[+-]?[0-9]+")
 
-T = TypeVar("T")
-
-
-@dataclass(eq=False)
-class Resource:
-    """One Kubernetes object: a document, or an item of a ``List`` document (``base`` = its path)."""
-
-    doc: Document
-    base: Loc
-    data: Mapping[str, Any]
-    kind: str
-    name: str
-    namespace: str | None
-
-    @property
-    def label(self) -> str:
-        return f"{self.kind}/{self.name}"
-
-    def origin(
-        self, path: Loc, *, field: str | None = None, line_path: Loc | None = None, value: Any = UNSET
-    ) -> Origin:
-        return Origin(
-            self.doc,
-            self.base + path,
-            label=self.label,
-            field=field,
-            line_path=None if line_path is None else self.base + line_path,
-            value=value,
-        )
-
-    def get(self, path: Loc, expect: type | tuple[type, ...], what: str, *, required: bool = True) -> Any:
-        """The value at ``path``; None when absent and not required; SpecError when mistyped."""
-        return _get(self.data, path, expect, what, required, self.origin)
-
-    def text(self, path: Loc, *, required: bool = True) -> str | None:
-        value = self.get(path, str, "a string", required=required)
-        if value is not None and not value.strip():
-            raise self.origin(path, value=value).error("must not be empty")
-        return value
-
-
-def _get(
-    data: Any,
-    path: Loc,
-    expect: type | tuple[type, ...],
-    what: str,
-    required: bool,
-    origin: Callable[..., Origin],
-) -> Any:
-    node = data
-    for i, part in enumerate(path):
-        if isinstance(part, str):
-            if not isinstance(node, Mapping):
-                raise origin(path[:i]).error("must be a mapping")
-            node = node.get(part)
-        else:
-            if not isinstance(node, list):
-                raise origin(path[:i]).error("must be a list")
-            node = node[part] if 0 <= part < len(node) else None
-        if node is None:
-            if required:
-                raise origin(path[: i + 1]).error("is required")
-            return None
-    if not isinstance(node, expect) or (expect is not bool and isinstance(node, bool)):
-        raise origin(path, value=node).error(f"must be {what}")
-    return node
-
-
-@dataclass(frozen=True)
-class EnvVar:
-    key: str  # what it sets (ENV_KEYS value)
-    name: str  # as written
-    raw: str
-    origin: Origin
-
-    def error(self, problem: str) -> SpecError:
-        return self.origin.error(problem)
-
-    def as_int(self) -> int:
-        text = self.raw.strip()
-        try:
-            if _INT.fullmatch(text):
-                return int(text)
-        except ValueError:  # more digits than int() accepts
-            pass
-        raise self.error("is not an integer")
-
-    def as_float(self) -> float:
-        try:
-            value = float(self.raw.strip())
-        except ValueError:
-            raise self.error("is not a number") from None
-        if not math.isfinite(value):
-            raise self.error("is not a finite number")
-        return value
-
-    def as_word(self) -> str:
-        return self.raw.strip().lower()
-
-    def as_text(self) -> str:
-        return self.raw.strip()
-
-
-@dataclass
-class Worker:
-    path: Loc  # ("spec", "aggregationWorker") or ("spec", "trainingWorkers", i)
-    node: str | None
-    node_origin: Origin
-    env: dict[str, EnvVar]
+ModelUrl = tuple[str, Origin]
 
 
 @dataclass
@@ -217,188 +99,63 @@ class Translation:
 
 def job_data_from_sedna(docs: list[Document]) -> Translation:
     """JobSpec data from the non-empty mapping documents of a Sedna manifest file."""
-    return _Translator(docs).run()
+    return _Translator(Manifest(docs)).run()
 
 
 class _Translator:
-    def __init__(self, docs: list[Document]):
-        self.docs = docs
-        self.source = docs[0].source
-        self.warnings: list[str] = []
+    """Fills the JobSpec data field by field, noting in ``origins`` where each value came from."""
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+        self.warnings = manifest.warnings  # one list, in the order the problems are met
         self.origins: dict[Loc, Origin] = {}
-        self.resources: list[Resource] = []
 
-    # resources ------------------------------------------------------------------------------------
+    def run(self) -> Translation:
+        job = self.manifest.job()
+        fallback = job.origin(("spec",))
+        self.origins[("name",)] = job.origin(("metadata", "name"), value=job.name)
+        job.get(("spec",), Mapping, "a mapping")
+        agg, trainers = self.workers(job)
+        everyone = [agg, *trainers]
+        self.check_algorithm(everyone, fallback)
+        cut = self.cut_layer(job, everyone)
+        pretrained, output = self.model_urls(job)
+        model = self.model(everyone, pretrained, output, fallback)
+        cloud = self.cloud(job, agg, trainers, output)
+        privacy = self.from_env(agg, PRIVACY_ENV, {}, ("privacy",))
+        edges = self.edges(job, trainers)
+        data: dict[str, Any] = {
+            "name": job.name,
+            "model": model,
+            "cut_layer": cut,
+            "privacy": privacy,
+            "edges": edges,
+            "cloud": cloud,
+            "transmitter": self.transmitter(job),
+        }
+        return Translation(data, self.origins, fallback, self.warnings)
 
-    def collect(self) -> None:
-        seen: dict[tuple[str, str, str], Resource] = {}
-        for doc in self.docs:
-            data = doc.data
-            items: list[tuple[Loc, Any]] = [((), data)]
-            if data.get("kind") == "List" or (
-                isinstance(data.get("kind"), str) and data["kind"].endswith("List") and "items" in data
-            ):
-                raw_items = _get(data, ("items",), list, "a list", True, partial(Origin, doc))
-                items = [(("items", j), item) for j, item in enumerate(raw_items)]
-            for base, item in items:
-                res = self.resource(doc, base, item)
-                if res is None:
-                    continue
-                key = (res.kind, res.namespace or "", res.name)
-                if key in seen:
-                    first = seen[key]
-                    raise res.origin(("metadata", "name")).error(
-                        f"duplicate document: {res.label} is already defined by document #{first.doc.index}"
-                        f" (line {first.doc.line(first.base)})"
-                    )
-                seen[key] = res
-                self.resources.append(res)
-
-    def resource(self, doc: Document, base: Loc, data: Any) -> Resource | None:
-        def origin(path: Loc, **kw: Any) -> Origin:
-            return Origin(doc, base + path, **kw)
-
-        if not isinstance(data, Mapping):
-            raise origin(()).error("must be a mapping (a Kubernetes object)")
-        kind = _get(data, ("kind",), str, "a string", True, origin)
-        if kind == NATIVE_KIND:
-            raise origin(("kind",)).error(f"a {NATIVE_KIND} must be the only document in its file")
-        api = _get(data, ("apiVersion",), str, "a string", True, origin)
-        expected = USED_KINDS.get(kind)
-        if expected is None:
-            if api.split("/")[0] == "sedna.io":
-                raise origin(("kind",), value=kind).error(
-                    f"is not supported: mistnet runs {JOB_KIND} jobs (with their Dataset, Model and Secret)"
-                )
-            name = data.get("metadata", {}).get("name") if isinstance(data.get("metadata"), Mapping) else None
-            label = f"{kind}/{name}" if isinstance(name, str) else kind
-            self.warnings.append(
-                origin((), label=label).message(f"ignored: mistnet reads only {', '.join(USED_KINDS)}")
-            )
-            return None
-        if api != expected:
-            raise origin(("apiVersion",), value=api).error(f"is not supported for {kind}; expected {expected}")
-        name = _get(data, ("metadata", "name"), str, "a string", True, origin)
-        if not name.strip():
-            raise origin(("metadata", "name"), value=name).error("must not be empty")
-        namespace = _get(data, ("metadata", "namespace"), str, "a string", False, origin)
-        return Resource(doc, base, data, kind, name, namespace)
-
-    def find(self, kind: str, name: str, job: Resource) -> Resource | None:
-        matches = [r for r in self.resources if r.kind == kind and r.name == name]
-        for r in matches:
-            if r.namespace == job.namespace:
-                return r
-        for r in matches:
-            if r.namespace is None or job.namespace is None:
-                return r
-        return None
-
-    def ref(self, job: Resource, path: Loc, kind: str, *, required: bool = True) -> Resource | None:
-        """The resource a ``{name: ...}`` reference at ``path`` names."""
-        if not required and job.get(path, Mapping, "a mapping", required=False) is None:
-            return None
-        name = job.text((*path, "name"))
-        assert name is not None
-        target = self.find(kind, name, job)
-        if target is None:
-            defined = sorted({r.name for r in self.resources if r.kind == kind})
-            hint = f"defined: {', '.join(defined)}" if defined else f"the file has no {kind} document"
-            raise job.origin((*path, "name")).error(f"{kind} {name!r} is not defined in this file ({hint})")
-        return target
+    def from_env(
+        self, worker: Worker, parsers: Mapping[str, Callable[[EnvVar], Any]], out: dict[str, Any], at: Loc
+    ) -> dict[str, Any]:
+        """``out`` with each field of ``parsers`` the worker's env sets, its origin noted under ``at``."""
+        for key, parse in parsers.items():
+            var = worker.env.get(key)
+            if var is not None:
+                out[key], self.origins[(*at, key)] = parse(var), var.origin
+        return out
 
     # workers --------------------------------------------------------------------------------------
 
-    def worker(self, job: Resource, path: Loc) -> Worker:
-        job.get(path, Mapping, "a mapping")
-        pod = (*path, "template", "spec")
-        job.get(pod, Mapping, "a mapping")
-        node = job.text((*pod, "nodeName"), required=False)
-        node_origin = job.origin((*pod, "nodeName"), value=node if node is not None else UNSET)
-        if node is not None and "$" in node:
-            raise node_origin.error("looks like an unexpanded shell variable: substitute it first (envsubst)")
-        containers = job.get((*pod, "containers"), list, "a list")
-        if not containers:
-            raise job.origin((*pod, "containers")).error("must list at least one container")
-        env: dict[str, EnvVar] = {}
-        for c in range(len(containers)):
-            cpath = (*pod, "containers", c)
-            job.get(cpath, Mapping, "a mapping")
-            entries = job.get((*cpath, "env"), list, "a list", required=False) or []
-            for k in range(len(entries)):
-                epath = (*cpath, "env", k)
-                entry = job.get(epath, Mapping, "a mapping")
-                name = job.text((*epath, "name"))
-                assert name is not None
-                key = ENV_KEYS.get(name.strip().lower())
-                origin = job.origin((*cpath, "env"), field=name, line_path=(*epath, "value"))
-                if key is None:
-                    self.warnings.append(origin.message("is not used by mistnet (ignored)"))
-                    continue
-                if "valueFrom" in entry:
-                    raise origin.error("uses valueFrom, which a job file cannot resolve: give a literal value")
-                raw = entry.get("value")
-                if raw is None:
-                    raw = ""
-                if isinstance(raw, bool) or not isinstance(raw, str | int | float):
-                    raise origin.error("must be a string", raw)
-                raw = raw if isinstance(raw, str) else str(raw)
-                var = EnvVar(key, name, raw, replace(origin, value=raw))
-                prev = env.get(key)
-                if prev is None:
-                    env[key] = var
-                elif prev.raw.strip() != raw.strip():
-                    raise var.error(f"conflicts with {prev.name}={prev.raw!r} at {prev.origin.brief()}")
-        return Worker(path, node, node_origin, env)
-
-    def agreed(self, workers: list[Worker], key: str, parse: Callable[[EnvVar], T]) -> tuple[T, EnvVar] | None:
-        """The value every worker that sets ``key`` gives (SpecError if two differ), with its origin."""
-        first: tuple[T, EnvVar] | None = None
-        for w in workers:
-            var = w.env.get(key)
-            if var is None:
-                continue
-            value = parse(var)
-            if first is None:
-                first = (value, var)
-            elif value != first[0]:
-                raise var.error(
-                    f"disagrees with {first[1].name}={first[1].raw!r} at {first[1].origin.brief()}:"
-                    f" every worker that sets {key} must give the same value"
-                )
-        return first
-
-    # the job --------------------------------------------------------------------------------------
-
-    def run(self) -> Translation:
-        self.collect()
-        jobs = [r for r in self.resources if r.kind == JOB_KIND]
-        if not jobs:
-            found = ", ".join(r.label for r in self.resources) or "nothing mistnet reads"
-            raise SpecError(f"{self.source}: no {JOB_KIND} document (found: {found})")
-        if len(jobs) > 1:
-            raise (
-                jobs[1]
-                .origin(("metadata", "name"))
-                .error(
-                    f"a second {JOB_KIND} (the first is {jobs[0].label}, document #{jobs[0].doc.index}):"
-                    " put one job per file"
-                )
-            )
-        job = jobs[0]
-        o = self.origins
-        fallback = job.origin(("spec",))
-        o[("name",)] = job.origin(("metadata", "name"), value=job.name)
-        job.get(("spec",), Mapping, "a mapping")
-
-        agg = self.worker(job, ("spec", "aggregationWorker"))
+    def workers(self, job: Resource) -> tuple[Worker, list[Worker]]:
+        """The aggregation worker (the cloud) and the training workers (the edges)."""
+        agg = self.manifest.worker(job, ("spec", "aggregationWorker"))
         trainers_raw = job.get(("spec", "trainingWorkers"), list, "a list")
         if not trainers_raw:
             raise job.origin(("spec", "trainingWorkers")).error("must list at least one training worker")
-        trainers = [self.worker(job, ("spec", "trainingWorkers", i)) for i in range(len(trainers_raw))]
-        everyone = [agg, *trainers]
+        return agg, [self.manifest.worker(job, ("spec", "trainingWorkers", i)) for i in range(len(trainers_raw))]
 
-        # algorithm
+    def check_algorithm(self, everyone: list[Worker], fallback: Origin) -> None:
         algorithm_set = False
         for w in everyone:
             var = w.env.get("aggregation_algorithm")
@@ -409,130 +166,120 @@ class _Translator:
         if not algorithm_set:
             self.warnings.append(fallback.message(f"no worker sets aggregation_algorithm; running {ALGORITHM}"))
 
-        # cut layer
-        cut = self.agreed(everyone, "cut_layer", EnvVar.as_int)
+    def cut_layer(self, job: Resource, everyone: list[Worker]) -> int:
+        cut = self.manifest.agreed(everyone, "cut_layer", EnvVar.as_int)
         if cut is None:
             raise job.origin(("spec", "aggregationWorker")).error(
                 "no worker sets env cut_layer: add it to the aggregationWorker and the trainingWorkers"
             )
-        o[("cut_layer",)] = cut[1].origin
+        self.origins[("cut_layer",)] = cut[1].origin
+        return cut[0]
 
-        # model
-        output_model = self.ref(job, ("spec", "aggregationWorker", "model"), "Model")
-        pretrained_model = self.ref(job, ("spec", "pretrainedModel"), "Model", required=False)
+    # model ----------------------------------------------------------------------------------------
+
+    def model_urls(self, job: Resource) -> tuple[ModelUrl | None, ModelUrl]:
+        """The URLs of the pretrained weights (if the job names a pretrainedModel) and of the trained ones."""
+        output_model = self.manifest.ref(job, ("spec", "aggregationWorker", "model"), "Model")
+        pretrained_model = self.manifest.ref(job, ("spec", "pretrainedModel"), "Model", required=False)
+        assert output_model is not None
+        pretrained = None if pretrained_model is None else _model_url(pretrained_model)
+        return pretrained, _model_url(output_model)
+
+    def model(
+        self, everyone: list[Worker], pretrained: ModelUrl | None, output: ModelUrl, fallback: Origin
+    ) -> dict[str, Any]:
+        o = self.origins
         model: dict[str, Any] = {}
-        model_urls: list[tuple[str, Origin]] = []
-        for res in (pretrained_model, output_model):
-            if res is None:
-                continue
-            url = res.text(("spec", "url"))
-            assert url is not None
-            model_urls.append((url, res.origin(("spec", "url"), value=url)))
-        if pretrained_model is not None:
-            model["pretrained"], o[("model", "pretrained")] = model_urls[0]
-        arch = self.agreed(everyone, "model", EnvVar.as_word)
-        if arch is not None:
-            model["arch"], o[("model", "arch")] = arch[0], arch[1].origin
-        else:
-            archs = known_archs()
-            for url, origin in model_urls:
-                stem = PurePosixPath(url.rstrip("/")).name.split(".")[0].lower()
-                if stem in archs:
-                    model["arch"], o[("model", "arch")] = stem, origin
-                    break
-            else:
-                model["arch"] = DEFAULT_ARCH
-                o[("model", "arch")] = fallback
-                self.warnings.append(
-                    fallback.message(f"the model architecture is not given (env model); assuming {DEFAULT_ARCH}")
-                )
-        classes = self.agreed(everyone, "num_classes", EnvVar.as_int)
+        if pretrained is not None:
+            model["pretrained"], o[("model", "pretrained")] = pretrained
+        urls = [output] if pretrained is None else [pretrained, output]
+        model["arch"] = self.arch(everyone, urls, fallback)
+        classes = self.manifest.agreed(everyone, "num_classes", EnvVar.as_int)
         if classes is not None:
             model["num_classes"], o[("model", "num_classes")] = classes[0], classes[1].origin
         elif is_yolo(model["arch"]):
             model["num_classes"] = 80
-        size = self.agreed(everyone, "image_size", EnvVar.as_int)
+        size = self.manifest.agreed(everyone, "image_size", EnvVar.as_int)
         if size is not None:
             model["image_size"], o[("model", "image_size")] = size[0], size[1].origin
         o[("model",)] = o.get(("model", "arch"), fallback)
+        return model
 
-        # cloud
+    def arch(self, everyone: list[Worker], urls: list[ModelUrl], fallback: Origin) -> str:
+        """env model; else a Model URL's file name that names an architecture; else the default (warning)."""
+        arch = self.manifest.agreed(everyone, "model", EnvVar.as_word)
+        if arch is not None:
+            self.origins[("model", "arch")] = arch[1].origin
+            return arch[0]
+        archs = known_archs()
+        for url, origin in urls:
+            stem = PurePosixPath(url.rstrip("/")).name.split(".")[0].lower()
+            if stem in archs:
+                self.origins[("model", "arch")] = origin
+                return stem
+        self.origins[("model", "arch")] = fallback
+        self.warnings.append(
+            fallback.message(f"the model architecture is not given (env model); assuming {DEFAULT_ARCH}")
+        )
+        return DEFAULT_ARCH
+
+    # cloud and edges ------------------------------------------------------------------------------
+
+    def cloud(self, job: Resource, agg: Worker, trainers: list[Worker], output: ModelUrl) -> dict[str, Any]:
+        o = self.origins
         cloud: dict[str, Any] = {}
         o[("cloud",)] = job.origin(("spec", "aggregationWorker"))
         if agg.node is not None:
             cloud["node"], o[("cloud", "node")] = agg.node, agg.node_origin
-        out_url, out_origin = model_urls[-1]
-        cloud["output"], o[("cloud", "output")] = out_url, out_origin
-        for key, parse in (
-            ("epochs", EnvVar.as_int),
-            ("batch_size", EnvVar.as_int),
-            ("learning_rate", EnvVar.as_float),
-        ):
-            var = agg.env.get(key)
-            if var is not None:
-                cloud[key], o[("cloud", key)] = parse(var), var.origin
+        cloud["output"], o[("cloud", "output")] = output
+        self.from_env(agg, CLOUD_ENV, cloud, ("cloud",))
         if "learning_rate" not in cloud:
-            lr = self.agreed(trainers, "learning_rate", EnvVar.as_float)
+            lr = self.manifest.agreed(trainers, "learning_rate", EnvVar.as_float)
             if lr is not None:
                 cloud["learning_rate"], o[("cloud", "learning_rate")] = lr[0], lr[1].origin
         var = agg.env.get("validation")
         if var is not None and var.as_text():
             cloud["validation"], o[("cloud", "validation")] = var.as_text(), var.origin
+        return cloud
 
-        # privacy
-        privacy: dict[str, Any] = {}
-        var = agg.env.get("epsilon")
-        if var is not None:
-            privacy["epsilon"], o[("privacy", "epsilon")] = var.as_float(), var.origin
-
-        # edges
+    def edges(self, job: Resource, trainers: list[Worker]) -> list[dict[str, Any]]:
+        """One edge per training worker, on distinct nodes."""
+        o = self.origins
         o[("edges",)] = job.origin(("spec", "trainingWorkers"))
         edges = []
         nodes: dict[str, Worker] = {}
         for i, w in enumerate(trainers):
             o[("edges", i)] = job.origin(w.path)
-            dataset = self.ref(job, (*w.path, "dataset"), "Dataset")
+            dataset = self.manifest.ref(job, (*w.path, "dataset"), "Dataset")
             assert dataset is not None
             url = dataset.text(("spec", "url"))
             assert url is not None
             o[("edges", i, "dataset")] = dataset.origin(("spec", "url"), value=url)
-            data_node = dataset.text(("spec", "nodeName"), required=False)
-            node = w.node
-            if node is None:
-                if data_node is None:
-                    raise job.origin((*w.path, "template", "spec")).error(
-                        f"nodeName is required (neither the worker nor {dataset.label} names the edge node)"
-                    )
-                node, o[("edges", i, "node")] = data_node, dataset.origin(("spec", "nodeName"), value=data_node)
-            else:
-                o[("edges", i, "node")] = w.node_origin
-                if data_node is not None and data_node != node and "://" not in url:
-                    raise w.node_origin.error(
-                        f"differs from {dataset.label} spec.nodeName {data_node!r}: the data must be on the"
-                        " worker's node"
-                    )
+            node = self.edge_node(job, i, w, dataset, url)
             if node in nodes:
                 raise o[("edges", i, "node")].error(
                     f"is already the node of {format_loc(nodes[node].path)}: one training worker per node"
                 )
             nodes[node] = w
-            edge: dict[str, Any] = {"node": node, "dataset": url}
-            for key, parse in (("batch_size", EnvVar.as_int), ("epsilon", EnvVar.as_float), ("epochs", EnvVar.as_int)):
-                var = w.env.get(key)
-                if var is not None:
-                    edge[key], o[("edges", i, key)] = parse(var), var.origin
-            edges.append(edge)
+            edges.append(self.from_env(w, EDGE_ENV, {"node": node, "dataset": url}, ("edges", i)))
+        return edges
 
-        data: dict[str, Any] = {
-            "name": job.name,
-            "model": model,
-            "cut_layer": cut[0],
-            "privacy": privacy,
-            "edges": edges,
-            "cloud": cloud,
-            "transmitter": self.transmitter(job),
-        }
-        return Translation(data, self.origins, fallback, self.warnings)
+    def edge_node(self, job: Resource, i: int, w: Worker, dataset: Resource, url: str) -> str:
+        """The worker's nodeName, else its Dataset's; when both are given they must agree (local data)."""
+        data_node = dataset.text(("spec", "nodeName"), required=False)
+        if w.node is None:
+            if data_node is None:
+                raise job.origin((*w.path, "template", "spec")).error(
+                    f"nodeName is required (neither the worker nor {dataset.label} names the edge node)"
+                )
+            self.origins[("edges", i, "node")] = dataset.origin(("spec", "nodeName"), value=data_node)
+            return data_node
+        self.origins[("edges", i, "node")] = w.node_origin
+        if data_node is not None and data_node != w.node and "://" not in url:
+            raise w.node_origin.error(
+                f"differs from {dataset.label} spec.nodeName {data_node!r}: the data must be on the worker's node"
+            )
+        return w.node
 
     # transmitter ----------------------------------------------------------------------------------
 
@@ -562,13 +309,9 @@ class _Translator:
         if spec["s3"].get("credentialName") is not None:
             name = job.text((*s3path, "credentialName"))
             assert name is not None
-            secret = self.find("Secret", name, job)
+            secret = self.manifest.find("Secret", name, job)
             if secret is None:
-                defined = sorted({r.name for r in self.resources if r.kind == "Secret"})
-                hint = f"defined: {', '.join(defined)}" if defined else "the file has no Secret document"
-                raise job.origin((*s3path, "credentialName")).error(
-                    f"Secret {name!r} is not defined in this file ({hint})"
-                )
+                raise self.manifest.undefined("Secret", name, job.origin((*s3path, "credentialName")))
             s3.update(self.secret(secret))
         return {"s3": s3}
 
@@ -606,3 +349,9 @@ class _Translator:
                 raise secret.origin(("data", key)).error("must not be empty")
             out[target] = value
         return out
+
+
+def _model_url(model: Resource) -> ModelUrl:
+    url = model.text(("spec", "url"))
+    assert url is not None
+    return url, model.origin(("spec", "url"), value=url)
