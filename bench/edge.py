@@ -69,7 +69,7 @@ def threads_per_edge(ctx: Context, edges: int) -> int:
 
 
 def yolo_job(ctx: Context, scn: Scenario, dirs: list[Path], name: str, **cloud: Any) -> Path:
-    from common.spec import CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec
+    from common.jobspec import CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec
 
     spec = JobSpec(
         name=name,

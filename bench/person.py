@@ -46,9 +46,9 @@ from common import constants as C
 from common.checkpoint import load_model
 from common.datasets.shift import Shift
 from common.datasets.yolo import discover_images
+from common.jobspec import AdaptSpec, CloudSpec
 from common.models.cutdecoder import attach
 from common.privacy import BitEncoder, feature_transform
-from common.spec import AdaptSpec, CloudSpec
 from common.split import run_head
 from mistnet.demo import (
     COCO_BATCH_SIZE,

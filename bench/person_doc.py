@@ -30,7 +30,7 @@ def variant(bits: int, train_decoder: bool, translate: int, learning_rate: float
 
 
 def default_variant() -> str:
-    from common.spec import CloudSpec
+    from common.jobspec import CloudSpec
 
     cloud = CloudSpec()
     return variant(1, cloud.train_decoder, cloud.translate)

@@ -194,7 +194,7 @@ def bench_cloud_class() -> type:
 
 
 def cmd_cloud(args: argparse.Namespace) -> int:
-    from common.jobfile import load_job
+    from common.jobspec import load_job
     from common.transport import BrokerOptions
 
     spec = load_job(Path(args.job))
@@ -503,7 +503,7 @@ def cmd_proto_send(args: argparse.Namespace) -> int:
 def cmd_proto_recv(args: argparse.Namespace) -> int:
     from cloud_agent.agent import CloudAgent
     from cloud_agent.malloc import reuse_large_buffers
-    from common.spec import CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec
+    from common.jobspec import CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec
     from common.transport import BrokerOptions
 
     spec = JobSpec(

@@ -710,8 +710,8 @@ def cloud_changes_section(results: dict[str, Any], summary: dict[str, Any]) -> l
         "transfer once it is committed, so a window of 16 chunks (about 2.5 transfers of yolov5s at 640 px) left "
         "the edge idle while a commit and its acknowledgement travelled; 64 chunks moved 2-11% more on loopback in "
         "interleaved runs (and 16 MiB is what an edge holds for resending).",
-        "- `common/protocol/transfer.py` (`transfer_digest`): a transfer's digest is sha256 over its chunks' digests in "
-        "order, not over its bytes again; the cloud checks each chunk on arrival and the transfer against the "
+        "- `common/protocol/transfer.py` (`transfer_digest`): a transfer's digest is sha256 over its chunks' digests "
+        "in order, not over its bytes again; the cloud checks each chunk on arrival and the transfer against the "
         "chunk digests it already has. sha256 runs at ~1 GB/s here, and was half the CPU that sending and "
         "receiving spent per MB.",
         "- `cloud_agent/malloc.py`, called by `mistnet cloud`: glibc keeps freed buffers of up to 64 MiB for reuse "

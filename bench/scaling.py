@@ -50,7 +50,7 @@ def mnist_shards(ctx: Context, edges: int, total: int) -> list[Path]:
 
 
 def mnist_job(ctx: Context, name: str, shards: list[Path]) -> Path:
-    from common.spec import CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec
+    from common.jobspec import CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec
 
     spec = JobSpec(
         name=name,

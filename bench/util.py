@@ -224,7 +224,7 @@ def wait_ready(kids: Sequence[Child], timeout_s: float) -> None:
 
 
 def write_job(spec: Any, path: Path) -> Path:
-    """A native job file for ``spec`` (a :class:`common.spec.JobSpec`)."""
+    """A native job file for ``spec`` (a :class:`common.jobspec.JobSpec`)."""
     import yaml
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,9 +34,9 @@ from cloud_agent.trainer import History, TrainConfig, Trainer
 from common.checkpoint import load_model
 from common.datasets.yolo import YoloDataset, YoloEdgeDataset, discover_images
 from common.evaluation import evaluate_model, model_predict_fn, split_predict_fn
+from common.jobspec import AdaptSpec
 from common.models.cutdecoder import attach
 from common.privacy import BitEncoder, feature_transform
-from common.spec import AdaptSpec
 from edge_agent.torch_head import TorchExtractor
 from mistnet.demo import link_yolo_folder, split_images
 from mistnet.flags import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS

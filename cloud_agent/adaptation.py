@@ -34,10 +34,10 @@ from torch import nn
 from common.datasets.mnist import load_tensors
 from common.datasets.yolo import decode_image, discover_images, letterbox, to_tensor
 from common.errors import DatasetError
+from common.jobspec import AdaptSpec
 from common.models.cutdecoder import CutDecoder
 from common.privacy import BitEncoder, calibrate_thresholds, thresholds_to_metadata
 from common.protocol import LayerThresholds
-from common.spec import AdaptSpec
 from common.split import layers_of, run_head, run_layers
 
 log = logging.getLogger("mistnet.cloud.adaptation")

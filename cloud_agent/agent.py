@@ -42,6 +42,7 @@ from common import constants as C
 from common import metrics
 from common.errors import MistnetError, ProtocolError, SpecError, TransportError
 from common.heads import head_chunks
+from common.jobspec import JobSpec, OnTimeout
 from common.models.cutdecoder import attach
 from common.models.registry import build, default_image_size, input_channels, is_detector
 from common.privacy import activation_epsilon, feature_transform, sample_epsilon
@@ -71,7 +72,6 @@ from common.protocol import (
     to_json,
     to_msgpack,
 )
-from common.spec import JobSpec, OnTimeout
 from common.split import check_cut, head_activations, head_state_dict, tail_inputs
 from common.storage import ObjectStore, S3Options, put_object, split_s3, write_atomic
 from common.transport import BrokerOptions, Inbound, LinkEvent, MqttLink

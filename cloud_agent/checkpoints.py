@@ -10,7 +10,7 @@ from torch import nn
 
 from common.checkpoint import load_model, save_checkpoint
 from common.errors import CheckpointError
-from common.spec import JobSpec
+from common.jobspec import JobSpec
 from common.storage import is_s3
 
 

@@ -41,7 +41,7 @@ from common.split import run_tail
 from common.storage import write_atomic
 
 if TYPE_CHECKING:
-    from common.spec import JobSpec
+    from common.jobspec import JobSpec
     from common.transport import BrokerOptions
 
 log = logging.getLogger("mistnet.cloud.distributed")

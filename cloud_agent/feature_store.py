@@ -28,8 +28,8 @@ from pydantic import BaseModel, Field
 from cloud_agent.spool import DamagedSample, FeatureStore, Spool, SpoolFeatures, StoredSample
 from common import constants as C
 from common.errors import ProtocolError
+from common.jobspec import JobSpec
 from common.protocol import FeatureBatch, FeatureLayout, ObjectStoreRef, decode_batch, encode_batch
-from common.spec import JobSpec
 from common.storage import ObjectStore, S3Options, s3_options, split_s3
 
 log = logging.getLogger("mistnet.cloud.store")

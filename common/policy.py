@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from common.errors import SpecError
 
 if TYPE_CHECKING:
-    from common.spec import JobSpec
+    from common.jobspec import JobSpec
 
 # Environment variables of ``mistnet edge`` (its flags win over them), by policy field.
 ENV = {

@@ -38,11 +38,10 @@ from common.datasets.mnist import load_tensors, prepare_mnist
 from common.datasets.shift import Shift, shift_images, shifted_path
 from common.datasets.yolo import discover_images, img2label_path
 from common.errors import DatasetError, MistnetError, SpecError
-from common.jobfile import load_job
+from common.jobspec import AdaptSpec, CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec, load_job
 from common.lifecycle import child_options
 from common.models.lenet import LeNet5
 from common.protocol import JobSummary, Message
-from common.spec import AdaptSpec, CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec
 from common.transport import BrokerOptions
 from mistnet.flags import (
     DEFAULT_COCO128,

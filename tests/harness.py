@@ -25,7 +25,7 @@ import psutil
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from common.spec import (
+from common.jobspec import (
     CloudSpec,
     CollectSpec,
     EdgeSpec,

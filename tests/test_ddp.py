@@ -19,7 +19,7 @@ from tests.agents import finish, mistnet, spool_query, spooled_samples, start_cl
 from tests.harness import mnist_base, moto_s3, stop, write_job
 
 if TYPE_CHECKING:
-    from common.spec import JobSpec
+    from common.jobspec import JobSpec
 
 __all__ = ["moto_s3"]
 
@@ -160,7 +160,7 @@ def test_two_nodes_without_a_shared_filesystem_train_from_the_feature_store(runs
 
 
 def tiny_job() -> JobSpec:
-    from common.spec import build_job
+    from common.jobspec import build_job
 
     return build_job({"name": "j", "model": {"arch": "lenet5", "num_classes": 10}, "cut_layer": 2,
                       "edges": [{"node": "e", "dataset": "x", "batch_size": 8}]})  # fmt: skip

@@ -28,9 +28,8 @@ import yaml
 
 from broker.auth import init_auth
 from broker.launcher import find_mosquitto, free_port, parse_listeners, rewrite_config, wait_for_port
-from common.jobfile import load_job, parse_job_text
+from common.jobspec import JobSpec, load_job, parse_job_text
 from common.metrics import main as metrics_main
-from common.spec import JobSpec
 from mistnet.cli import build_parser
 from tests.agents import without
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from common.checkpoint import load_weights
-from common.jobfile import load_job
+from common.jobspec import load_job
 from tests.agents import finish, start_cloud, start_edge
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -24,6 +24,7 @@ from PIL import Image
 
 from common.checkpoint import load_model, read_tensors
 from common.datasets.mnist import MnistShard
+from common.jobspec import CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec
 from common.privacy import BitEncoder, keep_probability, quantize
 from common.protocol import (
     HeadManifest,
@@ -36,7 +37,6 @@ from common.protocol import (
     parse_feature_message,
     to_json,
 )
-from common.spec import CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec
 from edge_agent.torch_head import TorchExtractor as Extractor
 from mistnet.demo import write_job as write_spec
 from tests.agents import finish, mistnet, start_cloud, start_edge, wait_for, without

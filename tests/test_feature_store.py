@@ -17,8 +17,8 @@ from cloud_agent.collector import Collector
 from cloud_agent.spool import DamagedSample, FeatureStore, Spool, SpoolFeatures
 from cloud_agent.tasks import stack_features
 from common.errors import SpecError
+from common.jobspec import build_job
 from common.protocol import FeatureBatch, FeatureObject, encode_batch, to_msgpack
-from common.spec import build_job
 from common.storage import ObjectStore, S3Options
 from tests.harness import moto_s3
 from tests.test_spool import LAYOUT, PER, SAMPLE_BYTES

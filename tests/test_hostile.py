@@ -384,7 +384,7 @@ def edge_agent() -> Any:
 def cloud_agent(factory: pytest.TempPathFactory) -> Any:
     if "cloud" not in _AGENTS:
         from cloud_agent.agent import CloudAgent
-        from common.spec import build_job
+        from common.jobspec import build_job
 
         spec = build_job(
             {

@@ -23,7 +23,7 @@ from cloud_agent.agent import CloudAgent
 from cloud_agent.report import read_spool
 from common import metrics
 from common.datasets.mnist import load_mnist_5k
-from common.jobfile import load_job
+from common.jobspec import load_job
 from common.protocol import EdgeProgress, JobPhase, JobStatus, NodeState, NodeStatus
 from common.transport import BrokerOptions
 from mistnet.cli import main as mistnet_main

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import SpecError
-from common.jobfile import load_job
+from common.jobspec import load_job
 from common.policy import EdgePolicy, job_violations, load_policy, policy_from_env
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mnist-job.yaml"  # ε 4 on edge-1, 8 on edge-2

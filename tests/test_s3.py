@@ -14,7 +14,7 @@ import pytest
 from botocore.exceptions import NoCredentialsError
 
 from common.errors import ProtocolError, TransportError
-from common.spec import S3Spec
+from common.jobspec import S3Spec
 from common.storage import ObjectStore, S3Options, describe_s3_error
 from tests.agents import finish, spool_query, start_cloud, start_edge
 from tests.harness import client, job_status, mnist_base, moto_s3, single_thread, stop, write_job
@@ -57,7 +57,7 @@ def test_object_store_multipart_limits_and_errors(moto_s3):
 
 def test_cloud_cleans_up_objects_only_when_asked(tmp_path, moto_s3):
     from cloud_agent.agent import CloudAgent
-    from common.spec import build_job
+    from common.jobspec import build_job
     from common.transport import BrokerOptions
 
     access, secret = moto_s3.keys["cloud"]

@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from broker.tls import tls_init
+from common.jobspec import S3Spec
 from common.protocol import FeatureObject, Topics, parse_feature_message
-from common.spec import S3Spec
 from tests.agents import finish, spool_query, start_cloud, start_edge
 from tests.harness import client, mnist_base, moto_s3, retained, single_thread, stop, write_job
 

@@ -11,8 +11,17 @@ import pytest
 import yaml
 
 from common.errors import SpecError
-from common.jobfile import LoadedJob, parse_job_text
-from common.spec import CloudSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec, S3Spec, TransmitterSpec
+from common.jobspec import (
+    CloudSpec,
+    EdgeSpec,
+    JobSpec,
+    LoadedJob,
+    ModelSpec,
+    PrivacySpec,
+    S3Spec,
+    TransmitterSpec,
+    parse_job_text,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WS = ROOT / "examples" / "sedna" / "yolov5_coco128_mistnet.yaml"

@@ -15,8 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.errors import SpecError
-from common.jobfile import describe, load_job, load_job_file, parse_job_text, to_native
-from common.spec import (
+from common.jobspec import (
     EdgeSpec,
     JobSpec,
     JobSpecInvalid,
@@ -25,8 +24,13 @@ from common.spec import (
     Thresholding,
     TransmitterSpec,
     build_job,
+    describe,
+    load_job,
+    load_job_file,
     max_cut,
+    parse_job_text,
     registry_layer_count,
+    to_native,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common import constants as C
-from common.spec import Name
+from common.jobspec.spec import Name
 
 Digest = Annotated[bytes, Field(min_length=32, max_length=32)]
 

@@ -10,8 +10,8 @@ from typing import Literal
 from pydantic import Field
 
 from common import constants as C
+from common.jobspec.spec import Name
 from common.protocol.messages import Message
-from common.spec import Name
 
 
 class NodeState(StrEnum):

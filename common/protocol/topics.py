@@ -24,7 +24,7 @@ import re
 
 from common import constants as C
 from common.errors import ProtocolError
-from common.spec import NAME_PATTERN
+from common.jobspec.spec import NAME_PATTERN
 
 _NAME = re.compile(NAME_PATTERN)
 

@@ -13,8 +13,8 @@ from common.metrics import add_metrics_flag, serve
 from mistnet.flags import add_broker_flags, broker_from_args, positive_int
 
 if TYPE_CHECKING:
+    from common.jobspec import JobSpec
     from common.protocol import JobSummary
-    from common.spec import JobSpec
 
 
 def register(sub: Any) -> None:
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from cloud_agent import distributed
     from cloud_agent.agent import CloudAgent
     from cloud_agent.malloc import reuse_large_buffers
-    from common.jobfile import load_job
+    from common.jobspec import load_job
     from common.protocol import JobPhase
 
     reuse_large_buffers()

@@ -17,7 +17,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from common.jobspec import JobSpec
 
 
 def register(subparsers: Any) -> None:
@@ -41,12 +44,12 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.jobfile import describe, load_job_file
+    from common.jobspec import load_job_file
 
     loaded = load_job_file(args.file)
     for warning in loaded.warnings:
         print(f"mistnet job: warning: {warning}", file=sys.stderr)
-    config = describe(loaded.spec)
+    config = effective_configuration(loaded.spec)
     refused = policy_check(loaded.spec, args.policy) if args.policy else None
     if args.json:
         out = {"source": loaded.source, "form": loaded.form, "warnings": loaded.warnings, **config}
@@ -59,6 +62,64 @@ def run(args: argparse.Namespace) -> int:
             render_policy(refused, args.policy)
     return 1 if refused else 0
 
+
+
+def effective_configuration(spec: JobSpec) -> dict[str, Any]:
+    """The configuration each role will run with, defaults filled in; secrets are never included."""
+    from common.mechanism import keep_probability
+
+    cut = spec.cut_layer
+    s3 = spec.transmitter.s3
+    transmitter: dict[str, Any]
+    if s3 is None:
+        transmitter = {"kind": "mqtt"}
+    else:
+        transmitter = {
+            "kind": "s3",
+            "bucket_path": s3.bucket_path,
+            "endpoint_url": s3.endpoint_url,
+            "region": s3.region,
+            "credentials": "from the job" if s3.access_key or s3.secret_key else "default AWS chain",
+            "cleanup": s3.cleanup,
+        }
+    edges = []
+    for edge in spec.edges:
+        eps = spec.epsilon_for(edge.node)
+        entry: dict[str, Any] = {
+            "node": edge.node,
+            "dataset": edge.dataset,
+            "batch_size": edge.batch_size,
+            "epsilon": eps,
+            "epsilon_from": "edge" if edge.epsilon is not None else "job",
+            "keep_probability": round(keep_probability(eps), 6),
+            "layers": f"0..{cut - 1}",
+        }
+        if edge.epochs is not None:
+            entry["epochs_recorded"] = edge.epochs
+        edges.append(entry)
+    cloud = spec.cloud
+    return {
+        "job": spec.name,
+        "model": spec.model.model_dump(mode="json"),
+        "cut_layer": cut,
+        "privacy": spec.privacy.model_dump(mode="json"),
+        "transmitter": transmitter,
+        "cloud": {
+            "node": cloud.node,
+            "model": spec.model.arch,
+            "cut_layer": cut,
+            "layers": f"{cut}..end",
+            "epochs": cloud.epochs,
+            "batch_size": cloud.batch_size,
+            "learning_rate": cloud.learning_rate,
+            "validation": cloud.validation,
+            "output": cloud.output,
+            "eval_interval": cloud.eval_interval,
+        },
+        "collect": spec.collect.model_dump(mode="json"),
+        "edges": edges,
+        "seed": spec.seed,
+    }
 
 def policy_check(spec: Any, path: Path) -> dict[str, list[str]]:
     from common.policy import job_violations, load_policy
@@ -159,7 +220,7 @@ def run_cancel(args: argparse.Namespace) -> int:
     import uuid
 
     from common.errors import TransportError
-    from common.jobfile import load_job
+    from common.jobspec import load_job
     from common.protocol import Control, ControlAction, JobPhase, JobStatus, Topics, from_json, to_json
     from common.transport import Inbound, MqttLink
     from mistnet.flags import broker_from_args

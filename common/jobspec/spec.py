@@ -1,8 +1,8 @@
 """Job specifications: the one source of truth for what a job is.
 
 Two input forms are accepted and produce the same :class:`JobSpec`: the compact native YAML
-(``kind: MistNetJob``, see ``common.jobfile`` and ``docs/job-spec.md``) and the KubeEdge Sedna
-multi-document manifest (see ``common.sedna``).
+(``kind: MistNetJob``, see ``common.jobspec.jobfile`` and ``docs/job-spec.md``) and the KubeEdge Sedna
+multi-document manifest (see ``common.jobspec.sedna``).
 
 Build a spec from untrusted data with :func:`build_job`: it runs the pydantic model *and* the checks
 that need the model registry (the architecture exists, the cut layer is in range) and raises
