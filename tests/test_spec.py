@@ -24,7 +24,6 @@ from common.jobspec import (
     Thresholding,
     TransmitterSpec,
     build_job,
-    describe,
     load_job,
     load_job_file,
     max_cut,
@@ -32,6 +31,7 @@ from common.jobspec import (
     registry_layer_count,
     to_native,
 )
+from mistnet.commands.job import effective_configuration as describe
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
