@@ -27,6 +27,7 @@ demo: $(STAMP) mosquitto
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -60,6 +60,7 @@ DEFAULT_TRANSLATE_CELLS = 0  # cloud.translate: docs/privacy-utility.md measures
 # Fewer received samples than this: no selection split (too few to tell epochs apart), the last epoch ships.
 MIN_SELECTION_SAMPLES = 20
 DEFAULT_DECODER_WIDTH = 128
+CUT_DECODER_ATTRIBUTE = "cut_decoder"  # the model attribute that holds the cut decoder, saved under this prefix
 DEFAULT_DECODER_LEARNING_RATE = 2e-3
 DEFAULT_COLLECT_TIMEOUT_S = 600.0
 STATUS_INTERVAL_S = 1.0

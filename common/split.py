@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from common.models.cutdecoder import ATTRIBUTE as CUT_DECODER
+from common.constants import CUT_DECODER_ATTRIBUTE
 
 From = int | Sequence[int]
 
@@ -102,7 +102,7 @@ def head_activations(model: nn.Module, cut: int, input_shape: Sequence[int]) -> 
 def run_tail(model: nn.Module, features: dict[int, torch.Tensor], cut: int) -> torch.Tensor:
     """The tail on what crossed the cut; a MistNet model's cut decoder (``model.cut_decoder``, see
     :mod:`common.models.cutdecoder`) first maps the levels back towards activations."""
-    decoder = getattr(model, CUT_DECODER, None)
+    decoder = getattr(model, CUT_DECODER_ATTRIBUTE, None)
     if decoder is not None:
         features = decoder(features)
     return run_layers(model, dict(features), cut, len(layers_of(model)))

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTRIBUTE = "cut_decoder"
-PREFIX = ATTRIBUTE + "."
+from common.constants import CUT_DECODER_ATTRIBUTE
+
+PREFIX = CUT_DECODER_ATTRIBUTE + "."
 
 
 class LevelDecoder(nn.Module):
@@ -81,12 +82,12 @@ class CutDecoder(nn.Module):
 
 def attach(model: nn.Module, decoder: CutDecoder) -> nn.Module:
     """The model with ``decoder`` in front of its tail (``run_tail`` applies it)."""
-    setattr(model, ATTRIBUTE, decoder)
+    setattr(model, CUT_DECODER_ATTRIBUTE, decoder)
     return model
 
 
 def attached(model: nn.Module) -> CutDecoder | None:
-    decoder = getattr(model, ATTRIBUTE, None)
+    decoder = getattr(model, CUT_DECODER_ATTRIBUTE, None)
     return decoder if isinstance(decoder, CutDecoder) else None
 
 
