@@ -89,8 +89,8 @@ def cmd_bare(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from common.datasets.by_arch import open_edge_dataset
     from common.models.registry import build
-    from common.tasks import open_edge_dataset
     from edge_agent.torch_head import TorchExtractor, check_device
 
     device = check_device(args.device)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common import constants as C
 from common import metrics
+from common.datasets.by_arch import open_edge_dataset
 from common.errors import DatasetError, MistnetError, ProtocolError, TransportError
 from common.heads import join_head
 from common.mechanism import encoder_for
@@ -41,7 +42,6 @@ from common.protocol import (
     to_json,
 )
 from common.storage import ObjectStore, S3Options, s3_options
-from common.tasks import open_edge_dataset
 from common.transport import BrokerOptions, Inbound, LinkEvent, MqttLink, Rejections
 from edge_agent.extractor import Extractor
 from edge_agent.runtime import default_runtime, head_manifest, make_extractor
