@@ -89,7 +89,7 @@ def compare(model: nn.Module, cut: int, x: np.ndarray, public: torch.Tensor, ste
 def yolo_rows(arch: str, weights: Path | None, cuts: list[int], count: int, public: int) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     if weights is not None:
-        from cloud_agent.checkpoints import load_pretrained
+        from cloud_agent.model_io import load_pretrained
 
         model = load_pretrained(str(weights), arch, 80)
     else:

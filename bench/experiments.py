@@ -114,7 +114,7 @@ def training_arms(ctx: Context, samples: int, repeats: int) -> dict[str, Any]:
 
     from bench.train import fill_spool, plain_epoch, timed
     from cloud_agent.spool import Spool, SpoolFeatures
-    from cloud_agent.tasks import Classification
+    from cloud_agent.tasks.classification import Classification
     from cloud_agent.trainer import TrainConfig, Trainer, freeze_head, param_groups
     from common.datasets.mnist import MnistShard, prepare_mnist
     from common.models.lenet import LeNet5

@@ -38,9 +38,9 @@ from bench.person_doc import variant
 from bench.utility import Setup, fill_spool
 from cloud_agent.adaptation import Adaptation, adapt
 from cloud_agent.centralized import INPUT, ImageDetection, ImageSamples, fine_tune
-from cloud_agent.detection import Detection
 from cloud_agent.spool import SpoolFeatures
 from cloud_agent.tasks import Batch, Privatize
+from cloud_agent.tasks.detection import Detection
 from cloud_agent.trainer import History, TrainConfig, Trainer, selection_split
 from common import constants as C
 from common.checkpoint import load_model

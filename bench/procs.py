@@ -89,8 +89,8 @@ def cmd_bare(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from common.datasets.by_arch import open_edge_dataset
     from common.models.registry import build
-    from common.tasks import open_edge_dataset
     from edge_agent.torch_head import TorchExtractor, check_device
 
     device = check_device(args.device)
@@ -478,7 +478,7 @@ def cmd_proto_send(args: argparse.Namespace) -> int:
     topic = Topics.features(args.node, args.job)
     window = SendWindow(lambda payload: agent._publish_chunk(topic, payload), job.window)
     run = JobRun(job, extractor, window)  # type: ignore[arg-type]
-    agent.run_ = run
+    agent.active_run = run
     ready(args.wait_go)
     agent.await_resume(run)
     t0 = time.time()

@@ -8,7 +8,7 @@ loss). *Baseline*: the same tail, loss and optimizer in a plain loop over the sa
 decoded in memory. Both run
 in this process with the same threads, one epoch each, interleaved, after one untimed warm-up step.
 
-YOLO scenarios use ``cloud_agent.detection.Detection`` (upstream's YOLOv5 loss); MNIST uses
+YOLO scenarios use ``cloud_agent.tasks.detection.Detection`` (upstream's YOLOv5 loss); MNIST uses
 ``Classification`` (cross-entropy), where the tail is tiny and the data path weighs the most.
 """
 
@@ -162,7 +162,7 @@ def workers_loader(trainer: Trainer, path: Path, workers: int) -> DataLoader[Any
 
 
 def bench_yolo(ctx: Context, scn: Scenario) -> dict[str, Any]:
-    from cloud_agent.detection import Detection
+    from cloud_agent.tasks.detection import Detection
     from common.datasets.yolo import YoloEdgeDataset
 
     prof = ctx.profile
@@ -177,12 +177,12 @@ def bench_yolo(ctx: Context, scn: Scenario) -> dict[str, Any]:
     result = bench_task(
         ctx, scn.name, model, scn.cut, task, dataset, prof.transfer_batch, prof.train_batch, prof.train_repeats
     )
-    result["loss"] = "cloud_agent.detection.Detection (YOLOv5 loss)"
+    result["loss"] = "cloud_agent.tasks.detection.Detection (YOLOv5 loss)"
     return result
 
 
 def bench_mnist(ctx: Context) -> dict[str, Any]:
-    from cloud_agent.tasks import Classification
+    from cloud_agent.tasks.classification import Classification
     from common.datasets.mnist import MnistShard, prepare_mnist
     from common.models.lenet import LeNet5
 
@@ -209,7 +209,7 @@ def bench_mnist(ctx: Context) -> dict[str, Any]:
         prof.train_repeats,
         workers_arm=True,
     )
-    result["loss"] = "cloud_agent.tasks.Classification (cross-entropy)"
+    result["loss"] = "cloud_agent.tasks.classification.Classification (cross-entropy)"
     return result
 
 

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from cloud_agent.adaptation import Adaptation, adapt
-from cloud_agent.detection import Detection
 from cloud_agent.spool import Spool, SpoolFeatures
+from cloud_agent.tasks.detection import Detection
 from cloud_agent.trainer import History, TrainConfig, Trainer
 from common.checkpoint import load_model
 from common.datasets.yolo import YoloDataset, YoloEdgeDataset, discover_images

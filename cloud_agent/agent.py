@@ -22,10 +22,10 @@ from torch import nn
 
 from cloud_agent import report
 from cloud_agent.adaptation import Adaptation, adapt
-from cloud_agent.checkpoints import load_pretrained, save_model
 from cloud_agent.collector import Collector
 from cloud_agent.export import export_head
 from cloud_agent.feature_store import open_store, share_features, store_options
+from cloud_agent.model_io import load_pretrained, save_model
 from cloud_agent.spool import FeatureStore, Spool, SpoolFeatures
 from cloud_agent.tasks import CloudTask, make_task
 from cloud_agent.trainer import (

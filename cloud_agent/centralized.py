@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cloud_agent.detection import Detection, targets_of
 from cloud_agent.tasks import Batch, Privatize
+from cloud_agent.tasks.detection import Detection, targets_of
 from cloud_agent.trainer import EpochResult, History, TrainConfig, Trainer
 from common.checkpoint import load_model, save_checkpoint
 from common.datasets.yolo import YoloDataset

@@ -360,7 +360,7 @@ def infer_arch(state: Mapping[str, torch.Tensor]) -> tuple[str, int]:
 
     if "model.0.conv.weight" in state and "model.24.m.0.weight" in state:
         repeats = len({k.split(".")[3] for k in state if k.startswith("model.2.m.")})
-        arch = yolo.infer_arch(int(state["model.0.conv.weight"].shape[0]), repeats)
+        arch = yolo.yolo_size_from_shapes(int(state["model.0.conv.weight"].shape[0]), repeats)
         outputs = int(state["model.24.m.0.weight"].shape[0])
         if arch is None or outputs % 3 or outputs // 3 <= 5:
             raise CheckpointError(

@@ -22,8 +22,8 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 
 from common.datasets.yolo import YoloDataset, YoloSample, rect_shape
-from common.detection import non_max_suppression, scale_boxes
 from common.split import run_head, run_tail
+from common.yolo_postprocess import non_max_suppression, scale_boxes
 
 PredictFn = Callable[[torch.Tensor], Any]
 ProgressFn = Callable[[int, int], None]

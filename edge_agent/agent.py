@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common import constants as C
 from common import metrics
+from common.datasets.by_arch import open_edge_dataset
 from common.errors import DatasetError, MistnetError, ProtocolError, TransportError
 from common.heads import join_head
 from common.mechanism import encoder_for
@@ -41,7 +42,6 @@ from common.protocol import (
     to_json,
 )
 from common.storage import ObjectStore, S3Options, s3_options
-from common.tasks import open_edge_dataset
 from common.transport import BrokerOptions, Inbound, LinkEvent, MqttLink, Rejections
 from edge_agent.extractor import Extractor
 from edge_agent.runtime import default_runtime, head_manifest, make_extractor
@@ -118,7 +118,7 @@ class EdgeAgent:
         self.finished: set[str] = set()
         self.rejected: Counter[str] = Counter()
         self.reject = Rejections(log, self.rejected)
-        self.run_: JobRun | None = None
+        self.active_run: JobRun | None = None
         self._last_status = 0.0
         self.last_status = NodeStatus(node=node, state=NodeState.OFFLINE)
         self.link = MqttLink(
@@ -192,10 +192,10 @@ class EdgeAgent:
         if event.connected:
             log.info("connected")
             self.publish_status(self.current_state(), force=True)
-            if self.run_ is not None:
+            if self.active_run is not None:
                 # paho resends what the broker never acknowledged; what it did acknowledge and then
                 # lost (a broker restart without persistence) goes again if no ack comes soon.
-                self.run_.window.expedite()
+                self.active_run.window.expedite()
         else:
             log.warning("disconnected (%s); paho reconnects with backoff", event.reason)
 
@@ -228,14 +228,14 @@ class EdgeAgent:
         log.warning("job %s refused: %s", name, reason)
         self.withdraw(name, f"job {name} refused: {reason}")
         self.refusal = (name, reason)
-        if self.run_ is None:
+        if self.active_run is None:
             self.publish_status(NodeState.REFUSED, force=True)
 
     def withdraw(self, name: str, reason: str) -> None:
         self.jobs.pop(name, None)
         self.heads.pop(name, None)
-        if self.run_ is not None and self.run_.job.job == name:
-            self.run_.job = self.run_.job.model_copy(update={"state": JobState.CANCELLED})
+        if self.active_run is not None and self.active_run.job.job == name:
+            self.active_run.job = self.active_run.job.model_copy(update={"state": JobState.CANCELLED})
             log.info("%s", reason)
 
     def on_head_chunk(self, name: str, payload: bytes) -> None:
@@ -256,7 +256,7 @@ class EdgeAgent:
         return sum(len(p) for name, parts in self.heads.items() if name not in self.jobs for p in parts.values())
 
     def on_ack(self, ack: Ack) -> None:
-        run = self.run_
+        run = self.active_run
         if run is None or ack.job != run.job.job or ack.node != self.node:
             return
         if ack.kind == AckKind.RESUME:
@@ -303,17 +303,17 @@ class EdgeAgent:
     def run_job(self, job: JobAssignment) -> None:
         self.refusal = None
         try:
-            self.run_ = self.prepare(job)
-            self.stream(self.run_)
+            self.active_run = self.prepare(job)
+            self.stream(self.active_run)
             self.publish_status(NodeState.DONE, force=True)
             log.info(
                 "job %s done: %d samples acknowledged, %d skipped, %d bytes, %d chunks resent (%d bytes)",
                 job.job,
-                self.run_.acked_samples(),
-                self.run_.skipped,
-                self.run_.window.wire_bytes,
-                self.run_.window.resent,
-                self.run_.window.resent_bytes,
+                self.active_run.acked_samples(),
+                self.active_run.skipped,
+                self.active_run.window.wire_bytes,
+                self.active_run.window.resent,
+                self.active_run.window.resent_bytes,
             )
         except JobCancelled:
             refused = self.refusal is not None and self.refusal[0] == job.job
@@ -327,7 +327,7 @@ class EdgeAgent:
             raise
         finally:
             self.finished.add(job.job)
-            self.run_ = None
+            self.active_run = None
 
     def prepare(self, job: JobAssignment) -> JobRun:
         manifest = head_manifest(self.runtime, job)
@@ -465,7 +465,7 @@ class EdgeAgent:
     # status ------------------------------------------------------------------------------------
 
     def current_state(self) -> NodeState:
-        if self.run_ is not None:
+        if self.active_run is not None:
             return NodeState.EXTRACTING
         return NodeState.REFUSED if self.refusal is not None else NodeState.ONLINE
 
@@ -474,7 +474,7 @@ class EdgeAgent:
         if not force and now - self._last_status < C.STATUS_INTERVAL_S:
             return
         self._last_status = now
-        run = self.run_
+        run = self.active_run
         if state == NodeState.REFUSED and self.refusal is not None:
             job, message = self.refusal
         status = NodeStatus(

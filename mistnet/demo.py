@@ -414,7 +414,7 @@ def watch(broker: BrokerOptions, cloud: subprocess.Popen[bytes], console: Consol
         link.close()
 
 
-def print_summary(summary: JobSummary, console: Console, started: float) -> None:
+def print_demo_summary(summary: JobSummary, console: Console, started: float) -> None:
     console.print(
         f"\n[bold]job {summary.job}: {summary.phase.value}[/] in {time.monotonic() - started:.1f} s "
         f"(cloud {summary.duration_s:.1f} s)"

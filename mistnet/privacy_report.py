@@ -229,7 +229,7 @@ def table(results: list[AttackResult], images_evaluated: int) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: list[AttackResult], out: Path, meta: dict[str, object]) -> Path:
+def write_privacy_report(results: list[AttackResult], out: Path, meta: dict[str, object]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "privacy-report.json"
     path.write_text(json.dumps({**meta, "attacks": [asdict(r) for r in results]}, indent=1))

@@ -373,7 +373,7 @@ def test_edge_image_dependencies_suffice_for_an_edge(tmp_path):
     """With everything the edge image leaves out blocked, the CLI and the edge's code paths load."""
     code = (
         "import runpy, sys\n"
-        "import edge_agent.agent, edge_agent.onnx_head, common.datasets.yolo, common.tasks, common.metrics\n"
+        "import edge_agent.agent, edge_agent.onnx_head, common.datasets.yolo, common.datasets.by_arch, common.metrics\n"
         "sys.argv = ['mistnet', 'edge', '--help']\n"
         "runpy.run_module('mistnet.cli', run_name='__main__')\n"
     )

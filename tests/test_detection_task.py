@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cloud_agent.detection import Detection, targets_of, translate
 from cloud_agent.spool import Spool, SpoolFeatures, StoredSample
 from cloud_agent.tasks import Batch, make_task
+from cloud_agent.tasks.detection import Detection, targets_of, translate
 from cloud_agent.trainer import History, TrainConfig, Trainer, lr_factor, warmup_steps
 from common.datasets.yolo import YoloEdgeDataset, encode_labels
 from common.errors import DatasetError

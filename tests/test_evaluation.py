@@ -15,8 +15,8 @@ import torch
 
 from common.checkpoint import load_model, save_checkpoint
 from common.datasets.yolo import YoloDataset
-from common.detection import non_max_suppression, scale_boxes, xywh2xyxy, xyxy2xywh
 from common.evaluation import evaluate_detections, evaluate_model, model_predict_fn, split_predict_fn
+from common.yolo_postprocess import non_max_suppression, scale_boxes, xywh2xyxy, xyxy2xywh
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WEIGHTS = SHARED / "weights" / "yolov5n.pt"

@@ -15,7 +15,7 @@ import torch
 import cloud_agent.feature_store as fs
 from cloud_agent.collector import Collector
 from cloud_agent.spool import DamagedSample, FeatureStore, Spool, SpoolFeatures
-from cloud_agent.tasks import stack_features
+from cloud_agent.tasks.base import stack_features
 from common.errors import SpecError
 from common.jobspec import build_job
 from common.protocol import FeatureBatch, FeatureObject, encode_batch, to_msgpack

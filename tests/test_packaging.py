@@ -140,7 +140,7 @@ from common.datasets.mnist import MnistShard
 from common.mechanism import LevelEncoder
 from common.protocol import OnnxHead
 from edge_agent.onnx_head import OnnxExtractor
-import edge_agent.agent, edge_agent.runtime, mistnet.commands.edge, common.tasks, common.datasets.yolo
+import edge_agent.agent, edge_agent.runtime, mistnet.commands.edge, common.datasets.by_arch, common.datasets.yolo
 
 head = OnnxHead.model_validate_json(Path(sys.argv[1]).read_text())
 extractor = OnnxExtractor(head, Path(sys.argv[2]).read_bytes(), LevelEncoder(1.0), MnistShard(Path(sys.argv[3])), 16)

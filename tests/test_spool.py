@@ -17,7 +17,8 @@ import torch
 
 from cloud_agent.collector import Collector
 from cloud_agent.spool import PAGE_SIZE, DamagedSample, Spool, SpoolFeatures, StoredSample
-from cloud_agent.tasks import Classification, stack_features
+from cloud_agent.tasks.base import stack_features
+from cloud_agent.tasks.classification import Classification
 from common.errors import ProtocolError
 from common.privacy import BitEncoder, decode_features
 from common.protocol import FeatureBatch, FeatureLayout, encode_batch, encode_chunk, split_transfer

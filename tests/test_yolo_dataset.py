@@ -20,8 +20,8 @@ from common.datasets.yolo import (
     read_labels,
     rect_shape,
 )
-from common.detection import scale_boxes, xywh2xyxy
 from common.errors import DatasetError
+from common.yolo_postprocess import scale_boxes, xywh2xyxy
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 COCO128 = SHARED / "data" / "coco128"

@@ -10,10 +10,11 @@ import torch
 
 from common.checkpoint import load_model, read_tensors
 from common.datasets.yolo import YoloDataset
-from common.detection import non_max_suppression, scale_boxes
 from common.errors import SpecError
-from common.models.yolo import SIZES, Detect, build_model, default_image_size
+from common.models.archs import default_image_size
+from common.models.yolo import SIZES, Detect, build_model
 from common.split import layers_of, run_head, run_tail, tail_inputs
+from common.yolo_postprocess import non_max_suppression, scale_boxes
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WEIGHTS = SHARED / "weights" / "yolov5n.pt"

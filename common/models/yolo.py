@@ -300,12 +300,7 @@ def build_model(arch: str, num_classes: int = 80) -> YOLOv5:
     return YOLOv5(depth, width, num_classes, arch=arch)
 
 
-def default_image_size(arch: str = "yolov5n") -> int:
-    """Input size the official weights were trained at (all sizes: 640)."""
-    return DEFAULT_IMAGE_SIZE
-
-
-def infer_arch(first_conv_channels: int, c3_repeats: int) -> str | None:
+def yolo_size_from_shapes(first_conv_channels: int, c3_repeats: int) -> str | None:
     """The size whose layer 0 width and layer 2 bottleneck count match, or None."""
     for arch, (depth, width) in SIZES.items():
         if make_divisible(64 * width) == first_conv_channels and max(round(3 * depth), 1) == c3_repeats:

@@ -47,7 +47,7 @@ def register(sub: Any) -> None:
     p.add_argument("--per-edge", type=int, help="detection: images per edge (default: the rest, shared equally)")
     p.add_argument(
         "--public",
-        type=public_images,
+        type=public_images_flag,
         help="detection: unlabelled images the cloud adapts with (thresholds, cut decoder): a number split off "
         "the data (0: none) or a folder of images (default: coco128 32, coco-person ../shared/data/public-images)",
     )
@@ -68,7 +68,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def public_images(text: str) -> int | Path:
+def public_images_flag(text: str) -> int | Path:
     """``--public``: a count of images to split off the data, or a folder of unlabelled images."""
     if text.strip().isdigit():
         return int(text)
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from common.errors import SpecError
-    from mistnet.demo import DemoOptions, print_summary, run_demo
+    from mistnet.demo import DemoOptions, print_demo_summary, run_demo
 
     if args.edges < 1:
         raise SpecError(f"--edges must be at least 1, got {args.edges}")
@@ -128,5 +128,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(summary.model_dump_json() + "\n")
     else:
-        print_summary(summary, Console(), started)
+        print_demo_summary(summary, Console(), started)
     return 0

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from common.datasets.yolo import YoloDataset, discover_images
     from common.privacy import thresholds_from_metadata
     from mistnet.demo import link_yolo_folder, split_images
-    from mistnet.privacy_report import plot_samples, run_attacks, table, write_report
+    from mistnet.privacy_report import plot_samples, run_attacks, table, write_privacy_report
 
     console = Console(stderr=True)
     model, weights = load_model(args.model)
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         "held_out": len(split.held_out),
         "thresholds": "checkpoint" if weights.metadata.get("thresholds") else args.thresholds,
     }
-    report = write_report(results, args.out, meta)
+    report = write_privacy_report(results, args.out, meta)
     plot_samples(shown, originals, results, args.out / "reconstructions.png")
     if args.json:
         sys.stdout.write(json.dumps({**meta, "attacks": [r.__dict__ for r in results]}) + "\n")

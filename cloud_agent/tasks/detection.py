@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cloud_agent.spool import StoredSample
-from cloud_agent.tasks import Batch, Privatize, stack_features
+from cloud_agent.tasks.base import Batch, Privatize, stack_features
 from cloud_agent.yolo_loss import YoloLoss
 from common.datasets.yolo import YoloDataset, decode_labels
 from common.evaluation import PredictFn, evaluate_model, split_predict_fn

@@ -1,4 +1,5 @@
-"""Reading pretrained weights and writing the trained model, never executing anything."""
+"""The job's model in and out of files: its pretrained weights read, the trained model written with the
+job's settings. The file format and its untrusting reader are :mod:`common.checkpoint`; nothing is executed."""
 
 from __future__ import annotations
 
