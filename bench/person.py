@@ -50,15 +50,15 @@ from common.models.cutdecoder import attach
 from common.privacy import BitEncoder, feature_transform
 from common.spec import AdaptSpec, CloudSpec
 from common.split import run_head
-from mistnet.demo import (
+from scenarios.defaults import (
     COCO_BATCH_SIZE,
     COCO_CUT,
+    DEFAULT_COCO_PERSON,
+    DEFAULT_PUBLIC_IMAGES,
+    DEFAULT_YOLO_WEIGHTS,
     PERSON_HELD_OUT,
-    link_yolo_folder,
-    shifted_split,
-    split_images,
 )
-from mistnet.flags import DEFAULT_COCO_PERSON, DEFAULT_PUBLIC_IMAGES, DEFAULT_YOLO_WEIGHTS
+from scenarios.folders import link_yolo_folder, shifted_split, split_images
 
 log = logging.getLogger("mistnet.bench.person")
 

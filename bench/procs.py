@@ -24,6 +24,7 @@ import cProfile
 import json
 import os
 import resource
+import runpy
 import sys
 import threading
 import time
@@ -302,10 +303,15 @@ def apply_extractor_opts(opts: str) -> dict[str, Any]:
 
 
 def cmd_edge(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    """``python -m mistnet REST`` run in this process, so that it uses the extractor just patched
+    (run as a program, like a child process would: bench builds on the CLI's layers, not on the CLI)."""
     apply_extractor_opts(args.opts)
-    from mistnet.cli import main
-
-    return main(list(rest))
+    sys.argv = ["mistnet", *rest]
+    try:
+        runpy.run_module("mistnet", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:  # mistnet/__main__.py ends with sys.exit(main())
+        return int(exc.code or 0)
+    return 0
 
 
 # transport ---------------------------------------------------------------------------------------

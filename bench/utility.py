@@ -7,7 +7,7 @@ edges' :class:`~edge_agent.torch_head.TorchExtractor` and encoder fill a real sp
 and every model is scored by :func:`~common.evaluation.evaluate_model` through the deployed path
 (head → levels → decoder → tail), without randomization at evaluation (as the cloud evaluates).
 
-Splits (``mistnet.demo.split_images``, seed 0, disjoint): 32 held-out images (never sent, never
+Splits (``scenarios.folders.split_images``, seed 0, disjoint): 32 held-out images (never sent, never
 trained on), 32 public images (unlabelled, the cloud's), 2 edges x 32 labelled images.
 """
 
@@ -38,8 +38,8 @@ from common.models.cutdecoder import attach
 from common.privacy import BitEncoder, feature_transform
 from common.spec import AdaptSpec
 from edge_agent.torch_head import TorchExtractor
-from mistnet.demo import link_yolo_folder, split_images
-from mistnet.flags import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS
+from scenarios.defaults import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS
+from scenarios.folders import link_yolo_folder, split_images
 
 log = logging.getLogger("mistnet.bench.utility")
 

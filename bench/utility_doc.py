@@ -223,7 +223,7 @@ INTRO = [
     "",
     "- Model: the official yolov5n checkpoint, cut_layer 4 (edges run layers 0-3; 64 x 80 x 80 activations per"
     " 640 px image, 51,200 bytes as bits), square letterbox 640 px.",
-    "- Data: COCO128 split once by `mistnet.demo.split_images` (seeded shuffle, seed 0) into disjoint sets:"
+    "- Data: COCO128 split once by `scenarios.folders.split_images` (seeded shuffle, seed 0) into disjoint sets:"
     " **32 held-out** images (never sent, never trained on; every held-out figure is on them),"
     " **32 public** images (given to the cloud *without labels*; adaptation uses only them),"
     " and **2 edges x 32 labelled images** (what edges send as bits; the in-sample figures are on them).",
