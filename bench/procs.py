@@ -573,20 +573,14 @@ def add_proto_recv_flags(q: argparse.ArgumentParser) -> None:
     q.add_argument("--no-pipeline", action="store_true", help="fsync and COMMIT each batch before handling the next")
     q.add_argument("--nagle", action="store_true", help="no TCP_NODELAY on the cloud's broker connection")
     q.add_argument("--default-malloc", action="store_true", help="glibc's malloc defaults in the cloud")
+    hold = "the collector's hold time for incomplete transfers (0: persisted at the batch's end)"
+    q.add_argument("--hold-s", type=float, default=None, help=hold)
     q.add_argument(
-        "--hold-s",
-        type=float,
-        default=None,
-        help="the collector's hold time for incomplete transfers (0: persisted at the batch's end)",
-    )
-    q.add_argument(
-        "--max-batch-bytes",
-        type=int,
-        default=None,
+        "--max-batch-bytes", type=int, default=None,
         help="the collector's batch limit (1 with --hold-s 0: every chunk persisted and "
         "acknowledged on arrival in its own transaction, then copied into samples: the shape of "
         "the receive path before issue #6)",
-    )
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
