@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.util import SHARED
+from bench.util import BENCH_SHARED
 from cloud_agent.adaptation import augmented_inputs, calibrate, calibration_outputs, public_images
 from cloud_agent.export import export_head
 from common.datasets.base import EdgeDataset
@@ -95,8 +95,8 @@ def yolo_rows(arch: str, weights: Path | None, cuts: list[int], count: int, publ
     else:
         model = build(arch, 80)  # random init: exercises the shapes only
     model.eval()
-    x = images(YoloEdgeDataset(SHARED / "data" / "coco128", 640), count)
-    pub = torch.cat(list(augmented_inputs(public_images(SHARED / "data" / "public-images")[:public], 640)))
+    x = images(YoloEdgeDataset(BENCH_SHARED / "data" / "coco128", 640), count)
+    pub = torch.cat(list(augmented_inputs(public_images(BENCH_SHARED / "data" / "public-images")[:public], 640)))
     return [{"arch": arch, "weights": str(weights or "random init"), "images": len(x), **compare(model, cut, x, pub, 2)}
             for cut in cuts]
 
@@ -123,7 +123,7 @@ def main() -> int:
     cuts = list(range(int(lo), int(hi or lo) + 1))
     torch.set_num_threads(2)
     rows = lenet_rows(args.workdir, [1, 2, 3, 4, 5])
-    rows += yolo_rows("yolov5n", SHARED / "weights" / "yolov5n.pt", cuts, args.images, args.public)
+    rows += yolo_rows("yolov5n", BENCH_SHARED / "weights" / "yolov5n.pt", cuts, args.images, args.public)
     rows += yolo_rows("yolov5s", None, cuts, args.images // 2, args.public)
     for row in rows:
         print(json.dumps(row), flush=True)

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.person_doc import variant
-from bench.utility import Setup, fill_spool
+from bench.person_doc import RESULTS, variant
+from bench.utility import Setup, edges_spool
 from cloud_agent.adaptation import Adaptation, adapt
 from cloud_agent.centralized import INPUT, ImageDetection, ImageSamples, fine_tune
 from cloud_agent.spool import SpoolFeatures
@@ -50,26 +50,24 @@ from common.jobspec import AdaptSpec, CloudSpec
 from common.models.cutdecoder import attach
 from common.privacy import BitEncoder, feature_transform
 from common.split import run_head
-from mistnet.demo import (
+from scenarios.defaults import (
     COCO_BATCH_SIZE,
     COCO_CUT,
+    DEFAULT_COCO_PERSON,
+    DEFAULT_PUBLIC_IMAGES,
+    DEFAULT_YOLO_WEIGHTS,
     PERSON_HELD_OUT,
-    link_yolo_folder,
-    shifted_split,
-    split_images,
 )
-from mistnet.flags import DEFAULT_COCO_PERSON, DEFAULT_PUBLIC_IMAGES, DEFAULT_YOLO_WEIGHTS
+from scenarios.folders import link_yolo_folder, shifted_split, split_images
 
 log = logging.getLogger("mistnet.bench.person")
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results" / "person.json"
 EDGES = 2
 SEED = 0
 
 
 @dataclass
-class Row:
+class PersonRow:
     shift: str
     method: str
     epsilon: float | None
@@ -92,7 +90,7 @@ class Bench:
     translate: int = CloudSpec().translate
     learning_rate: float = C.DETECTION_LEARNING_RATE  # every method's
 
-    def record(self, row: Row) -> None:
+    def record(self, row: PersonRow) -> None:
         print(json.dumps(asdict(row)), flush=True)
         doc = json.loads(self.out.read_text()) if self.out.exists() else {"rows": []}
         rows = [r for r in doc["rows"] if row_key(r) != row_key(asdict(row))] + [asdict(row)]
@@ -106,7 +104,7 @@ class Bench:
         t0 = time.monotonic()
         model, _ = load_model(self.setup.weights)
         got = ImageDetection(self.held_out(), self.setup.imgsz).evaluate(model, 0, lambda f: f, self.setup.device)
-        self.record(Row(self.shift, "pretrained", None, *scores(got), round(time.monotonic() - t0, 1)))
+        self.record(PersonRow(self.shift, "pretrained", None, *map_pair(got), round(time.monotonic() - t0, 1)))
 
     def centralized(self) -> None:
         t0 = time.monotonic()
@@ -115,7 +113,7 @@ class Bench:
         edges = [self.setup.folders[e] for e in self.setup.edges]
         result = fine_tune(self.setup.weights, edges, self.held_out(), self.setup.imgsz, self.config(), state)
         last = last_metrics(result.history)
-        self.record(Row(self.shift, "centralized", None, *scores(last), round(time.monotonic() - t0, 1)))
+        self.record(PersonRow(self.shift, "centralized", None, *map_pair(last), round(time.monotonic() - t0, 1)))
 
     def frozen_head(self) -> None:
         t0 = time.monotonic()
@@ -127,7 +125,7 @@ class Bench:
         torch.manual_seed(SEED)
         trainer = Trainer(model, COCO_CUT, task, edges, self.config(), state, lambda f: f)
         last = last_metrics(trainer.fit(History(), lambda r: None))
-        self.record(Row(self.shift, "frozen-head", None, *scores(last), round(time.monotonic() - t0, 1)))
+        self.record(PersonRow(self.shift, "frozen-head", None, *map_pair(last), round(time.monotonic() - t0, 1)))
 
     def adaptation(self, eps: float) -> tuple[Adaptation, float]:
         """The job's adaptation at ε and the seconds it took (made once per work directory)."""
@@ -156,16 +154,16 @@ class Bench:
         before = task.evaluate(model, COCO_CUT, transform, self.setup.device)
         levels = "" if self.bits == 1 else f"{self.bits} bit"
         seconds = round(adapting + time.monotonic() - t0, 1)
-        self.record(Row(self.shift, "adapted", eps, *scores(before), seconds, variant=levels))
+        self.record(PersonRow(self.shift, "adapted", eps, *map_pair(before), seconds, variant=levels))
         t1 = time.monotonic()
         encoder = BitEncoder(eps, seed=SEED + 1, bits=self.bits, thresholds=adaptation.thresholds)
-        received = fill_spool(self.setup, load_model(self.setup.weights)[0], encoder, f"eps{eps:g}-spool")
+        received = edges_spool(self.setup, load_model(self.setup.weights)[0], encoder, f"eps{eps:g}-spool")
         trainer = self.trainer(model, task, received, f"eps{eps:g}", transform)
         trainer.fit(History(), lambda r: log.info("ε %g epoch %d: %s %s", eps, r.epoch, r.losses, r.metrics))
         chosen = trainer.restore_selected()
         got = task.evaluate(model, COCO_CUT, transform, self.setup.device)
         epoch = chosen.epoch if chosen is not None else None
-        row = Row(self.shift, "mistnet", eps, *scores(got), round(time.monotonic() - t1, 1), epoch,
+        row = PersonRow(self.shift, "mistnet", eps, *map_pair(got), round(time.monotonic() - t1, 1), epoch,
                   variant(self.bits, self.train_decoder, self.translate, self.learning_rate))  # fmt: skip
         self.record(row)
 
@@ -206,7 +204,7 @@ def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
     return row["shift"], row["method"], row["epsilon"], row.get("variant", "")
 
 
-def scores(metrics: dict[str, float]) -> tuple[float, float]:
+def map_pair(metrics: dict[str, float]) -> tuple[float, float]:
     return round(metrics["map50"], 4), round(metrics["map50_95"], 4)
 
 
@@ -217,7 +215,7 @@ def adapted_model(weights: Path, adaptation: Adaptation) -> nn.Module:
     return model
 
 
-def prepare(data: Path, shift: Shift | None, public: Path, workdir: Path) -> dict[str, Path]:
+def person_folders(data: Path, shift: Shift | None, public: Path, workdir: Path) -> dict[str, Path]:
     """coco-person split and shifted as ``mistnet demo --scenario coco-person`` does it."""
     split = split_images(discover_images(data), EDGES, None, PERSON_HELD_OUT)
     if shift is not None:
@@ -258,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     shift = None if args.shift == "clean" else Shift.parse(args.shift)
     workdir = args.workdir / args.shift.replace(":", "-")
     workdir.mkdir(parents=True, exist_ok=True)
-    folders = prepare(args.data, shift, args.public, workdir)
+    folders = person_folders(args.data, shift, args.public, workdir)
     setup = Setup(args.weights, args.imgsz, args.epochs, args.decoder_epochs, folders, workdir, args.device)
     bench = Bench(setup, args.shift, args.epochs, args.out, args.workdir / "adaptations", args.bits, args.train_decoder,
                   args.translate, args.lr)  # fmt: skip

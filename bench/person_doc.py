@@ -14,11 +14,11 @@ from common import constants as C
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "person.json"
-PLOT = "person-learning.png"
+PERSON_PLOT = "person-learning.png"
 GOAL_SHIFT = "contrast:5"
 GAIN_GOALS = {100.0: 0.9, 4.0: 0.7}
 
-Row = dict[str, Any]
+PersonRecord = dict[str, Any]  # a bench.person.PersonRow as person.json holds it
 OLD_VARIANT = "1 bit, decoder frozen, batches not moved"  # rows measured before variants were recorded
 
 
@@ -36,12 +36,14 @@ def default_variant() -> str:
     return variant(1, cloud.train_decoder, cloud.translate)
 
 
-def variant_of(row: Row) -> str:
+def variant_of(row: PersonRecord) -> str:
     """A trained row's settings; an adapted-only row's bits when not 1 (empty otherwise)."""
     return str(row.get("variant") or OLD_VARIANT) if row["method"] == "mistnet" else str(row.get("variant", ""))
 
 
-def find(rows: list[Row], shift: str, method: str, eps: float | None = None, settings: str | None = None) -> Row | None:
+def find(
+    rows: list[PersonRecord], shift: str, method: str, eps: float | None = None, settings: str | None = None
+) -> PersonRecord | None:
     """The row of ``method`` at ``shift`` and ε: a trained MistNet row with the default settings, an adapted-only
     row at 1 bit, unless ``settings`` names others."""
     settings = (default_variant() if settings is None else settings) if method == "mistnet" else ""
@@ -49,15 +51,15 @@ def find(rows: list[Row], shift: str, method: str, eps: float | None = None, set
     return next((r for r in rows if (r["shift"], r["method"], r["epsilon"], variant_of(r)) == key), None)
 
 
-def cell(row: Row | None) -> str:
+def cell(row: PersonRecord | None) -> str:
     return f"{row['map50']:.3f} / {row['map50_95']:.3f}" if row else "not run"
 
 
-def seconds(row: Row | None) -> str:
+def seconds(row: PersonRecord | None) -> str:
     return f"{row['seconds']:.0f}" if row else "–"
 
 
-def shift_table(rows: list[Row], shift: str, epsilons: list[float]) -> list[str]:
+def shift_table(rows: list[PersonRecord], shift: str, epsilons: list[float]) -> list[str]:
     lines = ["| method | held-out AP@0.5 / AP@0.5:0.95 | wall time (s) | epoch shipped |", "|---|---|---|---|"]
     for method, label in (("pretrained", "pretrained, full precision"),
                           ("centralized", "centralized fine-tune on the raw images (upper bound)"),
@@ -77,7 +79,7 @@ def shift_table(rows: list[Row], shift: str, epsilons: list[float]) -> list[str]
     return lines
 
 
-def gain_lines(rows: list[Row], epsilons: list[float]) -> list[str]:
+def gain_lines(rows: list[PersonRecord], epsilons: list[float]) -> list[str]:
     pre, central = find(rows, GOAL_SHIFT, "pretrained"), find(rows, GOAL_SHIFT, "centralized")
     if pre is None or central is None:
         return [f"(the goal needs the pretrained and centralized rows of `{GOAL_SHIFT}`)"]
@@ -107,7 +109,7 @@ def gain_lines(rows: list[Row], epsilons: list[float]) -> list[str]:
     return lines + higher_bar(rows, pre, central)
 
 
-def higher_bar(rows: list[Row], pre: Row, central: Row) -> list[str]:
+def higher_bar(rows: list[PersonRecord], pre: PersonRecord, central: PersonRecord) -> list[str]:
     """The goal against the frozen-head float baseline, when that one gains more than the centralized one."""
     frozen = find(rows, GOAL_SHIFT, "frozen-head")
     if frozen is None or frozen["map50_95"] <= central["map50_95"]:
@@ -119,7 +121,7 @@ def higher_bar(rows: list[Row], pre: Row, central: Row) -> list[str]:
             f" shares are {shares}."]  # fmt: skip
 
 
-def variants_table(rows: list[Row]) -> list[str]:
+def variants_table(rows: list[PersonRecord]) -> list[str]:
     """Every trained MistNet row of the goal's shift, by ε and settings: what chose the defaults."""
     shown = [r for r in rows if r["shift"] == GOAL_SHIFT and (r["method"] == "mistnet" or variant_of(r))]
     default = default_variant()
@@ -132,7 +134,7 @@ def variants_table(rows: list[Row]) -> list[str]:
     return lines
 
 
-def plot(rows: list[Row], shifts: list[str], epsilons: list[float], path: Path) -> None:
+def plot(rows: list[PersonRecord], shifts: list[str], epsilons: list[float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,19 +165,21 @@ def section(results: Path, docs: Path) -> list[str]:
     if not results.exists():
         return ["## Learning from the edges", "", f"(no results yet: run `python -m bench.person`, {results})", ""]
     data = json.loads(results.read_text())
-    rows: list[Row] = data["rows"]
+    rows: list[PersonRecord] = data["rows"]
     shifts = sorted({r["shift"] for r in rows}, key=lambda s: (s != GOAL_SHIFT, s))
     epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None}, reverse=True)
-    plot(rows, shifts, epsilons, docs / PLOT)
-    lines = [*INTRO, f"Training epochs (MistNet and centralized alike): {data['epochs']}; {data['imgsz']} px.", ""]
+    plot(rows, shifts, epsilons, docs / PERSON_PLOT)
+    epochs = f"Training epochs (MistNet and centralized alike): {data['epochs']}; {data['imgsz']} px."
+    lines = [*PERSON_INTRO, epochs, ""]
     for shift in shifts:
         lines += [f"### `{shift}`", "", *shift_table(rows, shift, epsilons), ""]
-    lines += ["### Against the goal", "", *gain_lines(rows, epsilons), "", f"![held-out person AP per shift]({PLOT})",
-              "", "### Settings tried", "", *VARIANTS, "", *variants_table(rows), "", *NOTES, ""]  # fmt: skip
+    lines += ["### Against the goal", "", *gain_lines(rows, epsilons), "",
+              f"![held-out person AP per shift]({PERSON_PLOT})", "", "### Settings tried", "", *VARIANTS, "",
+              *variants_table(rows), "", *NOTES, ""]  # fmt: skip
     return lines
 
 
-INTRO = [
+PERSON_INTRO = [
     "## Learning from the edges: person detection under shifts the pretrained model never saw",
     "",
     "`python -m bench.person --shift NAME:SEVERITY` (`make learning`). Data: `../shared/data/coco-person` (800 COCO"

@@ -24,6 +24,7 @@ import cProfile
 import json
 import os
 import resource
+import runpy
 import sys
 import threading
 import time
@@ -32,10 +33,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.protocol import NodeState, NodeStatus, Topics
+from common.protocol import Topics
 
 if TYPE_CHECKING:  # torch is imported where it is used: the transport processes start without it
     import torch
+
+    from bench.instrumented_cloud import BenchCloud
 
 
 def maxrss() -> int:
@@ -55,14 +58,6 @@ def ready(wait_go: bool) -> None:
         line = sys.stdin.readline()
         if line.strip() != "go":
             raise SystemExit(f"expected 'go' on stdin, got {line!r}")
-
-
-def mqtt_packet_bytes(topic: str, payload_len: int) -> int:
-    """Size of an MQTT v5 QoS 1 PUBLISH without properties: fixed header, topic, packet id,
-    property length, payload."""
-    remaining = 2 + len(topic.encode()) + 2 + 1 + payload_len
-    varint = 1 if remaining < 128 else 2 if remaining < 16384 else 3 if remaining < 2097152 else 4
-    return 1 + varint + remaining
 
 
 # bare head ---------------------------------------------------------------------------------------
@@ -129,96 +124,16 @@ def cmd_bare(args: argparse.Namespace) -> int:
 # cloud -------------------------------------------------------------------------------------------
 
 
-def bench_cloud_class() -> type:
-    from cloud_agent.agent import CloudAgent
-
-    class BenchCloud(CloudAgent):
-        """The real cloud agent, instrumented: per-edge start/end times and received bytes.
-
-        With ``hold``, ``ready`` hellos are answered only once every edge has said ready, so all
-        edges start streaming at the same moment (as the baseline's processes do).
-        """
-
-        def __init__(self, *args: Any, hold: bool = False, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.hold = hold
-            self.held: dict[str, NodeStatus] = {}
-            self.t_start: dict[str, float] = {}
-            self.t_end: dict[str, float] = {}
-            self.messages: Counter[str] = Counter()
-            self.payload_bytes: Counter[str] = Counter()
-            self.packet_bytes: Counter[str] = Counter()
-            collect = self.collector.on_features
-
-            def on_features(node: str, payload: bytes) -> None:
-                self.messages[node] += 1
-                self.payload_bytes[node] += len(payload)
-                self.packet_bytes[node] += mqtt_packet_bytes(Topics.features(node, self.spec.name), len(payload))
-                collect(node, payload)
-
-            self.collector.on_features = on_features  # type: ignore[method-assign]
-
-        def pump(self, timeout_s: float) -> None:
-            super().pump(timeout_s)  # commits the batch and publishes its acknowledgements
-            for node in [e.node for e in self.spec.edges if e.node not in self.t_end]:
-                if self.spool.counts(node).complete:
-                    self.t_end[node] = time.time()
-
-        def on_node_status(self, status: NodeStatus) -> None:
-            nodes = {e.node for e in self.spec.edges}
-            ours = status.node in nodes and status.job == self.spec.name and status.state == NodeState.READY
-            if ours and status.node not in self.t_start:
-                self.held[status.node] = status
-                self.edge_state[status.node] = status
-                if self.hold and len(self.held) < len(nodes):
-                    return
-                for held in list(self.held.values()):
-                    self.t_start.setdefault(held.node, time.time())
-                    super().on_node_status(held)
-                self.held.clear()
-                return
-            super().on_node_status(status)
-
-        def wait_online(self, timeout_s: float) -> None:
-            """Until every edge has announced itself (its retained status), so the clock starts
-            with the job, not with the edges' interpreter start-up."""
-            deadline = time.monotonic() + timeout_s
-            nodes = {e.node for e in self.spec.edges}
-            while not nodes <= set(self.edge_state):
-                if time.monotonic() > deadline:
-                    missing = sorted(nodes - set(self.edge_state))
-                    raise SystemExit(f"edges {missing} did not come online within {timeout_s:.0f} s")
-                self.pump(0.2)
-
-    return BenchCloud
-
-
 def cmd_cloud(args: argparse.Namespace) -> int:
+    from bench.instrumented_cloud import BenchCloud
     from common.jobspec import load_job
     from common.transport import BrokerOptions
 
     spec = load_job(Path(args.job))
-    cls = bench_cloud_class()
-    agent = cls(spec, BrokerOptions(url=args.broker), Path(args.workdir), args.device, hold=args.hold)
+    agent = BenchCloud(spec, BrokerOptions(url=args.broker), Path(args.workdir), args.device, hold=args.hold)
     profile = cProfile.Profile() if args.profile else None
-    result: dict[str, Any] = {}
     if args.collect_only:
-        agent.link.connect()
-        try:
-            agent.wait_online(args.online_timeout)
-            ready(False)
-            t0 = time.time()
-            if profile:
-                profile.enable()
-            agent.offer_job()
-            agent.collect()
-            if profile:
-                profile.disable()
-            t1 = time.time()
-            agent.withdraw_job()
-            result.update(t_offer=t0, t_collected=t1, phase=agent.phase.value)
-        finally:
-            agent.link.close()
+        result = collect_only(agent, args.online_timeout, profile)
     else:
         ready(False)
         t0 = time.time()
@@ -227,33 +142,56 @@ def cmd_cloud(args: argparse.Namespace) -> int:
         summary = agent.run()  # closes the link and the spool
         if profile:
             profile.disable()
-        result.update(t_offer=t0, t_collected=time.time(), phase=summary.phase.value, metrics=summary.metrics)
+        result = dict(t_offer=t0, t_collected=time.time(), phase=summary.phase.value, metrics=summary.metrics)
         from cloud_agent.spool import Spool
 
         agent.spool = Spool(Path(args.workdir) / "spool.sqlite")
     if profile:
         profile.dump_stats(args.profile)
-    edges = {}
-    for edge in spec.edges:
-        counts = agent.spool.counts(edge.node)
-        row = agent.spool.db.execute(
-            "SELECT COALESCE(AVG(COALESCE(length, LENGTH(features))), 0) FROM samples WHERE node=?", (edge.node,)
-        ).fetchone()
-        edges[edge.node] = {
-            "t_start": agent.t_start.get(edge.node),
-            "t_end": agent.t_end.get(edge.node),
-            "samples": counts.samples,
-            "skipped": counts.skipped,
-            "messages": agent.messages[edge.node],
-            "payload_bytes": agent.payload_bytes[edge.node],
-            "packet_bytes": agent.packet_bytes[edge.node],
-            "spooled_wire_bytes": counts.wire_bytes,
-            "feature_bytes_per_sample": float(row[0]),
-        }
+    edges = {edge.node: edge_counts(agent, edge.node) for edge in spec.edges}
     agent.spool.close()
     result.update(edges=edges, duplicates=agent.collector.duplicates, maxrss=maxrss())
     emit(result)
     return 0
+
+
+def collect_only(agent: BenchCloud, online_timeout: float, profile: cProfile.Profile | None) -> dict[str, Any]:
+    """Offer the job once every edge is online and stop after collection (profiled when asked)."""
+    agent.link.connect()
+    try:
+        agent.wait_online(online_timeout)
+        ready(False)
+        t0 = time.time()
+        if profile:
+            profile.enable()
+        agent.offer_job()
+        agent.collect()
+        if profile:
+            profile.disable()
+        t1 = time.time()
+        agent.withdraw_job()
+        return dict(t_offer=t0, t_collected=t1, phase=agent.phase.value)
+    finally:
+        agent.link.close()
+
+
+def edge_counts(agent: BenchCloud, node: str) -> dict[str, Any]:
+    """What the cloud timed, received and spooled from one edge."""
+    counts = agent.spool.counts(node)
+    row = agent.spool.db.execute(
+        "SELECT COALESCE(AVG(COALESCE(length, LENGTH(features))), 0) FROM samples WHERE node=?", (node,)
+    ).fetchone()
+    return {
+        "t_start": agent.t_start.get(node),
+        "t_end": agent.t_end.get(node),
+        "samples": counts.samples,
+        "skipped": counts.skipped,
+        "messages": agent.messages[node],
+        "payload_bytes": agent.payload_bytes[node],
+        "packet_bytes": agent.packet_bytes[node],
+        "spooled_wire_bytes": counts.wire_bytes,
+        "feature_bytes_per_sample": float(row[0]),
+    }
 
 
 # edge with switched optimisations ------------------------------------------------------------------
@@ -302,10 +240,15 @@ def apply_extractor_opts(opts: str) -> dict[str, Any]:
 
 
 def cmd_edge(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    """``python -m mistnet REST`` run in this process, so that it uses the extractor just patched
+    (run as a program, like a child process would: bench builds on the CLI's layers, not on the CLI)."""
     apply_extractor_opts(args.opts)
-    from mistnet.cli import main
-
-    return main(list(rest))
+    sys.argv = ["mistnet", *rest]
+    try:
+        runpy.run_module("mistnet", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:  # mistnet/__main__.py ends with sys.exit(main())
+        return int(exc.code or 0)
+    return 0
 
 
 # transport ---------------------------------------------------------------------------------------
@@ -565,7 +508,39 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.procs", description=__doc__)
     sub = p.add_subparsers(dest="kind", required=True)
+    add_bare_and_cloud(sub)
+    e = sub.add_parser("edge")
+    e.add_argument("--opts", default="", help="extractor options, e.g. fuse_bn=0,encoder=legacy")
+    for name in ("raw-sub", "raw-pub"):
+        r = sub.add_parser(name)
+        r.add_argument("--broker", required=True)
+        r.add_argument("--topic", required=True)
+        r.add_argument("--done-topic", required=True)
+        r.add_argument("--count", type=int, required=True)
+        r.add_argument("--timeout", type=float, default=300.0)
+        if name == "raw-pub":
+            r.add_argument("--size", type=int, required=True)
+            r.add_argument("--inflight", type=int, default=20)
+            r.add_argument("--wait-go", action="store_true")
+    for name in ("proto-send", "proto-recv"):
+        q = sub.add_parser(name)
+        q.add_argument("--broker", required=True)
+        q.add_argument("--job", required=True)
+        q.add_argument("--node", required=True)
+        q.add_argument("--batch", type=int, required=True)
+        q.add_argument("--timeout", type=float, default=300.0)
+        if name == "proto-send":
+            q.add_argument("--transfers", type=int, required=True)
+            q.add_argument("--sample-bytes", type=int, required=True)
+            q.add_argument("--chunk-bytes", type=int, required=True)
+            q.add_argument("--window", type=int, required=True)
+            q.add_argument("--wait-go", action="store_true")
+        else:
+            add_proto_recv_flags(q)
+    return p
 
+
+def add_bare_and_cloud(sub: Any) -> None:
     b = sub.add_parser("bare")
     b.add_argument("--arch", required=True)
     b.add_argument("--num-classes", type=int, default=80)
@@ -587,60 +562,25 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--online-timeout", type=float, default=120.0)
     c.add_argument("--profile", help="write cProfile stats of offer_job+collect (or the whole job) here")
 
-    e = sub.add_parser("edge")
-    e.add_argument("--opts", default="", help="extractor options, e.g. fuse_bn=0,encoder=legacy")
 
-    for name in ("raw-sub", "raw-pub"):
-        r = sub.add_parser(name)
-        r.add_argument("--broker", required=True)
-        r.add_argument("--topic", required=True)
-        r.add_argument("--done-topic", required=True)
-        r.add_argument("--count", type=int, required=True)
-        r.add_argument("--timeout", type=float, default=300.0)
-        if name == "raw-pub":
-            r.add_argument("--size", type=int, required=True)
-            r.add_argument("--inflight", type=int, default=20)
-            r.add_argument("--wait-go", action="store_true")
-
-    for name in ("proto-send", "proto-recv"):
-        q = sub.add_parser(name)
-        q.add_argument("--broker", required=True)
-        q.add_argument("--job", required=True)
-        q.add_argument("--node", required=True)
-        q.add_argument("--batch", type=int, required=True)
-        q.add_argument("--timeout", type=float, default=300.0)
-        if name == "proto-send":
-            q.add_argument("--transfers", type=int, required=True)
-            q.add_argument("--sample-bytes", type=int, required=True)
-            q.add_argument("--chunk-bytes", type=int, required=True)
-            q.add_argument("--window", type=int, required=True)
-            q.add_argument("--wait-go", action="store_true")
-        else:
-            q.add_argument("--workdir", required=True)
-            q.add_argument("--spool-pragma", default="", help="e.g. wal_autocheckpoint=16384 (experiments)")
-            q.add_argument(
-                "--no-segment-sync", action="store_true", help="no fsync of the spool's segment file before each commit"
-            )
-            q.add_argument(
-                "--no-pipeline", action="store_true", help="fsync and COMMIT each batch before handling the next"
-            )
-            q.add_argument("--nagle", action="store_true", help="no TCP_NODELAY on the cloud's broker connection")
-            q.add_argument("--default-malloc", action="store_true", help="glibc's malloc defaults in the cloud")
-            q.add_argument(
-                "--hold-s",
-                type=float,
-                default=None,
-                help="the collector's hold time for incomplete transfers (0: persisted at the batch's end)",
-            )
-            q.add_argument(
-                "--max-batch-bytes",
-                type=int,
-                default=None,
-                help="the collector's batch limit (1 with --hold-s 0: every chunk persisted and "
-                "acknowledged on arrival in its own transaction, then copied into samples: the shape of "
-                "the receive path before issue #6)",
-            )
-    return p
+def add_proto_recv_flags(q: argparse.ArgumentParser) -> None:
+    """The receive path's switches that ``bench.experiments`` turns off one at a time."""
+    q.add_argument("--workdir", required=True)
+    q.add_argument("--spool-pragma", default="", help="e.g. wal_autocheckpoint=16384 (experiments)")
+    q.add_argument(
+        "--no-segment-sync", action="store_true", help="no fsync of the spool's segment file before each commit"
+    )
+    q.add_argument("--no-pipeline", action="store_true", help="fsync and COMMIT each batch before handling the next")
+    q.add_argument("--nagle", action="store_true", help="no TCP_NODELAY on the cloud's broker connection")
+    q.add_argument("--default-malloc", action="store_true", help="glibc's malloc defaults in the cloud")
+    hold = "the collector's hold time for incomplete transfers (0: persisted at the batch's end)"
+    q.add_argument("--hold-s", type=float, default=None, help=hold)
+    q.add_argument(
+        "--max-batch-bytes", type=int, default=None,
+        help="the collector's batch limit (1 with --hold-s 0: every chunk persisted and "
+        "acknowledged on arrival in its own transaction, then copied into samples: the shape of "
+        "the receive path before issue #6)",
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,19 +11,10 @@ from typing import Any
 
 from bench import edge, memory, report, runtimes, scaling, train, train_scaling, transport
 from bench.profiles import PROFILES
-from bench.util import DOCS, RESULTS, BenchError, Context, LoadRecord, bench_broker, coco_images, machine
+from bench.util import BenchError, Context, LoadRecord, bench_broker, coco_images, default_docs, default_out, machine
 
 PARTS = ("edge", "runtimes", "transport", "train", "memory", "scaling", "train_scaling")
 MODULES = dict(zip(PARTS, (edge, runtimes, transport, train, memory, scaling, train_scaling), strict=True))
-
-
-def default_out(profile: str) -> Path:
-    return RESULTS if profile == "full" else RESULTS / profile
-
-
-def default_docs(profile: str, out: Path) -> Path:
-    """The full run regenerates docs/benchmarks.md; other profiles write their page beside their JSON."""
-    return DOCS / "benchmarks.md" if profile == "full" else out / "benchmarks.md"
 
 
 def check_device(device: str) -> None:

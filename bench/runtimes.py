@@ -55,8 +55,7 @@ def main() -> int:
     from pathlib import Path
 
     from bench.profiles import PROFILES
-    from bench.runner import default_out
-    from bench.util import bench_broker
+    from bench.util import bench_broker, default_out
 
     profile = sys.argv[1] if len(sys.argv) > 1 else "full"
     out = default_out(profile)

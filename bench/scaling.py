@@ -96,13 +96,7 @@ def collect_run(
             if profile_dir is not None and k == 0:
                 kid = spawn(node, ["-m", "cProfile", "-o", str(profile_dir / "edge.prof"), *edge], logdir, child_env(1))
             elif profile_dir is not None and k == 1 and spy:
-                kid = spawn(
-                    node,
-                    edge,
-                    logdir,
-                    child_env(1),
-                    argv0=pyspy_command(spy, profile_dir),
-                )
+                kid = spawn(node, edge, logdir, child_env(1), argv0=pyspy_command(spy, profile_dir))
             else:
                 kid = spawn(node, edge, logdir, child_env(1))
             started.append(kid)
@@ -111,12 +105,18 @@ def collect_run(
         result = await_result(cloud, kids, ctx.timeout())
         for kid in kids:
             kid.wait(120)
+    return {"edges": edges, **collect_figures(result, rss, nodes),
+            "spool": str(ctx.workdir / "cloud" / name / "spool.sqlite"),
+            "shard_samples": {n: len(np.load(p)["labels"]) for n, p in zip(nodes, shards, strict=True)}}  # fmt: skip
+
+
+def collect_figures(result: dict[str, Any], rss: RssSampler, nodes: list[str]) -> dict[str, Any]:
+    """Collection time, when the edges got ready and finished, and CPU and peak RSS per process."""
     t0, t1 = result["t_offer"], result["t_collected"]
     samples = sum(e["samples"] for e in result["edges"].values())
     ends = [e["t_end"] - t0 for e in result["edges"].values() if e["t_end"]]
     starts = [e["t_start"] - t0 for e in result["edges"].values() if e["t_start"]]
     return {
-        "edges": edges,
         "samples": samples,
         "collect_s": t1 - t0,
         "first_ready_s": min(starts) if starts else None,
@@ -130,8 +130,6 @@ def collect_run(
         "cloud_peak_rss_mib": rss.peaks.get("cloud", 0) / 2**20,
         "broker_peak_rss_mib": rss.peaks.get("broker", 0) / 2**20,
         "edge_peak_rss_mib": [rss.peaks.get(n, 0) / 2**20 for n in nodes],
-        "spool": str(ctx.workdir / "cloud" / name / "spool.sqlite"),
-        "shard_samples": {n: len(np.load(p)["labels"]) for n, p in zip(nodes, shards, strict=True)},
     }
 
 

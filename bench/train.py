@@ -63,17 +63,9 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def bench_task(
-    ctx: Context,
-    label: str,
-    model: nn.Module,
-    cut: int,
-    task: CloudTask,
-    dataset: Any,
-    transfer: int,
-    batch: int,
-    repeats: int,
-    workers_arm: bool = False,
-) -> dict[str, Any]:
+    ctx: Context, label: str, model: nn.Module, cut: int, task: CloudTask, dataset: Any, transfer: int, batch: int,
+    repeats: int, workers_arm: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     device = ctx.device
     root = ctx.workdir / "train" / label
     root.mkdir(parents=True, exist_ok=True)
@@ -85,13 +77,7 @@ def bench_task(
     )
     spool_model = copy.deepcopy(model)
     trainer = Trainer(spool_model, cut, task, data, config, root / "state", feature_transform({}))
-    plain_model = copy.deepcopy(model).to(device)
-    params = freeze_head(plain_model, cut)
-    opt = torch.optim.SGD(
-        param_groups(params, config.weight_decay), lr=config.learning_rate, momentum=config.momentum, nesterov=True
-    )
-    stored = [data[i] for i in range(len(data))]
-    batches = [task.collate(stored[i : i + batch]).to(device) for i in range(0, len(stored), batch)]
+    plain_model, opt, batches = plain_arm(model, cut, task, data, config, batch)
 
     def spool_epoch(epoch: int, loader: DataLoader[Any] | None = None) -> None:
         trainer.train_epoch(loader or trainer.loader(torch.Generator().manual_seed(epoch)), epoch, None)
@@ -104,10 +90,7 @@ def bench_task(
     # allocator, oneDNN primitive caches, thread pools).
     plain_epoch(plain_model, cut, task, batches, opt)
     spool_epoch(0)
-    plain_s: list[float] = []
-    spool_s: list[float] = []
-    read_s: list[float] = []
-    workers_s: list[float] = []
+    runs: dict[str, list[float]] = {"plain": [], "spool": [], "read": [], "workers": []}
     for r in range(repeats):
 
         def run_plain() -> None:
@@ -118,19 +101,39 @@ def bench_task(
             spool_epoch(epoch, loader)
             sync()
 
-        plain_s.append(timed(run_plain))
-        spool_s.append(timed(run_spool))
-        read_s.append(timed(lambda: [None for _ in trainer.loader(None, shuffle=False)]))
+        runs["plain"].append(timed(run_plain))
+        runs["spool"].append(timed(run_spool))
+        runs["read"].append(timed(lambda: [None for _ in trainer.loader(None, shuffle=False)]))
         if workers_arm:
             loader = workers_loader(trainer, spool.path, 2)
-            workers_s.append(timed(lambda loader=loader: run_spool(loader)))  # type: ignore[misc]
+            runs["workers"].append(timed(lambda loader=loader: run_spool(loader)))  # type: ignore[misc]
         ctx.log(
-            f"train {label} {r + 1}/{repeats}: plain {samples / plain_s[-1]:.1f} img/s, "
-            f"spool {samples / spool_s[-1]:.1f} img/s"
+            f"train {label} {r + 1}/{repeats}: plain {samples / runs['plain'][-1]:.1f} img/s, "
+            f"spool {samples / runs['spool'][-1]:.1f} img/s"
         )
     spool.close()
-    plain_ips = [samples / s for s in plain_s]
-    spool_ips = [samples / s for s in spool_s]
+    return throughput(label, samples, batch, runs)
+
+
+def plain_arm(
+    model: nn.Module, cut: int, task: CloudTask, data: SpoolFeatures, config: TrainConfig, batch: int
+) -> tuple[nn.Module, torch.optim.Optimizer, list[Batch]]:
+    """The baseline: a copy of ``model`` with the trainer's frozen head and optimizer, and the spool's
+    batches decoded in memory once."""
+    plain_model = copy.deepcopy(model).to(config.device)
+    params = freeze_head(plain_model, cut)
+    opt = torch.optim.SGD(
+        param_groups(params, config.weight_decay), lr=config.learning_rate, momentum=config.momentum, nesterov=True
+    )
+    stored = [data[i] for i in range(len(data))]
+    batches = [task.collate(stored[i : i + batch]).to(config.device) for i in range(0, len(stored), batch)]
+    return plain_model, opt, batches
+
+
+def throughput(label: str, samples: int, batch: int, runs: dict[str, list[float]]) -> dict[str, Any]:
+    """Images per second of each arm (seconds per epoch in ``runs``) and the paired ratios."""
+    plain_ips = [samples / s for s in runs["plain"]]
+    spool_ips = [samples / s for s in runs["spool"]]
     out: dict[str, Any] = {
         "task": label,
         "samples": samples,
@@ -140,10 +143,10 @@ def bench_task(
         "plain_runs": plain_ips,
         "spool_runs": spool_ips,
         "train_throughput_ratio": paired_ratio(spool_ips, plain_ips),
-        "spool_read_images_per_s": median([samples / s for s in read_s]),
+        "spool_read_images_per_s": median([samples / s for s in runs["read"]]),
     }
-    if workers_s:
-        w_ips = [samples / s for s in workers_s]
+    if runs["workers"]:
+        w_ips = [samples / s for s in runs["workers"]]
         out["spool_2_workers_images_per_s"] = median(w_ips)
         out["spool_2_workers_ratio"] = paired_ratio(w_ips, plain_ips)
     return out

@@ -25,7 +25,7 @@ import torch
 from bench.util import BenchError, Context, child_env, median, spawn
 
 # What one scenario trains: arch, cut, image size (0: the arch's default), samples, global batch.
-Scenario = tuple[str, int, int, int, int]
+TrainScenario = tuple[str, int, int, int, int]
 
 
 def rank_counts(ctx: Context) -> list[int]:
@@ -35,7 +35,7 @@ def rank_counts(ctx: Context) -> list[int]:
     return [n for n in ctx.profile.train_scaling_ranks if n <= ctx.cpus]
 
 
-def fill(ctx: Context, name: str, scenario: Scenario) -> Path:
+def fill(ctx: Context, name: str, scenario: TrainScenario) -> Path:
     """A spool of ``scenario``'s real features (node ``edge``)."""
     from bench.train import fill_spool
     from cloud_agent.spool import Spool
@@ -62,7 +62,7 @@ def fill(ctx: Context, name: str, scenario: Scenario) -> Path:
     return path
 
 
-def launch(ctx: Context, name: str, scenario: Scenario, spool: Path, ranks: int) -> float:
+def launch(ctx: Context, name: str, scenario: TrainScenario, spool: Path, ranks: int) -> float:
     """One torchrun run of ``ranks`` processes: samples per second over the timed epochs."""
     arch, cut, imgsz, _, batch = scenario
     run = ctx.unique(f"{name}-{ranks}-")
@@ -76,7 +76,7 @@ def launch(ctx: Context, name: str, scenario: Scenario, spool: Path, ranks: int)
     return float(json.loads(out.read_text())["samples_per_s"])
 
 
-def measure(ctx: Context, name: str, scenario: Scenario, counts: list[int]) -> list[dict[str, Any]]:
+def measure(ctx: Context, name: str, scenario: TrainScenario, counts: list[int]) -> list[dict[str, Any]]:
     """One row per rank count: median samples/s of interleaved runs, and the efficiency."""
     spool = fill(ctx, name, scenario)
     runs: dict[int, list[float]] = {n: [] for n in counts}
@@ -94,7 +94,7 @@ def run(ctx: Context) -> dict[str, Any]:
     from bench.util import LoadRecord, machine
 
     prof = ctx.profile
-    scenarios: dict[str, Scenario] = {
+    scenarios: dict[str, TrainScenario] = {
         "lenet5-mnist": ("lenet5", 2, 0, prof.mnist_train_samples, prof.mnist_train_batch)
     }
     for yolo in prof.train[:1]:

@@ -22,15 +22,26 @@ from typing import Any
 import psutil
 
 from common.errors import MistnetError
+from scenarios.defaults import SHARED
 
 REPO = Path(__file__).resolve().parents[1]
-# The data shared beside the checkout; MISTNET_BENCH_SHARED points elsewhere (e.g. on a lent GPU machine).
-SHARED = Path(os.environ.get("MISTNET_BENCH_SHARED") or REPO.parent / "shared")
-COCO128 = SHARED / "data" / "coco128"
-YOLOV5N_WEIGHTS = SHARED / "weights" / "yolov5n.pt"
+# The data the benchmarks read: the commands' default beside the checkout, unless MISTNET_BENCH_SHARED
+# points elsewhere (e.g. on a lent GPU machine).
+BENCH_SHARED = Path(os.environ.get("MISTNET_BENCH_SHARED") or SHARED)
+COCO128 = BENCH_SHARED / "data" / "coco128"
+YOLOV5N_WEIGHTS = BENCH_SHARED / "weights" / "yolov5n.pt"
 RESULTS = REPO / "bench" / "results"
 DOCS = REPO / "docs"
 MIB = 1024 * 1024
+
+
+def default_out(profile: str) -> Path:
+    return RESULTS if profile == "full" else RESULTS / profile
+
+
+def default_docs(profile: str, out: Path) -> Path:
+    """The full run regenerates docs/benchmarks.md; other profiles write their page beside their JSON."""
+    return DOCS / "benchmarks.md" if profile == "full" else out / "benchmarks.md"
 
 
 class BenchError(MistnetError):

@@ -7,7 +7,7 @@ edges' :class:`~edge_agent.torch_head.TorchExtractor` and encoder fill a real sp
 and every model is scored by :func:`~common.evaluation.evaluate_model` through the deployed path
 (head → levels → decoder → tail), without randomization at evaluation (as the cloud evaluates).
 
-Splits (``mistnet.demo.split_images``, seed 0, disjoint): 32 held-out images (never sent, never
+Splits (``scenarios.folders.split_images``, seed 0, disjoint): 32 held-out images (never sent, never
 trained on), 32 public images (unlabelled, the cloud's), 2 edges x 32 labelled images.
 """
 
@@ -38,15 +38,13 @@ from common.jobspec import AdaptSpec
 from common.models.cutdecoder import attach
 from common.privacy import BitEncoder, feature_transform
 from edge_agent.torch_head import TorchExtractor
-from mistnet.demo import link_yolo_folder, split_images
-from mistnet.flags import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS
+from scenarios.defaults import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS
+from scenarios.folders import link_yolo_folder, split_images
 
 log = logging.getLogger("mistnet.bench.utility")
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "utility.json"
-DOC = REPO / "docs" / "privacy-utility.md"
-PLOT = REPO / "docs" / "privacy-utility.png"
 CUT = 4
 EDGES = 2
 PER_EDGE = 32
@@ -69,7 +67,7 @@ METHODS = {
 
 
 @dataclass
-class Row:
+class UtilityRow:
     method: str
     epsilon: float | None
     held_out: tuple[float, float]
@@ -92,7 +90,7 @@ class Setup:
         return [f"edge{k}" for k in range(1, EDGES + 1)]
 
 
-def prepare(data: Path, workdir: Path) -> dict[str, Path]:
+def coco128_folders(data: Path, workdir: Path) -> dict[str, Path]:
     split = split_images(discover_images(data), EDGES, PER_EDGE, HELD_OUT, public=PUBLIC)
     folders = {f"edge{k}": link_yolo_folder(imgs, workdir / f"edge{k}") for k, imgs in enumerate(split.edges, 1)}
     folders["held-out"] = link_yolo_folder(split.held_out, workdir / "held-out")
@@ -111,7 +109,7 @@ def scores(setup: Setup, model: nn.Module, encoding: dict[str, Any] | None) -> d
     return {k: score(setup, predict, k) for k in ("held-out", "in-sample")}
 
 
-def fill_spool(setup: Setup, model: nn.Module, encoder: BitEncoder, name: str) -> SpoolFeatures:
+def edges_spool(setup: Setup, model: nn.Module, encoder: BitEncoder, name: str) -> SpoolFeatures:
     """What the edges would send: each edge's images through its head and encoder, committed."""
     shutil.rmtree(setup.workdir / name, ignore_errors=True)
     spool = Spool(setup.workdir / name / "spool.sqlite")
@@ -136,13 +134,13 @@ def train(setup: Setup, model: nn.Module, data: SpoolFeatures, name: str, epochs
 
 
 class Measurement:
-    """Runs the methods at each ε and records a :class:`Row` per (method, ε)."""
+    """Runs the methods at each ε and records a :class:`UtilityRow` per (method, ε)."""
 
-    def __init__(self, setup: Setup, methods: list[str], on_row: Callable[[Row], None] | None = None) -> None:
+    def __init__(self, setup: Setup, methods: list[str], on_row: Callable[[UtilityRow], None] | None = None) -> None:
         self.setup = setup
         self.methods = methods
         self.pretrained, _ = load_model(setup.weights)
-        self.rows: list[Row] = []
+        self.rows: list[UtilityRow] = []
         self.on_row = on_row
 
     def wanted(self, method: str) -> bool:
@@ -152,7 +150,7 @@ class Measurement:
         self, method: str, eps: float | None, t0: float, model: nn.Module, encoding: dict[str, Any] | None
     ) -> None:
         got = scores(self.setup, model, encoding)
-        row = Row(method, eps, got["held-out"], got["in-sample"], round(time.monotonic() - t0, 1))
+        row = UtilityRow(method, eps, got["held-out"], got["in-sample"], round(time.monotonic() - t0, 1))
         print(json.dumps(asdict(row)), flush=True)
         self.rows.append(row)
         if self.on_row is not None:
@@ -164,7 +162,7 @@ class Measurement:
             attach(model, copy.deepcopy(adaptation.decoder))
         return model
 
-    def run(self, epsilons: list[float]) -> list[Row]:
+    def run(self, epsilons: list[float]) -> list[UtilityRow]:
         if self.wanted("pretrained"):
             self.record("pretrained", None, time.monotonic(), self.fresh(), None)
         for eps in epsilons:
@@ -179,7 +177,7 @@ class Measurement:
             self.record("zero-shot", eps, time.monotonic(), self.fresh(), {})
         if not (self.wanted("bn") or self.wanted("reference")):
             return
-        bits = fill_spool(self.setup, self.pretrained, BitEncoder(eps, seed=1), f"{tag}-bits")
+        bits = edges_spool(self.setup, self.pretrained, BitEncoder(eps, seed=1), f"{tag}-bits")
         if self.wanted("bn"):
             t0 = time.monotonic()
             model = train(self.setup, self.fresh(), bits, f"{tag}-bn", 0, learning_rate=FINETUNE_LR)
@@ -204,7 +202,7 @@ class Measurement:
         finetunes = [(m, n) for m, n in (("adapted+decoder-ft", 0), ("adapted+tail-ft", None)) if self.wanted(m)]
         if not finetunes:
             return
-        levels = fill_spool(
+        levels = edges_spool(
             setup, self.pretrained, BitEncoder(eps, seed=1, thresholds=adaptation.thresholds), f"{tag}-levels"
         )
         for method, tail_layers in finetunes:
@@ -236,16 +234,16 @@ def main(argv: list[str] | None = None) -> int:
         args.imgsz,
         args.epochs,
         args.decoder_epochs,
-        prepare(args.data, args.workdir),
+        coco128_folders(args.data, args.workdir),
         args.workdir,
         args.device,
     )
     # Rows are saved as they come (a long run that stops early keeps what it measured); with --merge,
     # rows of earlier runs for other (method, ε) pairs are kept.
     kept = json.loads(args.out.read_text())["rows"] if args.merge and args.out.exists() else []
-    rows = [Row(**{**r, "held_out": tuple(r["held_out"]), "in_sample": tuple(r["in_sample"])}) for r in kept]
+    rows = [UtilityRow(**{**r, "held_out": tuple(r["held_out"]), "in_sample": tuple(r["in_sample"])}) for r in kept]
 
-    def save(row: Row) -> None:
+    def save(row: UtilityRow) -> None:
         rows[:] = [r for r in rows if (r.method, r.epsilon) != (row.method, row.epsilon)] + [row]
         doc = {"imgsz": args.imgsz, "epochs": args.epochs, "decoder_epochs": args.decoder_epochs}
         args.out.parent.mkdir(parents=True, exist_ok=True)

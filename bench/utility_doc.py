@@ -20,7 +20,7 @@ DOC = REPO / "docs" / "privacy-utility.md"
 PLOT = REPO / "docs" / "privacy-utility.png"
 RECONSTRUCTIONS = "privacy-reconstructions.png"
 PERSON = person_doc.RESULTS
-GOALS = {100.0: 0.9, 4.0: 0.75}
+RETAINED_GOALS = {100.0: 0.9, 4.0: 0.75}
 
 LABELS = {
     "pretrained": "pretrained, full precision (no MistNet)",
@@ -67,7 +67,7 @@ def ratios(rows: list[dict[str, Any]], epsilons: list[float]) -> list[str]:
             continue
         best = max(candidates, key=lambda r: r["held_out"][1])
         ratio = best["held_out"][1] / full
-        goal = GOALS.get(e)
+        goal = RETAINED_GOALS.get(e)
         met = "n/a" if goal is None else ("yes" if ratio >= goal else "no")
         goal_text = "none set" if goal is None else f"≥ {goal:g}×"
         lines.append(f"| {e:g} | {best['method']} | {best['held_out'][1]:.3f} | {ratio:.3f} | {goal_text} | {met} |")
@@ -97,7 +97,7 @@ def plot(rows: list[dict[str, Any]], epsilons: list[float], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9.5, 4.6))
     full = next(r for r in rows if r["method"] == "pretrained")["held_out"][1]
     ax.axhline(full, color="black", linestyle="--", linewidth=1, label="pretrained, full precision")
-    for e, goal in GOALS.items():
+    for e, goal in RETAINED_GOALS.items():
         ax.plot([e], [goal * full], marker="_", markersize=22, color="red", linestyle="none")
     ax.plot([], [], marker="_", color="red", linestyle="none", label="goal (0.9× at ε=100, 0.75× at ε=4)")
     for method in LABELS:
@@ -172,7 +172,7 @@ def render(results: list[Path] = RESULTS, attack: Path | None = ATTACK, doc: Pat
         [
             *TITLE,
             *person_doc.section(PERSON, doc.parent),
-            *INTRO,
+            *UTILITY_INTRO,
             f"Fine-tuning epochs: {data['epochs']}; cut-decoder epochs: {data['decoder_epochs']}; "
             f"image size {data['imgsz']} px. Cells are mAP@0.5 / mAP@0.5:0.95.",
             "",
@@ -216,14 +216,14 @@ TITLE = [
     "",
 ]
 
-INTRO = [
+UTILITY_INTRO = [
     "## COCO128: what the bits cost a model that has nothing to learn",
     "",
     "### Protocol",
     "",
     "- Model: the official yolov5n checkpoint, cut_layer 4 (edges run layers 0-3; 64 x 80 x 80 activations per"
     " 640 px image, 51,200 bytes as bits), square letterbox 640 px.",
-    "- Data: COCO128 split once by `mistnet.demo.split_images` (seeded shuffle, seed 0) into disjoint sets:"
+    "- Data: COCO128 split once by `scenarios.folders.split_images` (seeded shuffle, seed 0) into disjoint sets:"
     " **32 held-out** images (never sent, never trained on; every held-out figure is on them),"
     " **32 public** images (given to the cloud *without labels*; adaptation uses only them),"
     " and **2 edges x 32 labelled images** (what edges send as bits; the in-sample figures are on them).",

@@ -145,19 +145,7 @@ def tls_init(
     force: bool = False,
 ) -> TlsBundle:
     """Create the CA, server and client certificates and the listener snippet under ``out``."""
-    hosts = [h.strip() for h in hosts if h.strip()]
-    if not hosts:
-        raise BrokerError("--hosts needs at least one host name or IP address")
-    clients = [c.strip() for c in clients if c.strip()]
-    for c in clients:
-        try:
-            check_name("client name", c)
-        except MistnetError as exc:
-            raise BrokerError(str(exc)) from None
-        if c in ("ca", "server"):
-            raise BrokerError(f"client name {c!r} would overwrite the {c} files")
-    if not 0 < days <= 3650:
-        raise BrokerError("--days must be between 1 and 3650")
+    hosts, clients = _checked(hosts, clients, days)
     out = Path(out).resolve()
     names = ["ca.crt", "ca.key", "server.crt", "server.key", "mosquitto-tls.conf"]
     names += [f"{c}.{ext}" for c in clients for ext in ("crt", "key", "env")]
@@ -191,14 +179,8 @@ def tls_init(
             _write(client_files[c][0], pem(cert), 0o644)
             _write(client_files[c][1], _pem_key(key), 0o600)
             env_files[c] = out / f"{c}.env"
-            env = [
-                f"# TLS settings of client {c!r} from `mistnet broker tls-init` (use with --credentials).",
-                f"MISTNET_BROKER=mqtts://{hosts[0]}:{port}",
-                f"MISTNET_CA_FILE={out / 'ca.crt'}",
-            ]
-            if require_certificate:
-                env += [f"MISTNET_CERT_FILE={client_files[c][0]}", f"MISTNET_KEY_FILE={client_files[c][1]}"]
-            _write(env_files[c], ("\n".join(env) + "\n").encode(), 0o600)
+            env = _client_env(c, f"mqtts://{hosts[0]}:{port}", out / "ca.crt", client_files[c], require_certificate)
+            _write(env_files[c], env.encode(), 0o600)
         conf = out / "mosquitto-tls.conf"
         _write(conf, tls_listener_config(port, out / "ca.crt", out / "server.crt", out / "server.key",
                                          require_certificate=require_certificate).encode(), 0o644)
@@ -206,6 +188,36 @@ def tls_init(
         raise BrokerError(f"cannot write to {out}: {exc.strerror} ({exc.filename})") from None
     return TlsBundle(out=out, ca_cert=out / "ca.crt", ca_key=out / "ca.key", server_cert=out / "server.crt",
                      server_key=out / "server.key", clients=client_files, env_files=env_files, conf=conf)
+
+
+def _checked(host_names: Sequence[str], client_names: Sequence[str], days: int) -> tuple[list[str], list[str]]:
+    """The host and client names, stripped and checked, or a BrokerError saying what is wrong."""
+    hosts = [h.strip() for h in host_names if h.strip()]
+    if not hosts:
+        raise BrokerError("--hosts needs at least one host name or IP address")
+    clients = [c.strip() for c in client_names if c.strip()]
+    for c in clients:
+        try:
+            check_name("client name", c)
+        except MistnetError as exc:
+            raise BrokerError(str(exc)) from None
+        if c in ("ca", "server"):
+            raise BrokerError(f"client name {c!r} would overwrite the {c} files")
+    if not 0 < days <= 3650:
+        raise BrokerError("--days must be between 1 and 3650")
+    return hosts, clients
+
+
+def _client_env(client: str, url: str, ca: Path, files: tuple[Path, Path], require_certificate: bool) -> str:
+    """The client's ``--credentials`` file: broker URL and CA, and its certificate under mutual TLS."""
+    env = [
+        f"# TLS settings of client {client!r} from `mistnet broker tls-init` (use with --credentials).",
+        f"MISTNET_BROKER={url}",
+        f"MISTNET_CA_FILE={ca}",
+    ]
+    if require_certificate:
+        env += [f"MISTNET_CERT_FILE={files[0]}", f"MISTNET_KEY_FILE={files[1]}"]
+    return "\n".join(env) + "\n"
 
 
 def _group_mosquitto(path: Path) -> None:

@@ -17,8 +17,6 @@ Three scenarios:
 
 from __future__ import annotations
 
-import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,38 +33,36 @@ from broker.launcher import start_embedded_broker
 from cloud_agent.pretrain import pretrain_classifier
 from common import constants as C
 from common.datasets.mnist import load_tensors, prepare_mnist
-from common.datasets.shift import Shift, shift_images, shifted_path
-from common.datasets.yolo import discover_images, img2label_path
+from common.datasets.shift import Shift
+from common.datasets.yolo import discover_images
 from common.errors import DatasetError, MistnetError, SpecError
 from common.jobspec import AdaptSpec, CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec, load_job
 from common.lifecycle import child_options
 from common.models.lenet import LeNet5
 from common.protocol import JobSummary, Message
 from common.transport import BrokerOptions
-from mistnet.flags import (
+from mistnet.flags import find_default, missing_hint
+from mistnet.monitor import StatusBoard, follow, status_link
+from scenarios.defaults import (
+    COCO_BATCH_SIZE,
+    COCO_CUT,
+    COCO_EPOCHS,
+    COCO_HELD_OUT,
+    COCO_IMAGE_SIZE,
+    COCO_PUBLIC,
+    COCO_TRANSFER_SAMPLES,
     DEFAULT_COCO128,
     DEFAULT_COCO_PERSON,
     DEFAULT_PUBLIC_IMAGES,
     DEFAULT_YOLO_WEIGHTS,
-    find_default,
-    missing_hint,
+    MNIST_CUT,
+    MNIST_EPOCHS,
+    PERSON_EPOCHS,
+    PERSON_HELD_OUT,
 )
-from mistnet.monitor import StatusBoard, follow, status_link
+from scenarios.folders import ImageSplit, link_yolo_folder, shifted_split, split_images
 
 SCENARIOS = ("mnist", "coco128", "coco-person")
-
-MNIST_EPOCHS = 6
-MNIST_CUT = 2
-COCO_EPOCHS = 10
-COCO_CUT = 4  # edges run layers 0-3, as the reference example
-COCO_IMAGE_SIZE = 320
-COCO_HELD_OUT = 32
-COCO_PUBLIC = 32  # the cloud's public images: threshold calibration and cut decoder (privacy-utility.md)
-PERSON_HELD_OUT = 200  # of coco-person's 800 images; the other 600 go to the edges
-PERSON_EPOCHS = 6  # held-out AP levels off after 4-5 epochs on 540 images (bench.person)
-COCO_BATCH_SIZE = 16
-COCO_TRANSFER_SAMPLES = 16
-
 
 @dataclass(frozen=True)
 class DemoOptions:
@@ -133,52 +129,6 @@ def prepare_mnist_job(opts: DemoOptions, root: Path) -> Path:
 
 
 @dataclass(frozen=True)
-class ImageSplit:
-    edges: list[list[Path]]
-    held_out: list[Path]
-    public: list[Path]
-
-
-def split_images(
-    images: list[Path], edges: int, per_edge: int | None, held_out: int, seed: int = 0, public: int = 0
-) -> ImageSplit:
-    """A seeded shuffle of the (sorted) images: ``held_out`` for the cloud's evaluation, then ``public``
-    unlabelled images for its adaptation, then ``per_edge`` per edge (default: the rest, shared
-    equally). Disjoint; the same inputs always give the same split."""
-    if edges < 1 or held_out < 1:
-        raise SpecError(f"need at least one edge and one held-out image, got {edges} and {held_out}")
-    order = sorted(images, key=lambda p: p.as_posix())
-    random.Random(seed).shuffle(order)
-    per = (len(order) - held_out - public) // edges if per_edge is None else per_edge
-    if per < 1 or held_out + public + edges * per > len(order):
-        raise DatasetError(
-            f"{len(order)} images cannot give {held_out} held-out, {public} public images and "
-            f"{edges} edge(s) x {per if per > 0 else 'at least 1'} images"
-        )
-    rest = order[held_out + public :]
-    return ImageSplit(
-        [rest[k * per : (k + 1) * per] for k in range(edges)], order[:held_out], order[held_out : held_out + public]
-    )
-
-
-def link_yolo_folder(images: list[Path], dest: Path, labels: bool = True) -> Path:
-    """``dest/images/*`` and (``labels``) ``dest/labels/*.txt`` as symlinks to the originals (YOLO layout)."""
-    if dest.exists():
-        shutil.rmtree(dest)  # only symlinks of an earlier run: the originals are untouched
-    (dest / "images").mkdir(parents=True)
-    (dest / "labels").mkdir()
-    for image in images:
-        link = dest / "images" / image.name
-        if link.exists():
-            raise DatasetError(f"two images named {image.name}: cannot link both into {dest}")
-        link.symlink_to(image.resolve())
-        label = img2label_path(image)
-        if labels and label.is_file():
-            (dest / "labels" / label.name).symlink_to(label.resolve())
-    return dest
-
-
-@dataclass(frozen=True)
 class DetectionScenario:
     """A detection scenario's defaults."""
 
@@ -213,27 +163,6 @@ class PreparedJob:
     path: Path
     spec: JobSpec
     edges: list[Path]  # detection: the edges' labelled folders (the centralized baseline trains on them)
-
-
-def shifted_split(split: ImageSplit, data: Path, shift: Shift, dest: Path) -> ImageSplit:
-    """The split's labelled images (edges, held-out) under ``shift`` in ``dest``, written once per
-    work directory (a marker says the copy is whole); the cloud's public images stay as they are."""
-    root = data if data.is_dir() else data.parent
-    edges = [[shifted_path(p, root, dest) for p in part] for part in split.edges]
-    held_out = [shifted_path(p, root, dest) for p in split.held_out]
-    done = dest / ".complete"
-    if not done.exists():
-        shutil.rmtree(dest, ignore_errors=True)
-        console = Console(stderr=True)
-        console.print(f"shifting the labelled images to {shift} in {dest}")
-
-        def progress(n: int, total: int) -> None:
-            if n % 100 == 0 or n == total:
-                console.print(f"  {n}/{total} images")
-
-        shift_images([p for part in [*split.edges, split.held_out] for p in part], root, dest, shift, progress)
-        done.touch()
-    return ImageSplit(edges, held_out, split.public)
 
 
 def public_folder(public: int | Path, split: ImageSplit, folders: Path) -> Path | None:

@@ -9,13 +9,6 @@ from pathlib import Path
 from common import constants as C
 from common.transport import BrokerOptions, broker_options
 
-# The read-only data beside a checkout (COCO128, the official yolov5n weights): the commands' defaults.
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DEFAULT_COCO128 = SHARED / "data" / "coco128"
-DEFAULT_COCO_PERSON = SHARED / "data" / "coco-person"
-DEFAULT_PUBLIC_IMAGES = SHARED / "data" / "public-images"
-DEFAULT_YOLO_WEIGHTS = SHARED / "weights" / "yolov5n.pt"
-
 
 def find_default(shared: Path, asset: str) -> Path:
     """``shared`` when it exists, else where ``mistnet fetch ASSET`` installs the asset (there or not)."""

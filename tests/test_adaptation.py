@@ -18,7 +18,7 @@ from common.evaluation import split_predict_fn
 from common.models.cutdecoder import CutDecoder, attach
 from common.privacy import calibrate_thresholds, feature_transform
 from common.split import run_head
-from mistnet.demo import link_yolo_folder, split_images
+from scenarios.folders import link_yolo_folder, split_images
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS = SHARED / "weights" / "yolov5n.pt"

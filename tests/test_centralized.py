@@ -12,7 +12,7 @@ import torch
 
 from cloud_agent.centralized import ImageSamples
 from common.datasets.yolo import discover_images
-from mistnet.demo import link_yolo_folder
+from scenarios.folders import link_yolo_folder
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS = SHARED / "weights" / "yolov5n.pt"

@@ -114,7 +114,7 @@ def test_evaluate_reports_finite_map_on_a_tiny_folder(tmp_path: Path, model: tor
 
 def test_evaluate_follows_the_split_path_with_pretrained_weights(tmp_path: Path) -> None:
     from common.checkpoint import load_model
-    from mistnet.demo import link_yolo_folder
+    from scenarios.folders import link_yolo_folder
 
     images = sorted((COCO128 / "images" / "train2017").glob("*.jpg"))[:6]
     task = Detection(link_yolo_folder(images, tmp_path / "val"), 320)

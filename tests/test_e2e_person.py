@@ -14,7 +14,8 @@ import pytest
 
 from common.datasets.shift import Shift
 from common.datasets.yolo import discover_images
-from mistnet.demo import DemoOptions, link_yolo_folder, prepare_detection_job
+from mistnet.demo import DemoOptions, prepare_detection_job
+from scenarios.folders import link_yolo_folder
 from tests.agents import run_two_edge_job
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-OWN = {"common", "edge_agent", "cloud_agent", "broker", "mistnet", "bench"}
+OWN = {"common", "edge_agent", "cloud_agent", "broker", "mistnet", "bench", "scenarios"}
 DIST_OF = {"PIL": "pillow", "yaml": "pyyaml", "paho": "paho-mqtt", "prometheus_client": "prometheus-client",
            "skimage": "scikit-image", "botocore": "boto3", "imagecorruptions": "imagecorruptions-imaug"}
 # What an edge must never load: torch (ONNX Runtime runs its head), the cloud's training, evaluation and

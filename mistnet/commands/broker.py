@@ -63,7 +63,12 @@ def register(subparsers: Any) -> None:
         "broker", help="run an MQTT broker, create its accounts or TLS files", description=__doc__
     )
     sub = parser.add_subparsers(dest="broker_command", required=True, metavar="ACTION")
+    add_run(sub)
+    add_init_auth(sub)
+    add_tls_init(sub)
 
+
+def add_run(sub: Any) -> None:
     run_p = sub.add_parser(
         "run",
         help="run mosquitto in the foreground (amqtt when mosquitto is missing)",
@@ -84,6 +89,8 @@ def register(subparsers: Any) -> None:
     )
     run_p.set_defaults(func=run)
 
+
+def add_init_auth(sub: Any) -> None:
     auth_p = sub.add_parser(
         "init-auth",
         help="write mosquitto.conf, passwd, acl and per-user credentials",
@@ -112,6 +119,8 @@ def register(subparsers: Any) -> None:
     auth_p.add_argument("--force", action="store_true", help="overwrite existing files (old passwords die)")
     auth_p.set_defaults(func=run_init_auth)
 
+
+def add_tls_init(sub: Any) -> None:
     tls_p = sub.add_parser(
         "tls-init",
         help="throwaway CA, server and client certificates (tests, trials)",

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mistnet.flags import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS, find_default, image_size, positive_int
+from mistnet.flags import find_default, image_size, positive_int
+from scenarios.defaults import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS
 
 
 def _epsilons(text: str) -> list[float]:
@@ -65,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from common.checkpoint import load_model
     from common.datasets.yolo import YoloDataset, discover_images
     from common.privacy import thresholds_from_metadata
-    from mistnet.demo import link_yolo_folder, split_images
     from mistnet.privacy_report import plot_samples, run_attacks, table, write_privacy_report
+    from scenarios.folders import link_yolo_folder, split_images
 
     console = Console(stderr=True)
     model, weights = load_model(args.model)
