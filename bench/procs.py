@@ -14,7 +14,7 @@ on its last line. Times are ``time.time()`` so the orchestrator can line up seve
 - ``raw-pub`` / ``raw-sub``: a plain paho QoS 1 publish loop and subscriber (transport baseline).
 - ``proto-send`` / ``proto-recv``: the real edge send path (``EdgeAgent.stream``: ``SendWindow``,
   chunking, cloud acknowledgements) over pre-built feature batches, into the real cloud
-  (``CloudAgent.collect``: ``Collector``, ``Spool``).
+  (``Collection.run``: ``Collector``, ``Spool``).
 """
 
 from __future__ import annotations
@@ -143,11 +143,8 @@ def bench_cloud_class() -> type:
             super().__init__(*args, **kwargs)
             self.hold = hold
             self.held: dict[str, NodeStatus] = {}
-            self.t_start: dict[str, float] = {}
-            self.t_end: dict[str, float] = {}
-            self.messages: Counter[str] = Counter()
-            self.payload_bytes: Counter[str] = Counter()
-            self.packet_bytes: Counter[str] = Counter()
+            self.t_start, self.t_end = dict[str, float](), dict[str, float]()  # per edge
+            self.messages, self.payload_bytes, self.packet_bytes = Counter[str](), Counter[str](), Counter[str]()
             collect = self.collector.on_features
 
             def on_features(node: str, payload: bytes) -> None:
@@ -157,11 +154,13 @@ def bench_cloud_class() -> type:
                 collect(node, payload)
 
             self.collector.on_features = on_features  # type: ignore[method-assign]
+            self.answer = self.collection.on_node_status
+            self.collection.on_node_status = self.on_node_status  # type: ignore[method-assign]
 
         def pump(self, timeout_s: float) -> None:
             super().pump(timeout_s)  # commits the batch and publishes its acknowledgements
             for node in [e.node for e in self.spec.edges if e.node not in self.t_end]:
-                if self.spool.counts(node).complete:
+                if self.job.spool.counts(node).complete:
                     self.t_end[node] = time.time()
 
         def on_node_status(self, status: NodeStatus) -> None:
@@ -169,24 +168,24 @@ def bench_cloud_class() -> type:
             ours = status.node in nodes and status.job == self.spec.name and status.state == NodeState.READY
             if ours and status.node not in self.t_start:
                 self.held[status.node] = status
-                self.edge_state[status.node] = status
+                self.status.edge_state[status.node] = status
                 if self.hold and len(self.held) < len(nodes):
                     return
                 for held in list(self.held.values()):
                     self.t_start.setdefault(held.node, time.time())
-                    super().on_node_status(held)
+                    self.answer(held)
                 self.held.clear()
                 return
-            super().on_node_status(status)
+            self.answer(status)
 
         def wait_online(self, timeout_s: float) -> None:
             """Until every edge has announced itself (its retained status), so the clock starts
             with the job, not with the edges' interpreter start-up."""
             deadline = time.monotonic() + timeout_s
             nodes = {e.node for e in self.spec.edges}
-            while not nodes <= set(self.edge_state):
+            while not nodes <= set(self.status.edge_state):
                 if time.monotonic() > deadline:
-                    missing = sorted(nodes - set(self.edge_state))
+                    missing = sorted(nodes - set(self.status.edge_state))
                     raise SystemExit(f"edges {missing} did not come online within {timeout_s:.0f} s")
                 self.pump(0.2)
 
@@ -210,13 +209,13 @@ def cmd_cloud(args: argparse.Namespace) -> int:
             t0 = time.time()
             if profile:
                 profile.enable()
-            agent.offer_job()
-            agent.collect()
+            agent.offer.publish()
+            agent.collection.run()
             if profile:
                 profile.disable()
             t1 = time.time()
-            agent.withdraw_job()
-            result.update(t_offer=t0, t_collected=t1, phase=agent.phase.value)
+            agent.offer.withdraw()
+            result.update(t_offer=t0, t_collected=t1, phase=agent.job.phase.value)
         finally:
             agent.link.close()
     else:
@@ -230,13 +229,13 @@ def cmd_cloud(args: argparse.Namespace) -> int:
         result.update(t_offer=t0, t_collected=time.time(), phase=summary.phase.value, metrics=summary.metrics)
         from cloud_agent.spool import Spool
 
-        agent.spool = Spool(Path(args.workdir) / "spool.sqlite")
+        agent.job.spool = Spool(Path(args.workdir) / "spool.sqlite")
     if profile:
         profile.dump_stats(args.profile)
     edges = {}
     for edge in spec.edges:
-        counts = agent.spool.counts(edge.node)
-        row = agent.spool.db.execute(
+        counts = agent.job.spool.counts(edge.node)
+        row = agent.job.spool.db.execute(
             "SELECT COALESCE(AVG(COALESCE(length, LENGTH(features))), 0) FROM samples WHERE node=?", (edge.node,)
         ).fetchone()
         edges[edge.node] = {
@@ -250,7 +249,7 @@ def cmd_cloud(args: argparse.Namespace) -> int:
             "spooled_wire_bytes": counts.wire_bytes,
             "feature_bytes_per_sample": float(row[0]),
         }
-    agent.spool.close()
+    agent.job.spool.close()
     result.update(edges=edges, duplicates=agent.collector.duplicates, maxrss=maxrss())
     emit(result)
     return 0
@@ -518,13 +517,13 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
         reuse_large_buffers()
     agent = CloudAgent(spec, BrokerOptions(url=args.broker), Path(args.workdir))
     for pragma in filter(None, args.spool_pragma.split(",")):  # to measure other spool settings
-        agent.spool.db.execute(f"PRAGMA {pragma}")
+        agent.job.spool.db.execute(f"PRAGMA {pragma}")
     if args.hold_s is not None:  # how long incomplete transfers stay in memory (0: persist at batch end)
         agent.collector.hold_s = args.hold_s
     if args.max_batch_bytes is not None:  # 1: one batch (transaction, flush) per message
         agent.collector.max_batch_bytes = args.max_batch_bytes
     if args.no_segment_sync:  # segment bytes written before each COMMIT, not fsync'd
-        agent.spool.segments.sync_writes = False
+        agent.job.spool.segments.sync_writes = False
     if args.no_pipeline:  # each batch's fsync and COMMIT before the next batch is handled
         agent.collector.pipeline = False
     acks: Counter[str] = Counter()
@@ -540,11 +539,11 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
     if args.nagle and sock is not None:  # leave Nagle's algorithm on for the cloud's broker connection
         agent._nodelay_socket = sock
     ready(False)
-    agent.collect()
+    agent.collection.run()
     t1 = time.time()
-    counts = agent.spool.counts(args.node)
+    counts = agent.job.spool.counts(args.node)
     agent.link.close()
-    agent.spool.close()
+    agent.job.spool.close()
     emit(
         {
             "t_end": t1,
@@ -585,7 +584,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--collect-only", action="store_true")
     c.add_argument("--hold", action="store_true", help="start all edges together")
     c.add_argument("--online-timeout", type=float, default=120.0)
-    c.add_argument("--profile", help="write cProfile stats of offer_job+collect (or the whole job) here")
+    c.add_argument("--profile", help="write cProfile stats of offer.publish+collection.run (or the whole job) here")
 
     e = sub.add_parser("edge")
     e.add_argument("--opts", default="", help="extractor options, e.g. fuse_bn=0,encoder=legacy")

@@ -325,7 +325,7 @@ def markdown(results: dict[str, Any], summary: dict[str, Any], images: dict[str,
         f"{tr['megabytes']:.0f} MB as {tr['transfers']} transfers of {tr['transfer_bytes']:,} bytes (16 samples "
         f"shaped like yolov5s at 640 px), {tr['chunk_bytes'] // 1024} KiB chunks, window {tr['window']}. *System*: "
         "the real edge send loop (`EdgeAgent.stream`, `SendWindow`) into the real cloud loop "
-        "(`CloudAgent.collect`: `Collector`, `Spool`: segment files indexed by SQLite), clocked to the last "
+        "(`Collection.run`: `Collector`, `Spool`: segment files indexed by SQLite), clocked to the last "
         "acknowledgement. *Baseline*: "
         "a raw paho QoS 1 publish loop of the same number of chunk-sized messages to a raw subscriber that only "
         "counts them, clocked to the subscriber's answer. Both go through the same mosquitto, configured like the "
