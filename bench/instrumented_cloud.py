@@ -44,11 +44,13 @@ class BenchCloud(CloudAgent):
             collect(node, payload)
 
         self.collector.on_features = on_features  # type: ignore[method-assign]
+        self.answer = self.collection.on_node_status
+        self.collection.on_node_status = self.on_node_status  # type: ignore[method-assign]
 
     def pump(self, timeout_s: float) -> None:
         super().pump(timeout_s)  # commits the batch and publishes its acknowledgements
         for node in [e.node for e in self.spec.edges if e.node not in self.t_end]:
-            if self.spool.counts(node).complete:
+            if self.job.spool.counts(node).complete:
                 self.t_end[node] = time.time()
 
     def on_node_status(self, status: NodeStatus) -> None:
@@ -56,23 +58,23 @@ class BenchCloud(CloudAgent):
         ours = status.node in nodes and status.job == self.spec.name and status.state == NodeState.READY
         if ours and status.node not in self.t_start:
             self.held[status.node] = status
-            self.edge_state[status.node] = status
+            self.status.edge_state[status.node] = status
             if self.hold and len(self.held) < len(nodes):
                 return
             for held in list(self.held.values()):
                 self.t_start.setdefault(held.node, time.time())
-                super().on_node_status(held)
+                self.answer(held)
             self.held.clear()
             return
-        super().on_node_status(status)
+        self.answer(status)
 
     def wait_online(self, timeout_s: float) -> None:
         """Until every edge has announced itself (its retained status), so the clock starts
         with the job, not with the edges' interpreter start-up."""
         deadline = time.monotonic() + timeout_s
         nodes = {e.node for e in self.spec.edges}
-        while not nodes <= set(self.edge_state):
+        while not nodes <= set(self.status.edge_state):
             if time.monotonic() > deadline:
-                missing = sorted(nodes - set(self.edge_state))
+                missing = sorted(nodes - set(self.status.edge_state))
                 raise SystemExit(f"edges {missing} did not come online within {timeout_s:.0f} s")
             self.pump(0.2)

@@ -14,7 +14,7 @@ on its last line. Times are ``time.time()`` so the orchestrator can line up seve
 - ``raw-pub`` / ``raw-sub``: a plain paho QoS 1 publish loop and subscriber (transport baseline).
 - ``proto-send`` / ``proto-recv``: the real edge send path (``EdgeAgent.stream``: ``SendWindow``,
   chunking, cloud acknowledgements) over pre-built feature batches, into the real cloud
-  (``CloudAgent.collect``: ``Collector``, ``Spool``).
+  (``Collection.run``: ``Collector``, ``Spool``).
 """
 
 from __future__ import annotations
@@ -145,11 +145,11 @@ def cmd_cloud(args: argparse.Namespace) -> int:
         result = dict(t_offer=t0, t_collected=time.time(), phase=summary.phase.value, metrics=summary.metrics)
         from cloud_agent.spool import Spool
 
-        agent.spool = Spool(Path(args.workdir) / "spool.sqlite")
+        agent.job.spool = Spool(Path(args.workdir) / "spool.sqlite")
     if profile:
         profile.dump_stats(args.profile)
     edges = {edge.node: edge_counts(agent, edge.node) for edge in spec.edges}
-    agent.spool.close()
+    agent.job.spool.close()
     result.update(edges=edges, duplicates=agent.collector.duplicates, maxrss=maxrss())
     emit(result)
     return 0
@@ -164,21 +164,21 @@ def collect_only(agent: BenchCloud, online_timeout: float, profile: cProfile.Pro
         t0 = time.time()
         if profile:
             profile.enable()
-        agent.offer_job()
-        agent.collect()
+        agent.offer.publish()
+        agent.collection.run()
         if profile:
             profile.disable()
         t1 = time.time()
-        agent.withdraw_job()
-        return dict(t_offer=t0, t_collected=t1, phase=agent.phase.value)
+        agent.offer.withdraw()
+        return dict(t_offer=t0, t_collected=t1, phase=agent.job.phase.value)
     finally:
         agent.link.close()
 
 
 def edge_counts(agent: BenchCloud, node: str) -> dict[str, Any]:
     """What the cloud timed, received and spooled from one edge."""
-    counts = agent.spool.counts(node)
-    row = agent.spool.db.execute(
+    counts = agent.job.spool.counts(node)
+    row = agent.job.spool.db.execute(
         "SELECT COALESCE(AVG(COALESCE(length, LENGTH(features))), 0) FROM samples WHERE node=?", (node,)
     ).fetchone()
     return {
@@ -461,13 +461,13 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
         reuse_large_buffers()
     agent = CloudAgent(spec, BrokerOptions(url=args.broker), Path(args.workdir))
     for pragma in filter(None, args.spool_pragma.split(",")):  # to measure other spool settings
-        agent.spool.db.execute(f"PRAGMA {pragma}")
+        agent.job.spool.db.execute(f"PRAGMA {pragma}")
     if args.hold_s is not None:  # how long incomplete transfers stay in memory (0: persist at batch end)
         agent.collector.hold_s = args.hold_s
     if args.max_batch_bytes is not None:  # 1: one batch (transaction, flush) per message
         agent.collector.max_batch_bytes = args.max_batch_bytes
     if args.no_segment_sync:  # segment bytes written before each COMMIT, not fsync'd
-        agent.spool.segments.sync_writes = False
+        agent.job.spool.segments.sync_writes = False
     if args.no_pipeline:  # each batch's fsync and COMMIT before the next batch is handled
         agent.collector.pipeline = False
     acks: Counter[str] = Counter()
@@ -483,11 +483,11 @@ def cmd_proto_recv(args: argparse.Namespace) -> int:
     if args.nagle and sock is not None:  # leave Nagle's algorithm on for the cloud's broker connection
         agent._nodelay_socket = sock
     ready(False)
-    agent.collect()
+    agent.collection.run()
     t1 = time.time()
-    counts = agent.spool.counts(args.node)
+    counts = agent.job.spool.counts(args.node)
     agent.link.close()
-    agent.spool.close()
+    agent.job.spool.close()
     emit(
         {
             "t_end": t1,
@@ -560,7 +560,7 @@ def add_bare_and_cloud(sub: Any) -> None:
     c.add_argument("--collect-only", action="store_true")
     c.add_argument("--hold", action="store_true", help="start all edges together")
     c.add_argument("--online-timeout", type=float, default=120.0)
-    c.add_argument("--profile", help="write cProfile stats of offer_job+collect (or the whole job) here")
+    c.add_argument("--profile", help="write cProfile stats of offer.publish+collection.run (or the whole job) here")
 
 
 def add_proto_recv_flags(q: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@
 *System*: ``bench.procs proto-send`` runs the real edge send loop (``EdgeAgent.stream``: msgpack
 batches cut into sha256-verified chunks, a ``SendWindow`` of unacknowledged chunks, resend timers)
 over pre-built batches shaped like yolov5s at 640 px (16 samples of 102,400 bytes), into
-``bench.procs proto-recv``, the real cloud loop (``CloudAgent.collect``: each inbox drain one batch
+``bench.procs proto-recv``, the real cloud loop (``Collection.run``: each inbox drain one batch
 of the ``Collector``, transfers assembled in memory, verified whole, their samples written once to
 the SQLite spool in one transaction per batch, acknowledged after its COMMIT). The clock runs from
 the first chunk to the last transfer's acknowledgement at the edge.

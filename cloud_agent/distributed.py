@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -31,18 +31,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cloud_agent.feature_store import store_location
 from cloud_agent.spool import StoredSample
-from cloud_agent.tasks import Batch, make_task
+from cloud_agent.tasks import Batch
 from cloud_agent.trainer import EpochResult, History, Trainer, batchnorm_layers
 from common import constants as C
 from common.errors import MistnetError
 from common.split import run_tail
 from common.storage import write_atomic
-
-if TYPE_CHECKING:
-    from common.jobspec import JobSpec
-    from common.transport import BrokerOptions
 
 log = logging.getLogger("mistnet.cloud.distributed")
 
@@ -343,33 +338,3 @@ class DistributedTrainer(Trainer):
             dist.broadcast(values, 0)
             self.scaler.load_state_dict({**scaler, "scale": float(values[0]), "_growth_tracker": int(values[1])})
 
-
-def run_worker(spec: JobSpec, broker: BrokerOptions, workdir: Path, ranks: Ranks) -> int:
-    """A rank other than 0: waits for rank 0 to start training, then trains with it (no MQTT: rank 0
-    alone talks to the broker). Returns the exit status."""
-    if not ranks.wait_for_training():
-        log.info("rank %d: the job ended without training", ranks.rank)
-        return 0
-    if not (workdir / "spool.sqlite").exists() and store_location(spec) is None:
-        raise MistnetError(
-            f"rank {ranks.rank}: {workdir} holds no spool and the job names no feature store: every training "
-            "process needs the cloud's work directory (one machine, a shared filesystem) or cloud.feature_store"
-        )
-    from cloud_agent.agent import CloudAgent  # the agent only imports this module for typing
-
-    agent = CloudAgent(spec, broker, workdir, ranks.device, ranks)
-    try:
-        agent.receive_adaptation()
-        if spec.cloud.public is not None and not agent.adaptation_path.exists():
-            raise MistnetError(f"rank {ranks.rank}: {agent.adaptation_path} does not exist (rank 0 writes it)")
-        agent.adapt()  # loads rank 0's thresholds and cut decoder
-        # No held-out data (rank 0 evaluates); the same augmentation as rank 0's.
-        task = make_task(spec.model.arch, None, agent.image_size, spec.cloud.translate)
-        data, _ = agent.training_split()
-        log.info("rank %d: training on its share of %d samples", ranks.rank, len(data))
-        agent.make_trainer(task, data, None).fit(History(), lambda _: None)
-    except TrainingStopped:
-        log.info("rank %d: rank 0 stopped training", ranks.rank)
-    finally:
-        agent.spool.close()
-    return 0

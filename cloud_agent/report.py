@@ -3,7 +3,7 @@
 * :func:`write_plots` draws ``loss.png`` (training loss per epoch: every part of the loss and their
   sum) and ``metrics.png`` (held-out metrics per epoch, with the value before training at epoch 0)
   with matplotlib's Agg canvas: no display, no pyplot state, safe in any thread.
-* :func:`plot_workdir` is what :class:`cloud_agent.agent.CloudAgent` calls once the checkpoint is
+* :func:`plot_workdir` is what :class:`cloud_agent.finish.Finish` calls once the checkpoint is
   written: the plots land next to ``final.safetensors``; a plotting problem is logged, never raised.
 * :class:`JobReport` reads a work directory without changing it (the spool is opened read-only):
   the spool's meta (``phase``, ``history``, ``metrics_before``, ``checkpoint``, ``missing``), what

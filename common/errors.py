@@ -25,3 +25,8 @@ class DatasetError(MistnetError):
 
 class TransportError(MistnetError):
     """The broker or the object store cannot be reached or refused us."""
+
+
+class JobCancelled(MistnetError):
+    """The job was called off while it ran: an operator cancelled it (``mistnet job cancel``), and on an
+    edge also when the cloud withdrew it or the edge's policy refused it. Its agent stops the job, not itself."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from common import constants as C
 from common import metrics
 from common.datasets.by_arch import open_edge_dataset
-from common.errors import DatasetError, MistnetError, ProtocolError, TransportError
+from common.errors import DatasetError, JobCancelled, MistnetError, ProtocolError, TransportError
 from common.heads import join_head
 from common.mechanism import encoder_for
 from common.policy import EdgePolicy
@@ -50,10 +50,6 @@ from edge_agent.sender import SendWindow
 log = logging.getLogger("mistnet.edge")
 
 HELLO_EVERY_S = 3.0
-
-
-class JobCancelled(Exception):
-    """The cloud withdrew or cancelled the job while it ran."""
 
 
 @dataclass

@@ -174,6 +174,7 @@ def test_rank_0_shares_its_adaptation_with_ranks_whose_node_lacks_it(tmp_path):
     from cloud_agent.adaptation import Adaptation
     from cloud_agent.agent import CloudAgent
     from cloud_agent.distributed import Ranks
+    from cloud_agent.training import receive_adaptation
     from common.transport import BrokerOptions
 
     port = free_port()
@@ -183,26 +184,27 @@ def test_rank_0_shares_its_adaptation_with_ranks_whose_node_lacks_it(tmp_path):
     first, other = (CloudAgent(spec, BrokerOptions(), tmp_path / f"node{r}", "cpu",
                                Ranks(r, 2, 0, "cpu", dist.PrefixStore("mistnet/attempt-0", store)))
                     for r, store in enumerate((server, client)))  # fmt: skip
-    other.receive_adaptation()
-    assert not other.adaptation_path.exists()  # rank 0 shared nothing: no adaptation in this job
+    receive_adaptation(other.job)
+    assert not other.job.adaptation_path.exists()  # rank 0 shared nothing: no adaptation in this job
     thresholds = {1: torch.tensor([0.25, -1.5])}
-    Adaptation(1, thresholds, None).save(first.adaptation_path)
-    other.adaptation_path.write_bytes(b"another job's adaptation")
-    first.share_adaptation()
-    other.receive_adaptation()
-    assert other.adaptation_path.read_bytes() == first.adaptation_path.read_bytes()
-    assert torch.equal(Adaptation.load(other.adaptation_path).thresholds[1], thresholds[1])
-    assert [p.name for p in other.workdir.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    Adaptation(1, thresholds, None).save(first.job.adaptation_path)
+    other.job.adaptation_path.write_bytes(b"another job's adaptation")
+    first.training.share_adaptation()
+    receive_adaptation(other.job)
+    assert other.job.adaptation_path.read_bytes() == first.job.adaptation_path.read_bytes()
+    assert torch.equal(Adaptation.load(other.job.adaptation_path).thresholds[1], thresholds[1])
+    assert [p.name for p in other.job.workdir.iterdir() if p.name.startswith(".")] == []  # no temporary left
     for agent in (first, other):
-        agent.spool.close()
+        agent.job.spool.close()
 
 
 @pytest.mark.parametrize("empty_spool", [False, True])
 def test_a_rank_with_neither_samples_nor_feature_store_stops_with_a_clear_error(tmp_path, empty_spool):
     import torch.distributed as dist
 
-    from cloud_agent.distributed import TRAIN, TRAINING_KEY, Ranks, run_worker
+    from cloud_agent.distributed import TRAIN, TRAINING_KEY, Ranks
     from cloud_agent.spool import Spool
+    from cloud_agent.worker import run_worker
     from common.errors import MistnetError
     from common.transport import BrokerOptions
 

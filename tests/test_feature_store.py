@@ -195,13 +195,13 @@ def test_the_cloud_agent_puts_its_store_in_place_once_before_training(
     agent = CloudAgent(spec, BrokerOptions(), tmp_path / "cloud")
     for node, n in TRANSFERS.items():
         for t in range(n):
-            agent.spool.commit_transfer(node, _batch(node, t))
-    agent.share_features()
-    assert agent.spool.get_meta("feature_store") == f"s3://{moto_s3.bucket}/shared/j/features-index.json"
+            agent.job.spool.commit_transfer(node, _batch(node, t))
+    agent.training.share_features()
+    assert agent.job.spool.get_meta("feature_store") == f"s3://{moto_s3.bucket}/shared/j/features-index.json"
     written = moto_s3.keys_under()
-    agent.share_features()  # a restarted cloud does not write it again
+    agent.training.share_features()  # a restarted cloud does not write it again
     assert moto_s3.keys_under() == written and len(written) == 1 + 2  # index, one object per node
     data = fs.open_store(spec)
     assert data is not None
     assert [(s.node, s.id, s.label, s.features) for s in data.__getitems__(list(range(len(data))))] == _expected()
-    agent.spool.close()
+    agent.job.spool.close()

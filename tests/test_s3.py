@@ -80,13 +80,13 @@ def test_cloud_cleans_up_objects_only_when_asked(tmp_path, moto_s3):
             }
         )
         agent = CloudAgent(spec, BrokerOptions(), tmp_path / str(cleanup))
-        assignment = agent.assignment("e", b"head")
+        assignment = agent.offer.assignment("e", b"head")
         assert assignment.store is not None and assignment.store.bucket == moto_s3.bucket
         assert secret not in assignment.model_dump_json() and access not in assignment.model_dump_json()
         store(moto_s3).put("runs/j/e/000000-x.msgpack", b"x")
-        agent.clean_up_objects()
+        agent.finish.clean_up_objects()
         assert bool(moto_s3.keys_under("runs/j/")) is not cleanup
-        agent.spool.close()
+        agent.job.spool.close()
 
 
 @pytest.mark.integration

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from cloud_agent import distributed
     from cloud_agent.agent import CloudAgent
     from cloud_agent.malloc import reuse_large_buffers
+    from cloud_agent.worker import run_worker
     from common.jobspec import load_job
     from common.protocol import JobPhase
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         ranks = distributed.Ranks.join(args.device)
     try:
         if ranks is not None and ranks.rank > 0:
-            return distributed.run_worker(spec, broker_from_args(args), workdir, ranks)
+            return run_worker(spec, broker_from_args(args), workdir, ranks)
         serve(args.metrics_port)
         device = ranks.device if ranks is not None else args.device
         summary = CloudAgent(spec, broker_from_args(args), workdir, device, ranks).run()
