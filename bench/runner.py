@@ -9,11 +9,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import edge, memory, report, runtimes, scaling, train, train_scaling, transport
+from bench import PARTS, edge, memory, report, runtimes, scaling, train, train_scaling, transport
 from bench.profiles import PROFILES
 from bench.util import BenchError, Context, LoadRecord, bench_broker, coco_images, default_docs, default_out, machine
 
-PARTS = ("edge", "runtimes", "transport", "train", "memory", "scaling", "train_scaling")
 MODULES = dict(zip(PARTS, (edge, runtimes, transport, train, memory, scaling, train_scaling), strict=True))
 
 

@@ -58,7 +58,7 @@ class Job:
     @classmethod
     def open(cls, spec: JobSpec, workdir: Path, device: str, ranks: Ranks | None) -> Job:
         spool = Spool(workdir / "spool.sqlite")
-        model = build_model(spec)
+        model = starting_model(spec)
         adaptation = Adaptation(spec.privacy.bits, {}, None)
         transform = feature_transform(adaptation.encoding())
         return cls(spec, workdir, device, ranks, spool, model, adaptation, transform, *object_store(spec))
@@ -136,7 +136,8 @@ class Job:
         return self.store.get(claim.key, claim.size)
 
 
-def build_model(spec: JobSpec) -> nn.Module:
+def starting_model(spec: JobSpec) -> nn.Module:
+    """The job's model before training: its pretrained weights, or fresh ones without any."""
     m = spec.model
     model = load_pretrained(m.pretrained, m.arch, m.num_classes) if m.pretrained else build(m.arch, m.num_classes)
     check_cut(model, spec.cut_layer)

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# The parts of the run (``bench.runner.PARTS``; spelled out here so that --help needs no torch).
-PARTS = ("edge", "runtimes", "transport", "train", "memory", "scaling", "train_scaling")
+from bench import PARTS
 
 
 def register(sub: Any) -> None:
