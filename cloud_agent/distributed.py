@@ -305,7 +305,7 @@ class DistributedTrainer(Trainer):
 
     # state: rank 0's -----------------------------------------------------------------------------
 
-    def consider(self, epoch: int) -> float | None:
+    def consider(self, epoch: int) -> tuple[float, float] | None:
         return super().consider(epoch) if self.is_first else None
 
     def save_state(self, epoch: int) -> None:

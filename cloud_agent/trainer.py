@@ -77,16 +77,28 @@ class EpochResult:
     seconds: float
     images_per_s: float
     selection_loss: float | None = None  # mean loss on the received samples held back for selection
+    selection_score: float | None = None  # the task's headline metric on them (mAP, accuracy)
 
 
 @dataclass
 class Selection:
-    """The epoch whose weights ship: the lowest loss on held-back received samples, epoch 0 being
-    the model before any training (so a job never ships a model worse than it started from)."""
+    """The epoch whose weights ship: the best task metric (mAP, accuracy) on held-back received
+    samples, the lower loss breaking ties, epoch 0 being the model before any training (so a job
+    never ships a model worse than it started from). Selections saved before the metric was
+    recorded (``score`` None) compare by loss."""
 
     epoch: int
     loss: float
     before: float  # the starting model's loss on the same samples
+    score: float | None = None
+    score_before: float | None = None
+
+    def beats(self, other: Selection | None) -> bool:
+        if other is None:
+            return True
+        if self.score is None or other.score is None or self.score == other.score:
+            return self.loss < other.loss
+        return self.score > other.score
 
 
 @dataclass
@@ -263,41 +275,48 @@ class Trainer:
             return None
         return Selection(**json.loads(self._selection_path.read_text()))
 
-    def consider(self, epoch: int) -> float | None:
-        """Scores this epoch's weights on the selection samples and keeps them if they are the best so far."""
+    def consider(self, epoch: int) -> tuple[float, float] | None:
+        """Scores this epoch's weights on the selection samples and keeps them if they are the best
+        so far; returns their (loss, score)."""
         if not self.selection_data:
             return None
-        loss = self.selection_loss()
+        loss, score = self.selection_scores()
         best = self.selection
-        if best is None or loss < best.loss:
+        candidate = Selection(epoch, loss, loss, score, score) if best is None else \
+            Selection(epoch, loss, best.before, score, best.score_before)  # fmt: skip
+        if candidate.beats(best):
             self.state_dir.mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(self._best_path))
-            chosen = Selection(epoch, loss, loss if best is None else best.before)
-            write_atomic(self._selection_path, json.dumps(chosen.__dict__).encode())
-        return loss
+            write_atomic(self._selection_path, json.dumps(candidate.__dict__).encode())
+        return loss, score
 
     def restore_selected(self) -> Selection | None:
         """Loads the chosen epoch's weights into the model (a no-op without selection samples)."""
         chosen = self.selection
         if chosen is not None:
             self.model.load_state_dict(load_file(str(self._best_path), device=self.config.device))
-            log.info("selected epoch %d (selection loss %.4f; %.4f before training)", chosen.epoch, chosen.loss,
+            log.info("selected epoch %d (held-back %s %.4f, loss %.4f; before training %.4f, %.4f)", chosen.epoch,
+                     self.task.headline, chosen.score or 0.0, chosen.loss, chosen.score_before or 0.0,
                      chosen.before)  # fmt: skip
         return chosen
 
     @torch.no_grad()
-    def selection_loss(self) -> float:
-        """Mean loss per batch on the selection samples, BatchNorm on its running statistics."""
+    def selection_scores(self) -> tuple[float, float]:
+        """Mean loss per batch and the task's metric on the selection samples, in one pass with
+        BatchNorm on its running statistics (the model as it would ship)."""
         self.model.eval()
-        total, batches = 0.0, 0
+        total, batches, tallies = 0.0, 0, []
         loader = DataLoader(cast(Dataset[Any], self.selection_data), batch_size=self.config.batch_size,
                             collate_fn=self.task.collate)  # fmt: skip
         for batch in loader:
             batch = batch.to(self.config.device)
-            loss, _ = self.forward_loss(batch)
+            with torch.autocast(self.device_type, dtype=torch.float16, enabled=self.amp):
+                output = run_tail(self.model, batch.features, self.cut)
+                loss, _ = self.task.loss(self.model, output, batch.targets)
+            tallies.append(self.task.tally(output, batch.targets))
             total += float(loss)
             batches += 1
-        return total / max(batches, 1)
+        return total / max(batches, 1), self.task.score(tallies)
 
     def save_state(self, epoch: int) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -368,9 +387,10 @@ class Trainer:
             metrics: dict[str, float] = {}
             if epoch % self.config.eval_interval == 0 or epoch == self.config.epochs:
                 metrics = self.task.evaluate(self.model, self.cut, self.privatize, self.config.device)
-            selection_loss = self.consider(epoch)
+            selected = self.consider(epoch)
             seconds = time.monotonic() - t0
-            result = EpochResult(epoch, losses, metrics, seconds, len(self.data) / max(seconds, 1e-9), selection_loss)
+            result = EpochResult(epoch, losses, metrics, seconds, len(self.data) / max(seconds, 1e-9),
+                                 *(selected or (None, None)))  # fmt: skip
             history.epochs.append(result)
             self.save_state(epoch)
             on_epoch(result)

@@ -115,7 +115,8 @@ class Training:
         if chosen.epoch == 0 and job.spec.cloud.epochs > 0:
             message = (
                 "no training epoch beat the starting model on the held-back received samples "
-                f"(loss {chosen.before:.4f}): the checkpoint is the model as it was before training"
+                f"({task.headline} {chosen.score_before or 0.0:.4f}, loss {chosen.before:.4f}): the checkpoint is "
+                "the model as it was before training"
             )
             log.warning("job %s: %s", job.spec.name, message)
             job.spool.set_meta("message", message)

@@ -34,6 +34,19 @@ class Digits:
     def evaluate(self, model: nn.Module, cut: int, privatize, device: str) -> dict[str, float]:
         return {}
 
+    def tally(self, output: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+        return int((output.argmax(1) == targets).sum()), len(targets)
+
+    def score(self, tallies: list[tuple[int, int]]) -> float:
+        return sum(c for c, _ in tallies) / sum(n for _, n in tallies)
+
+
+class WorseWhenLearning(Digits):
+    """A task whose metric falls as accuracy rises: what ships must follow the metric, not the loss."""
+
+    def score(self, tallies: list[tuple[int, int]]) -> float:
+        return -super().score(tallies)
+
 
 def samples(model: nn.Module, n: int = 200) -> list[tuple[torch.Tensor, int]]:
     """Features of a learnable toy problem: the label is which quadrant holds the bright square."""
@@ -47,14 +60,16 @@ def samples(model: nn.Module, n: int = 200) -> list[tuple[torch.Tensor, int]]:
     return [(f, int(y)) for f, y in zip(feats, labels, strict=True)]
 
 
-def train(tmp_path: Path, learning_rate: float) -> tuple[Trainer, nn.Module, dict[str, torch.Tensor]]:
+def train(
+    tmp_path: Path, learning_rate: float, task: Digits | None = None
+) -> tuple[Trainer, nn.Module, dict[str, torch.Tensor]]:
     torch.manual_seed(1)
     model = LeNet5(num_classes=4)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     data, selection = selection_split(samples(model), 0.2, seed=0)
     assert selection is not None and len(selection) == 40 and len(data) == 160
     config = TrainConfig(epochs=3, batch_size=16, learning_rate=learning_rate, recalibrate_bn=False, grad_clip=0)
-    trainer = Trainer(model, CUT, Digits(), data, config, tmp_path / "state", lambda f: f, selection)
+    trainer = Trainer(model, CUT, task or Digits(), data, config, tmp_path / "state", lambda f: f, selection)
     trainer.fit(History(), lambda _: None)
     return trainer, model, start
 
@@ -71,7 +86,17 @@ def test_a_learning_job_ships_its_best_epoch(tmp_path: Path) -> None:
     trainer, model, start = train(tmp_path, learning_rate=0.05)
     chosen = trainer.restore_selected()
     assert chosen is not None and chosen.epoch >= 1 and chosen.loss < 0.5 * chosen.before
+    assert chosen.score is not None and chosen.score_before is not None and chosen.score > chosen.score_before
     assert not all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
+def test_the_task_metric_chooses_even_when_the_loss_disagrees(tmp_path: Path) -> None:
+    trainer, model, start = train(tmp_path, learning_rate=0.05, task=WorseWhenLearning())
+    last_epoch_loss = trainer.selection_scores()[0]
+    chosen = trainer.restore_selected()
+    assert chosen is not None and chosen.epoch == 0
+    assert last_epoch_loss < 0.5 * chosen.loss  # the trained tail had by far the lower loss, and lost
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
 
 
 def test_too_few_samples_are_not_split() -> None:

@@ -36,6 +36,12 @@ class Classification:
         loss = F.cross_entropy(output, targets)
         return loss, {"ce": float(loss.detach())}
 
+    def tally(self, output: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+        return int((output.argmax(1).cpu() == targets.cpu()).sum()), len(targets)
+
+    def score(self, tallies: list[tuple[int, int]]) -> float:
+        return sum(c for c, _ in tallies) / max(sum(n for _, n in tallies), 1)
+
     @torch.inference_mode()
     def evaluate(self, model: nn.Module, cut: int, privatize: Privatize, device: str) -> dict[str, float]:
         if self.held_out is None:

@@ -13,9 +13,11 @@ with every image letterboxed to the same square the edges use (``rect=False``), 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,7 +25,17 @@ from cloud_agent.spool import StoredSample
 from cloud_agent.tasks.base import Batch, Privatize, stack_features
 from cloud_agent.yolo_loss import YoloLoss
 from common.datasets.yolo import YoloDataset, decode_labels
-from common.evaluation import PredictFn, evaluate_model, split_predict_fn
+from common.evaluation import (
+    CONF_THRES,
+    IOU_THRES,
+    MAX_DET,
+    PredictFn,
+    evaluate_detections,
+    evaluate_model,
+    predictions_of,
+    split_predict_fn,
+)
+from common.yolo_postprocess import non_max_suppression
 
 EVAL_BATCH_SIZE = 16
 
@@ -32,6 +44,13 @@ def targets_of(labels: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-image ``[n_i, 5]`` (cls, cx, cy, w, h) to one ``[sum n_i, 6]`` with the image index first."""
     rows = [torch.cat((torch.full((len(t), 1), float(i)), t), 1) for i, t in enumerate(labels)]
     return torch.cat(rows, 0) if rows else torch.zeros((0, 6))
+
+
+@dataclass
+class DetectionTally:
+    detections: list[torch.Tensor]  # per image [n, 6]: x1, y1, x2, y2, conf, cls
+    labels: list[np.ndarray]  # per image [m, 5]: cls, cx, cy, w, h (normalized)
+    num_classes: int
 
 
 class Detection:
@@ -81,6 +100,22 @@ class Detection:
         finally:
             model.train(was_training)
         return {"map50": float(result["map50"]), "map50_95": float(result["map50_95"])}
+
+    def tally(self, output: Any, targets: torch.Tensor) -> DetectionTally:
+        """Boxes after NMS (as the held-out evaluation keeps them) and each image's labels, both in
+        the square input's pixels (labels are normalized to it)."""
+        pred = predictions_of(output).float().cpu()
+        detections = non_max_suppression(pred, CONF_THRES, IOU_THRES, MAX_DET, multi_label=True)
+        targets = targets.cpu()
+        labels = [targets[targets[:, 0] == i, 1:].numpy() for i in range(len(detections))]
+        return DetectionTally(detections, labels, pred.shape[2] - 5)
+
+    def score(self, tallies: list[DetectionTally]) -> float:
+        detections = [d for t in tallies for d in t.detections]
+        labels = [y for t in tallies for y in t.labels]
+        classes = max((t.num_classes for t in tallies), default=0)
+        square = [(self.image_size, self.image_size)] * len(labels)
+        return evaluate_detections(detections, labels, square, classes)[self.headline]
 
     def predict_fn(self, model: nn.Module, cut: int, privatize: Privatize) -> PredictFn:
         """The deployed path: head → the job's levels → (cut decoder →) tail."""
