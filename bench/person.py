@@ -159,7 +159,8 @@ class Bench:
         encoder = BitEncoder(eps, seed=SEED + 1, bits=self.bits, thresholds=adaptation.thresholds)
         received = edges_spool(self.setup, load_model(self.setup.weights)[0], encoder, f"eps{eps:g}-spool")
         trainer = self.trainer(model, task, received, f"eps{eps:g}", transform)
-        trainer.fit(History(), lambda r: log.info("ε %g epoch %d: %s %s", eps, r.epoch, r.losses, r.metrics))
+        trainer.fit(History(), lambda r: log.info("ε %g epoch %d: %s %s held-back %s", eps, r.epoch, r.losses,
+                                                 r.metrics, r.selection_score))  # fmt: skip
         chosen = trainer.restore_selected()
         got = task.evaluate(model, COCO_CUT, transform, self.setup.device)
         epoch = chosen.epoch if chosen is not None else None
