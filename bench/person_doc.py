@@ -215,9 +215,11 @@ NOTES = [
     " frozen head's *float* outputs of the raw images (the `frozen-head` row: same recipe, no bits, no noise, image"
     " flips like the centralized run) reaches 0.246, above the centralized fine-tune of every layer (0.238). With"
     " the levels MistNet sends at ε = 100 (no randomization to speak of): 1 bit 0.176, 2 bits 0.196, 4 bits 0.200."
-    " What is left between 4 bits and float (0.046) does not come from the number of levels;"
-    " candidates, not measured: the decoder, the 10% of samples held back for epoch selection, and no flips (a"
-    " mirrored feature map is not the map of the mirrored image).",
+    " What is left between 4 bits and float (0.046) does not come from the number of levels, nor from the image"
+    " flips MistNet cannot have (a scratch run of the same float tail without flips: 0.242), nor from thresholds"
+    " that the shift leaves constant (the 64 channels' bits at the cut are 1 in 44% of places under `contrast:5`,"
+    " 45% on clean images; none is constant). Left: the cut decoder between levels and tail, and the 10% of"
+    " samples held back for epoch selection; not measured yet.",
     "- **Training the cut decoder with the tail** (`cloud.train_decoder`, now the default) wins at every ε measured:"
     " ε = 100 0.176 against 0.159 with it kept as adapted, ε = 4 0.162 against 0.149, ε = 2 0.097 against 0.088."
     " The decoder was adapted on public photos; trained on the edges' bits it learns what their conditions do to"
