@@ -85,6 +85,13 @@ class Job:
     def adaptation_path(self) -> Path:
         return self.workdir / "adaptation.safetensors"
 
+    def load_adaptation(self) -> bool:
+        """The adaptation saved in the work directory, if there is one (a restarted cloud, a rank > 0)."""
+        if not self.adaptation_path.exists():
+            return False
+        self.use_adaptation(Adaptation.load(self.adaptation_path))
+        return True
+
     def use_adaptation(self, adaptation: Adaptation) -> None:
         """The thresholds edges encode with, and the cut decoder in front of the tail if it has one."""
         self.adaptation = adaptation

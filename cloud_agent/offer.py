@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import Path
 
-from cloud_agent.adaptation import Adaptation, adapt
+from cloud_agent.adaptation import adapt
 from cloud_agent.collector import Collector
 from cloud_agent.export import export_head
 from cloud_agent.job import Job, Pump
@@ -53,10 +53,7 @@ class Offer:
         """Thresholds and cut decoder from the public images, computed once per job (a restarted
         cloud reloads them: edges may already be encoding with these thresholds)."""
         job, spec = self.job, self.job.spec
-        if spec.cloud.public is None:
-            return
-        if job.adaptation_path.exists():
-            job.use_adaptation(Adaptation.load(job.adaptation_path))
+        if spec.cloud.public is None or job.load_adaptation():
             return
         self.status.set_phase(JobPhase.ADAPTING, f"adapting to {spec.privacy.bits}-bit features on {spec.cloud.public}")
         adaptation = adapt(

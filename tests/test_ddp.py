@@ -206,7 +206,6 @@ def test_a_rank_with_neither_samples_nor_feature_store_stops_with_a_clear_error(
     from cloud_agent.spool import Spool
     from cloud_agent.worker import run_worker
     from common.errors import MistnetError
-    from common.transport import BrokerOptions
 
     store = dist.HashStore()
     store.set(TRAINING_KEY, TRAIN)
@@ -217,7 +216,7 @@ def test_a_rank_with_neither_samples_nor_feature_store_stops_with_a_clear_error(
         Spool(workdir / "spool.sqlite").close()
     held = "none of the job's samples" if empty_spool else "no spool"
     with pytest.raises(MistnetError, match=rf"^rank 1: .*node2 holds {held} and the job names no feature store"):
-        run_worker(spec, BrokerOptions(), workdir, Ranks(1, 2, 0, "cpu", store))
+        run_worker(spec, workdir, Ranks(1, 2, 0, "cpu", store))
     assert workdir.exists() == empty_spool
 
 

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         ranks = distributed.Ranks.join(args.device)
     try:
         if ranks is not None and ranks.rank > 0:
-            return run_worker(spec, broker_from_args(args), workdir, ranks)
+            return run_worker(spec, workdir, ranks)
         serve(args.metrics_port)
         device = ranks.device if ranks is not None else args.device
         summary = CloudAgent(spec, broker_from_args(args), workdir, device, ranks).run()
