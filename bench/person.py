@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.person_doc import RESULTS, variant
+from bench.person_doc import LOCAL_HEAD, RESULTS, variant
 from bench.utility import Setup, edges_spool
 from cloud_agent.adaptation import Adaptation, adapt
 from cloud_agent.centralized import INPUT, ImageDetection, ImageSamples, fine_tune
@@ -45,8 +45,9 @@ from cloud_agent.trainer import History, TrainConfig, Trainer, selection_split
 from common import constants as C
 from common.checkpoint import load_model
 from common.datasets.shift import Shift
-from common.datasets.yolo import discover_images
-from common.jobspec import AdaptSpec, CloudSpec
+from common.datasets.yolo import YoloDataset, discover_images
+from common.evaluation import with_local_head
+from common.jobspec import AdaptSpec, CloudSpec, HeadStatistics, ModelSpec
 from common.models.cutdecoder import attach
 from common.privacy import BitEncoder, feature_transform
 from common.split import run_head
@@ -89,6 +90,7 @@ class Bench:
     train_decoder: bool = CloudSpec().train_decoder
     translate: int = CloudSpec().translate
     learning_rate: float = C.DETECTION_LEARNING_RATE  # every method's
+    local_head: bool = ModelSpec.model_fields["head_statistics"].default == HeadStatistics.LOCAL
 
     def record(self, row: PersonRow) -> None:
         print(json.dumps(asdict(row)), flush=True)
@@ -101,10 +103,16 @@ class Bench:
         return self.setup.folders["held-out"]
 
     def pretrained(self) -> None:
-        t0 = time.monotonic()
-        model, _ = load_model(self.setup.weights)
-        got = ImageDetection(self.held_out(), self.setup.imgsz).evaluate(model, 0, lambda f: f, self.setup.device)
-        self.record(PersonRow(self.shift, "pretrained", None, *map_pair(got), round(time.monotonic() - t0, 1)))
+        """The official model as it is; and, with ``local_head``, with its first ``COCO_CUT`` layers'
+        BatchNorm statistics re-estimated on the scored images (what the edges' heads do, no training)."""
+        for local in (False, True) if self.local_head else (False,):
+            t0 = time.monotonic()
+            model, _ = load_model(self.setup.weights)
+            if local:
+                model = with_local_head(model, COCO_CUT, YoloDataset(self.held_out(), self.setup.imgsz))
+            got = ImageDetection(self.held_out(), self.setup.imgsz).evaluate(model, 0, lambda f: f, self.setup.device)
+            self.record(PersonRow(self.shift, "pretrained", None, *map_pair(got), round(time.monotonic() - t0, 1),
+                                  variant=LOCAL_HEAD if local else ""))  # fmt: skip
 
     def centralized(self) -> None:
         t0 = time.monotonic()
@@ -149,23 +157,24 @@ class Bench:
         t0 = time.monotonic()
         adaptation, adapting = self.adaptation(eps)
         model = adapted_model(self.setup.weights, adaptation)
-        task = Detection(self.held_out(), self.setup.imgsz, self.translate)
+        task = Detection(self.held_out(), self.setup.imgsz, self.translate, self.local_head)
         transform = feature_transform(adaptation.encoding())
         before = task.evaluate(model, COCO_CUT, transform, self.setup.device)
-        levels = "" if self.bits == 1 else f"{self.bits} bit"
+        levels = ", ".join(([] if self.bits == 1 else [f"{self.bits} bit"]) + ([LOCAL_HEAD] if self.local_head else []))
         seconds = round(adapting + time.monotonic() - t0, 1)
         self.record(PersonRow(self.shift, "adapted", eps, *map_pair(before), seconds, variant=levels))
         t1 = time.monotonic()
         encoder = BitEncoder(eps, seed=SEED + 1, bits=self.bits, thresholds=adaptation.thresholds)
-        received = edges_spool(self.setup, load_model(self.setup.weights)[0], encoder, f"eps{eps:g}-spool")
+        pretrained = load_model(self.setup.weights)[0]
+        received = edges_spool(self.setup, pretrained, encoder, f"eps{eps:g}-spool", self.local_head)
         trainer = self.trainer(model, task, received, f"eps{eps:g}", transform)
         trainer.fit(History(), lambda r: log.info("ε %g epoch %d: %s %s held-back %s", eps, r.epoch, r.losses,
                                                  r.metrics, r.selection_score))  # fmt: skip
         chosen = trainer.restore_selected()
         got = task.evaluate(model, COCO_CUT, transform, self.setup.device)
         epoch = chosen.epoch if chosen is not None else None
-        row = PersonRow(self.shift, "mistnet", eps, *map_pair(got), round(time.monotonic() - t1, 1), epoch,
-                  variant(self.bits, self.train_decoder, self.translate, self.learning_rate))  # fmt: skip
+        settings = variant(self.bits, self.train_decoder, self.translate, self.learning_rate, self.local_head)
+        row = PersonRow(self.shift, "mistnet", eps, *map_pair(got), round(time.monotonic() - t1, 1), epoch, settings)
         self.record(row)
 
     def trainer(
@@ -249,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         default=CloudSpec().train_decoder,
         help="also train the cut decoder on the edges' bits (cloud.train_decoder)",
     )
+    p.add_argument(
+        "--head-statistics",
+        choices=[h.value for h in HeadStatistics],
+        default=ModelSpec.model_fields["head_statistics"].default.value,
+        help="local: edges re-estimate their head's BatchNorm statistics on their images (model.head_statistics)",
+    )
     p.add_argument("--workdir", type=Path, default=Path("/tmp/mistnet-person"))
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--device", default="cpu")
@@ -260,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     folders = person_folders(args.data, shift, args.public, workdir)
     setup = Setup(args.weights, args.imgsz, args.epochs, args.decoder_epochs, folders, workdir, args.device)
     bench = Bench(setup, args.shift, args.epochs, args.out, args.workdir / "adaptations", args.bits, args.train_decoder,
-                  args.translate, args.lr)  # fmt: skip
+                  args.translate, args.lr, args.head_statistics == HeadStatistics.LOCAL)  # fmt: skip
     methods = args.methods.split(",")
     if "pretrained" in methods:
         bench.pretrained()

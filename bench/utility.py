@@ -109,15 +109,19 @@ def scores(setup: Setup, model: nn.Module, encoding: dict[str, Any] | None) -> d
     return {k: score(setup, predict, k) for k in ("held-out", "in-sample")}
 
 
-def edges_spool(setup: Setup, model: nn.Module, encoder: BitEncoder, name: str) -> SpoolFeatures:
-    """What the edges would send: each edge's images through its head and encoder, committed."""
+def edges_spool(
+    setup: Setup, model: nn.Module, encoder: BitEncoder, name: str, local_statistics: bool = False
+) -> SpoolFeatures:
+    """What the edges would send: each edge's images through its head (with ``local_statistics``, its
+    BatchNorm statistics re-estimated on that edge's images) and encoder, committed."""
     shutil.rmtree(setup.workdir / name, ignore_errors=True)
     spool = Spool(setup.workdir / name / "spool.sqlite")
     for node in setup.edges:
         if spool.counts(node).samples:
             continue
+        dataset = YoloEdgeDataset(setup.folders[node], setup.imgsz)
         extractor = TorchExtractor(
-            copy.deepcopy(model), CUT, encoder, YoloEdgeDataset(setup.folders[node], setup.imgsz), TRANSFER
+            copy.deepcopy(model), CUT, encoder, dataset, TRANSFER, setup.device, local_statistics
         )
         for t in range(extractor.transfers):
             spool.commit_transfer(node, extractor.extract(t))

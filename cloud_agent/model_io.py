@@ -33,7 +33,8 @@ def save_model(
     privacy: Mapping[str, Any] | None = None,
 ) -> bytes:
     """The whole model (head + cut decoder + tail) with the MistNet settings ``mistnet eval`` needs
-    to replay the deployed path: cut, ε, bits, thresholds and the decoder's configuration; and the
+    to replay the deployed path: cut, ε, bits, thresholds, the decoder's configuration and where the
+    head's BatchNorm statistics come from; and the
     record of what the edges' data cost in privacy (``privacy``: per edge, its PrivacyAccount)."""
     meta = {
         **encoding,
@@ -41,6 +42,7 @@ def save_model(
         "num_classes": num_classes,
         "image_size": image_size,
         "cut_layer": spec.cut_layer,
+        "head_statistics": spec.model.head_statistics.value,
         "epsilon": spec.privacy.epsilon,
         "job": spec.name,
         **({"privacy": dict(privacy)} if privacy is not None else {}),

@@ -84,7 +84,11 @@ class Offer:
             job=s.name,
             node=node,
             model=ModelRef(
-                arch=s.model.arch, num_classes=job.num_classes, cut_layer=job.cut, image_size=job.image_size
+                arch=s.model.arch,
+                num_classes=job.num_classes,
+                cut_layer=job.cut,
+                image_size=job.image_size,
+                head_statistics=s.model.head_statistics,
             ),
             privacy=PrivacyParams(
                 epsilon=s.epsilon_for(node), bits=s.privacy.bits, thresholds=job.adaptation.wire_thresholds()

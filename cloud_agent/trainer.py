@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, random_split
 
 from cloud_agent.tasks import Batch, CloudTask, Privatize
 from common import constants as C
+from common.batchnorm import batchnorms, cumulative_statistics
 from common.models.cutdecoder import attached
 from common.split import layers_of, run_tail
 from common.storage import write_atomic
@@ -190,13 +191,7 @@ def lr_factor(step: int, total: int, warmup: int, final: float) -> float:
 
 
 def batchnorm_layers(model: nn.Module, cut: int) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [
-        m
-        for i, layer in enumerate(layers_of(model))
-        if i >= cut
-        for m in layer.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+    return batchnorms(model, range(cut, len(layers_of(model))))
 
 
 class Trainer:
@@ -458,19 +453,12 @@ class Trainer:
         if not layers:
             return
         t0 = time.monotonic()
-        momenta = [m.momentum for m in layers]
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches
         self.model.train()
-        try:
+        with cumulative_statistics(layers):
             for batch in self.loader(None, shuffle=False):
                 batch = batch.to(self.config.device)
                 with torch.autocast(self.device_type, dtype=torch.float16, enabled=self.amp):
                     run_tail(self.model, batch.features, self.cut)
-        finally:
-            for m, momentum in zip(layers, momenta, strict=True):
-                m.momentum = momentum
         log.info(
             "re-estimated %d BatchNorm layers of the tail on %d samples (%.1f s)",
             len(layers),

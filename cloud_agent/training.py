@@ -15,6 +15,7 @@ from cloud_agent.status import Status
 from cloud_agent.tasks import CloudTask, make_task
 from cloud_agent.trainer import EpochResult, History, Samples, Selection, TrainConfig, Trainer, selection_split
 from common.errors import MistnetError
+from common.jobspec import HeadStatistics
 from common.protocol import JobPhase
 from common.storage import write_atomic
 
@@ -56,7 +57,8 @@ class Training:
     def train(self) -> None:
         job, spec = self.job, self.job.spec
         validation = Path(spec.cloud.validation) if spec.cloud.validation else None
-        task = make_task(spec.model.arch, validation, job.image_size, spec.cloud.translate)
+        local_head = spec.model.head_statistics == HeadStatistics.LOCAL
+        task = make_task(spec.model.arch, validation, job.image_size, spec.cloud.translate, local_head)
         if spec.cloud.validation is None:
             log.warning(
                 "no held-out data (cloud.validation): held-out metrics are not computed, and metrics "

@@ -55,6 +55,9 @@ DEFAULT_LEARNING_RATE = 0.01
 # within a few epochs (shared/notes/mistnet-utility-measurements.md); 0.001, the Sedna example's rate, keeps it.
 DETECTION_LEARNING_RATE = 0.001
 DEFAULT_DECODER_EPOCHS = 10
+# Images (spread over its dataset) an edge re-estimates its head's BatchNorm statistics on
+# (model.head_statistics: local): one head pass over them, no more than extracting as many.
+HEAD_STATISTICS_IMAGES = 256
 DEFAULT_SELECTION_FRACTION = 0.1
 DEFAULT_TRANSLATE_CELLS = 0  # cloud.translate: docs/privacy-utility.md measures it
 # Fewer received samples than this: no selection split (too few to tell epochs apart), the last epoch ships.

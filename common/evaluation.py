@@ -9,6 +9,7 @@ original-image pixels, and scored by ``COCOeval`` (no hand-written AP).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
+from common import constants as C
+from common.batchnorm import reestimate_head, spread
 from common.datasets.yolo import YoloDataset, YoloSample, rect_shape
 from common.split import run_head, run_tail
 from common.yolo_postprocess import non_max_suppression, scale_boxes
@@ -41,6 +44,23 @@ def model_predict_fn(model: nn.Module) -> PredictFn:
     return model
 
 
+def with_local_head(model: nn.Module, cut: int, dataset: YoloDataset, batch_size: int = 16) -> nn.Module:
+    """A copy of ``model`` whose head's BatchNorm statistics are those of ``dataset``'s images
+    (letterboxed square, as edges feed the head): how a site runs a model trained with
+    ``model.head_statistics: local`` (:mod:`common.batchnorm`). No labels are read."""
+    local = copy.deepcopy(model)
+    indices = spread(dataset.usable, C.HEAD_STATISTICS_IMAGES)
+
+    def batches() -> Iterator[torch.Tensor]:
+        for start in range(0, len(indices), batch_size):
+            images = [s.image for s in map(dataset.load, indices[start : start + batch_size]) if s.image is not None]
+            if images:
+                yield torch.from_numpy(np.stack(images))
+
+    reestimate_head(local, cut, batches())
+    return local
+
+
 def split_predict_fn(model: nn.Module, cut: int, transform: FeatureTransform) -> PredictFn:
     """Head, then ``transform`` on the head outputs (MistNet: bits + randomization), then tail."""
     model.eval()
@@ -55,8 +75,9 @@ def predictions_of(output: Any) -> torch.Tensor:
     """Decoded ``[B, N, 5+nc]`` from a model's eval output (upstream returns (decoded, raw))."""
     pred = output[0] if isinstance(output, tuple) else output
     if not isinstance(pred, torch.Tensor) or pred.dim() != 3:
-        raise ValueError("predict_fn must return eval-mode detector output [B, N, 5+nc] "
-                         "(is the model in training mode?)")
+        raise ValueError(
+            "predict_fn must return eval-mode detector output [B, N, 5+nc] (is the model in training mode?)"
+        )
     return pred
 
 

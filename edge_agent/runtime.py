@@ -8,12 +8,16 @@ The cloud publishes both forms of every head; an edge subscribes only to the one
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 from common.datasets.base import EdgeDataset
 from common.errors import MistnetError
+from common.jobspec import HeadStatistics
 from common.mechanism import LevelEncoder
 from common.protocol import HeadManifest, JobAssignment
 from edge_agent.extractor import Extractor
+
+log = logging.getLogger("mistnet.edge")
 
 RUNTIMES = ("onnx", "torch")
 
@@ -49,6 +53,12 @@ def make_extractor(
             raise MistnetError(f"job {job.job} offers no ONNX head (the cloud could not export it)")
         if device != "cpu":
             raise MistnetError(f"device {device!r}: the onnx runtime runs on the cpu only")
+        if job.model.head_statistics == HeadStatistics.LOCAL:
+            log.warning(
+                "job %s asks for the head's BatchNorm statistics of this edge's images: the onnx runtime runs "
+                "the cloud's folded head, whose statistics are the pretrained ones (run --runtime torch to adapt)",
+                job.job,
+            )
         return OnnxExtractor(job.onnx, blob, encoder, dataset, job.batch_size)
     if runtime == "torch":
         if not torch_installed():

@@ -7,23 +7,37 @@
   cuDNN (CUDA) convolve much faster than the default NCHW;
 - the tail's parameters, which an edge never runs, are released (moved to the ``meta`` device;
   the layers keep their routing attributes so the head still knows which outputs to ship).
+
+Before that, when the job asks for ``model.head_statistics: local``, the head's BatchNorm statistics
+are re-estimated on up to :data:`~common.constants.HEAD_STATISTICS_IMAGES` of the edge's own images
+(:mod:`common.batchnorm`): the features then come from a head normalized for this edge's conditions.
+The statistics stay here; only the levels leave.
 """
 
 from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from common import constants as C
+from common.batchnorm import reestimate_head, spread
 from common.datasets.base import EdgeDataset, EdgeSample
 from common.errors import MistnetError
+from common.jobspec import HeadStatistics
 from common.mechanism import LevelEncoder
 from common.models.registry import build
 from common.protocol import FeatureLayout, JobAssignment
 from common.split import layers_of, run_layers, tail_inputs
 from common.weights import load_head, unpack_state
 from edge_agent.extractor import Extractor
+
+log = logging.getLogger("mistnet.edge")
 
 # Inputs with at least this many pixels per channel run channels-last (YOLO images, not MNIST digits).
 CHANNELS_LAST_MIN_PIXELS = 64 * 64
@@ -82,11 +96,14 @@ class TorchExtractor(Extractor):
         dataset: EdgeDataset,
         batch_size: int,
         device: str = "cpu",
+        local_statistics: bool = False,
     ) -> None:
         super().__init__(encoder, dataset, batch_size)
         self.device = check_device(device)
         self.cut = cut
         self.needed = tail_inputs(model, cut)
+        if local_statistics:
+            self._reestimate_statistics(model.to(self.device))
         self.model = self._prepare(model.eval())
         self._memory_format: torch.memory_format | None = None
 
@@ -97,7 +114,25 @@ class TorchExtractor(Extractor):
         """The job's model with the cloud's head weights (safetensors) loaded."""
         model = build(job.model.arch, job.model.num_classes)
         load_head(model, unpack_state(weights), job.model.cut_layer)
-        return cls(model, job.model.cut_layer, encoder, dataset, job.batch_size, device)
+        local = job.model.head_statistics == HeadStatistics.LOCAL
+        return cls(model, job.model.cut_layer, encoder, dataset, job.batch_size, device, local)
+
+    def _reestimate_statistics(self, model: nn.Module) -> None:
+        """The head's BatchNorm statistics from this edge's images, spread over its dataset."""
+        t0 = time.monotonic()
+        indices = spread(range(len(self.dataset)), C.HEAD_STATISTICS_IMAGES)
+        seen = reestimate_head(model, self.cut, self._image_batches(indices))
+        log.info("head BatchNorm statistics re-estimated on %d local images (%.1f s)", seen, time.monotonic() - t0)
+
+    def _image_batches(self, indices: list[int]) -> Iterator[torch.Tensor]:
+        """The images at ``indices``, a head pass's worth at a time (one at first: its size sets the step)."""
+        pos, step = 0, 1
+        while pos < len(indices):
+            images = [s.image for s in self._load(indices[pos : pos + step]) if s.image is not None]
+            pos += step
+            if images:
+                yield torch.from_numpy(np.stack(images))
+                step = self.step_for(images[0])
 
     def _prepare(self, model: nn.Module) -> nn.Module:
         layers = layers_of(model)

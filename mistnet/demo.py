@@ -36,7 +36,17 @@ from common.datasets.mnist import load_tensors, prepare_mnist
 from common.datasets.shift import Shift
 from common.datasets.yolo import discover_images
 from common.errors import DatasetError, MistnetError, SpecError
-from common.jobspec import AdaptSpec, CloudSpec, CollectSpec, EdgeSpec, JobSpec, ModelSpec, PrivacySpec, load_job
+from common.jobspec import (
+    AdaptSpec,
+    CloudSpec,
+    CollectSpec,
+    EdgeSpec,
+    HeadStatistics,
+    JobSpec,
+    ModelSpec,
+    PrivacySpec,
+    load_job,
+)
 from common.lifecycle import child_options
 from common.models.lenet import LeNet5
 from common.protocol import JobSummary, Message
@@ -309,6 +319,8 @@ def run_baselines(prepared: PreparedJob, root: Path, console: Console) -> dict[s
     from cloud_agent.centralized import ImageDetection, fine_tune, save_fine_tuned
     from cloud_agent.trainer import TrainConfig
     from common.checkpoint import load_model
+    from common.datasets.yolo import YoloDataset
+    from common.evaluation import with_local_head
     from mistnet.progress import EpochProgress
 
     spec = prepared.spec
@@ -318,6 +330,11 @@ def run_baselines(prepared: PreparedJob, root: Path, console: Console) -> dict[s
     task = ImageDetection(Path(spec.cloud.validation), size)
     console.print("baseline: the pretrained model, full precision, on the held-out images")
     pretrained = task.evaluate(load_model(weights)[0], 0, lambda f: f, "cpu")
+    found = {"pretrained": BaselineResult(metrics=pretrained)}
+    if spec.model.head_statistics == HeadStatistics.LOCAL:
+        console.print("baseline: the same, its head's BatchNorm statistics those of the held-out images")
+        local = with_local_head(load_model(weights)[0], spec.cut_layer, YoloDataset(Path(spec.cloud.validation), size))
+        found["pretrained_local_head"] = BaselineResult(metrics=task.evaluate(local, 0, lambda f: f, "cpu"))
     console.print(f"baseline: centralized fine-tune on the edges' raw images, {spec.cloud.epochs} epochs")
     config = TrainConfig(spec.cloud.epochs, spec.cloud.batch_size, spec.cloud.learning_rate, seed=spec.seed)
     out = root / "centralized.safetensors"
@@ -326,10 +343,7 @@ def run_baselines(prepared: PreparedJob, root: Path, console: Console) -> dict[s
                            progress.epoch, progress.step)  # fmt: skip
     save_fine_tuned(result, weights, size, out)
     last = next((e.metrics for e in reversed(result.history.epochs) if e.metrics), result.before)
-    return {
-        "pretrained": BaselineResult(metrics=pretrained),
-        "centralized": BaselineResult(checkpoint=str(out), metrics=last),
-    }
+    return {**found, "centralized": BaselineResult(checkpoint=str(out), metrics=last)}
 
 
 def watch(broker: BrokerOptions, cloud: subprocess.Popen[bytes], console: Console, job: str = "mnist-demo") -> None:

@@ -29,6 +29,7 @@ from common.jobspec import (
     CloudSpec,
     CollectSpec,
     EdgeSpec,
+    HeadStatistics,
     JobSpec,
     ModelSpec,
     OnTimeout,
@@ -104,11 +105,14 @@ def write_job(
     output: Path | None = None,
     epsilon: float = 100,
     feature_store: str | None = None,
+    head_statistics: HeadStatistics = HeadStatistics.PRETRAINED,
 ) -> Path:
-    """A native job file: node k of ``nodes`` holds shard k of a ``shards``-edge split."""
+    """A native job file: node k of ``nodes`` holds shard k of a ``shards``-edge split. The edges keep
+    the pretrained head's statistics unless asked: tests compare what they send with levels computed
+    here from that head, and the two runtimes' levels with each other (onnx cannot re-estimate them)."""
     spec = JobSpec(
         name=name,
-        model=ModelSpec(arch="lenet5", num_classes=10, pretrained=str(base.weights)),
+        model=ModelSpec(arch="lenet5", num_classes=10, pretrained=str(base.weights), head_statistics=head_statistics),
         cut_layer=2,
         privacy=PrivacySpec(epsilon=epsilon),
         edges=[

@@ -12,7 +12,7 @@ import torch
 from bench.utility import Measurement, Setup
 from cloud_agent.adaptation import Adaptation
 from common.checkpoint import load_model, save_checkpoint
-from common.datasets.yolo import discover_images
+from common.datasets.yolo import YoloDataset, discover_images
 from common.errors import CheckpointError
 from common.evaluation import split_predict_fn
 from common.models.cutdecoder import CutDecoder, attach
@@ -72,7 +72,7 @@ def test_checkpoint_metadata_drives_eval_through_thresholds_and_decoder(
     loaded, weights = load_model(path)
     x = torch.rand(2, 3, 160, 160)
     with torch.inference_mode():
-        replayed = predict_fn_for(loaded, weights.metadata)(x)[0]
+        replayed = predict_fn_for(loaded, weights.metadata, YoloDataset(data, 160))(x)[0]
         deployed = split_predict_fn(model, CUT, feature_transform(meta))(x)[0]
         without_decoder = split_predict_fn(pretrained, CUT, feature_transform(meta))(x)[0]
     assert torch.allclose(replayed, deployed, atol=1e-5)

@@ -83,9 +83,10 @@ def test_demo_baselines_name_evaluable_checkpoints(tmp_path: Path) -> None:
                        image_size=96, epochs=1, batch_size=2)  # fmt: skip
     prepared = prepare_detection_job(opts, tmp_path)
     baselines = run_baselines(prepared, tmp_path, Console(stderr=True))
-    assert set(baselines) == {"pretrained", "centralized"}
+    assert set(baselines) == {"pretrained", "pretrained_local_head", "centralized"}
     assert baselines["pretrained"].checkpoint is None
     assert set(baselines["pretrained"].metrics) == {"map50", "map50_95"}
+    assert baselines["pretrained_local_head"].metrics != baselines["pretrained"].metrics
     held_out = str(tmp_path / "data" / "held-out")
     scored = mistnet("eval", "--model", str(baselines["centralized"].checkpoint), "--data", held_out, "--imgsz", "96",
                      "--square", "--json")  # fmt: skip

@@ -10,9 +10,11 @@ import pytest
 
 from cloud_agent.export import export_head
 from common.errors import ProtocolError
+from common.jobspec import HeadStatistics, load_job
 from common.models.registry import build
 from common.onnx_check import ALLOWED_OPS, check_onnx_head
 from common.protocol import FeatureLayout
+from mistnet.demo import write_job
 from tests.agents import finish, mnist_job, spooled_samples, start_cloud, start_edge, without
 
 LENET_INPUT = [1, 28, 28]
@@ -83,8 +85,12 @@ def test_custom_operators_external_data_and_damage_are_refused(lenet_head):
 def test_onnx_and_torch_edges_send_the_same_bits_for_the_same_data(tmp_path, mosquitto):
     """One job, two edges reading the same shard: edge1 with ONNX Runtime in a process that cannot
     import torch, edge2 with torch. At ε=100 randomized response (practically) never flips a bit,
-    so what each sent is its head's levels, and they agree."""
+    so what each sent is its head's levels, and they agree. The job keeps the pretrained statistics:
+    an onnx edge runs the cloud's folded head and cannot re-estimate them (it says so)."""
     job = mnist_job(tmp_path, epochs=1)
+    spec = load_job(job)
+    model = spec.model.model_copy(update={"head_statistics": HeadStatistics.PRETRAINED})
+    write_job(spec.model_copy(update={"model": model}), job)
     data = tmp_path / "data" / "edge1.npz"
     onnx_edge = start_edge("edge1", mosquitto.url, tmp_path, "--runtime", "onnx", "--data", str(data),
                            env=without(tmp_path, NO_TORCH, "is not installed on this edge"))
@@ -176,3 +182,20 @@ def test_an_onnx_edge_applies_its_policy_before_anything_runs(tmp_path, lenet_he
     allowed, parts = onnx_assignment(blob, outputs, str(tmp_path / "absent.npz"), epsilon=4.0)
     deliver(edge, allowed, parts)
     assert edge.next_runnable() == allowed  # the same head within the limit would run
+
+
+def test_an_onnx_edge_asked_for_local_statistics_says_it_keeps_the_pretrained_ones(tmp_path, lenet_head, caplog):
+    """The folded graph has no BatchNorm left to re-estimate: the edge extracts anyway and says why
+    its features come from the pretrained statistics."""
+    from common.datasets.mnist import MnistShard, prepare_mnist
+    from common.jobspec import HeadStatistics
+    from common.privacy import BitEncoder
+    from edge_agent.runtime import make_extractor
+
+    blob, outputs = lenet_head
+    shard = prepare_mnist(tmp_path / "mnist", edges=1).edges[0]
+    job, _ = onnx_assignment(blob, outputs, str(shard))
+    local = job.model_copy(update={"model": job.model.model_copy(update={"head_statistics": HeadStatistics.LOCAL})})
+    for assignment in (job, local):
+        make_extractor("onnx", assignment, blob, BitEncoder(100.0), MnistShard(shard), "cpu").extract(0)
+    assert caplog.text.count("the onnx runtime runs the cloud's folded head") == 1

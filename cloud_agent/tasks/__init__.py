@@ -14,9 +14,11 @@ from cloud_agent.tasks.classification import Classification
 __all__ = ["Batch", "CloudTask", "Privatize", "make_task"]
 
 
-def make_task(arch: str, validation: Path | None, image_size: int, translate: int = 0) -> CloudTask:
+def make_task(
+    arch: str, validation: Path | None, image_size: int, translate: int = 0, local_head: bool = False
+) -> CloudTask:
     if arch == "lenet5":
         return Classification(validation)
     from cloud_agent.tasks.detection import Detection
 
-    return Detection(validation, image_size, translate)
+    return Detection(validation, image_size, translate, local_head)

@@ -34,6 +34,7 @@ from common.evaluation import (
     evaluate_model,
     predictions_of,
     split_predict_fn,
+    with_local_head,
 )
 from common.yolo_postprocess import non_max_suppression
 
@@ -58,11 +59,14 @@ class Detection:
 
     headline = "map50_95"
 
-    def __init__(self, validation: Path | None, image_size: int, translate: int = 0) -> None:
+    def __init__(self, validation: Path | None, image_size: int, translate: int = 0, local_head: bool = False) -> None:
         """Without ``validation`` the job trains but reports no mAP: never one measured on training images.
-        ``translate``: training batches move by up to this many cells of the features (:func:`translate`)."""
+        ``translate``: training batches move by up to this many cells of the features (:func:`translate`).
+        ``local_head``: scored with the head's BatchNorm statistics re-estimated on the validation
+        images (``model.head_statistics: local``), as a site runs the model."""
         self.image_size = image_size
         self.translate = translate
+        self.local_head = local_head
         self.validation = YoloDataset(validation, image_size) if validation is not None else None
         self._loss: YoloLoss | None = None
         self._loss_model: nn.Module | None = None
@@ -119,6 +123,8 @@ class Detection:
 
     def predict_fn(self, model: nn.Module, cut: int, privatize: Privatize) -> PredictFn:
         """The deployed path: head → the job's levels → (cut decoder →) tail."""
+        if self.local_head and self.validation is not None:
+            model = with_local_head(model, cut, self.validation)
         return split_predict_fn(model, cut, privatize)
 
 

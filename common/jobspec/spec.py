@@ -45,11 +45,22 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class HeadStatistics(StrEnum):
+    LOCAL = "local"
+    PRETRAINED = "pretrained"
+
+
 class ModelSpec(Strict):
     arch: str = Field(description="lenet5, yolov5n, yolov5s, yolov5m, yolov5l or yolov5x")
     num_classes: int = Field(default=0, ge=0, description="0: taken from the pretrained weights")
     pretrained: str | None = Field(default=None, description="local path or s3:// URL of the weights")
     image_size: int = Field(default=0, ge=0, description="input size in pixels; 0: the model's default")
+    head_statistics: HeadStatistics = Field(
+        default=HeadStatistics.LOCAL,
+        description="local: each edge re-estimates its head's BatchNorm statistics on its own images "
+        "before extracting (kept on the edge), and the model is evaluated with the statistics of the "
+        "images it scores; pretrained: the weights' statistics everywhere",
+    )
 
 
 class Thresholding(StrEnum):

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common import constants as C
-from common.jobspec.spec import Name
+from common.jobspec.spec import HeadStatistics, Name
 
 Digest = Annotated[bytes, Field(min_length=32, max_length=32)]
 
@@ -31,6 +31,8 @@ class ModelRef(Message):
     cut_layer: int = Field(ge=1)
     image_size: int = Field(default=0, ge=0)
     options: dict[str, Any] = Field(default_factory=dict)
+    # Absent from an older cloud's assignment: the pretrained statistics, as edges then ran.
+    head_statistics: HeadStatistics = HeadStatistics.PRETRAINED
 
 
 class LayerThresholds(Message):

@@ -47,15 +47,21 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def predict_fn_for(model: Any, metadata: dict[str, Any]) -> Any:
+def predict_fn_for(model: Any, metadata: dict[str, Any], dataset: Any) -> Any:
     """The plain model, or for a MistNet checkpoint (metadata has ``cut_layer``) head -> bits -> tail,
-    since its tail was trained on privatized bits and never sees real-valued features."""
-    from common.evaluation import model_predict_fn, split_predict_fn
+    since its tail was trained on privatized bits and never sees real-valued features; with the
+    head's BatchNorm statistics of ``dataset``'s images when it was trained with
+    ``model.head_statistics: local`` (its edges ran their heads that way)."""
+    from common.evaluation import model_predict_fn, split_predict_fn, with_local_head
+    from common.jobspec import HeadStatistics
     from common.privacy import feature_transform
 
     cut = metadata.get("cut_layer")
     if cut is None:
         return model_predict_fn(model)
+    if metadata.get("head_statistics") == HeadStatistics.LOCAL:
+        log.info("re-estimating the head's BatchNorm statistics on %s (head_statistics: local)", dataset.root)
+        model = with_local_head(model, int(cut), dataset)
     return split_predict_fn(model, int(cut), feature_transform(metadata))
 
 
@@ -72,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     args.imgsz = args.imgsz or int(weights.metadata.get("image_size") or default_image_size(weights.arch))
     dataset = YoloDataset(args.data, args.imgsz)
     _check_classes(dataset, weights.num_classes)
-    result = _evaluate(evaluate_model, predict_fn_for(model, weights.metadata), dataset, args)
+    result = _evaluate(evaluate_model, predict_fn_for(model, weights.metadata, dataset), dataset, args)
     for s in result["skipped"][:5]:
         log.warning("skipped %s: %s", s["path"], s["reason"])
     if len(result["skipped"]) > 5:
