@@ -57,9 +57,9 @@ def standardized_variance(model: nn.Module, inputs: list[torch.Tensor]) -> float
     statistics are the inputs' own."""
     conv = layers_of(model)[0]
     with torch.no_grad():
-        z = torch.cat([conv.bn(conv.conv(x)) for x in inputs]).detach()
-    scale = conv.bn.weight.abs().view(1, -1, 1, 1)
-    return float(((z - conv.bn.bias.view(1, -1, 1, 1)) / scale).transpose(0, 1).flatten(1).var(1).mean())
+        z = torch.cat([conv.bn(conv.conv(x)) for x in inputs])
+        scale = conv.bn.weight.abs().view(1, -1, 1, 1)
+        return float(((z - conv.bn.bias.view(1, -1, 1, 1)) / scale).transpose(0, 1).flatten(1).var(1).mean())
 
 
 def test_only_the_heads_statistics_change_and_they_are_the_images_own(pretrained: nn.Module, images: Path) -> None:
