@@ -75,9 +75,8 @@ def predictions_of(output: Any) -> torch.Tensor:
     """Decoded ``[B, N, 5+nc]`` from a model's eval output (upstream returns (decoded, raw))."""
     pred = output[0] if isinstance(output, tuple) else output
     if not isinstance(pred, torch.Tensor) or pred.dim() != 3:
-        raise ValueError(
-            "predict_fn must return eval-mode detector output [B, N, 5+nc] (is the model in training mode?)"
-        )
+        raise ValueError("predict_fn must return eval-mode detector output [B, N, 5+nc] "
+                         "(is the model in training mode?)")
     return pred
 
 
