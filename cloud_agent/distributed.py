@@ -120,8 +120,11 @@ class Ranks:
                 log.debug("the other ranks were not told to stop: %s", exc)
 
     def share(self, key: str, data: bytes) -> None:
-        """Rank 0, before the go-ahead: bytes every rank can read, whatever its node's disk holds."""
+        """Rank 0, before the go-ahead: bytes every rank can read, whatever its node's disk holds.
+        Returns once the store holds them: c10d's ``set`` does not wait for the server, and a
+        query on the same connection is answered only after the ``set`` before it."""
         self.store.set(SHARED_PREFIX + key, data)  # type: ignore[arg-type]  # c10d takes bytes; its stub says str
+        self.store.check([SHARED_PREFIX + key])
 
     def fetch(self, key: str) -> bytes | None:
         """Rank > 0, after the go-ahead: what rank 0 shared under ``key`` (None: nothing)."""
