@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from common.errors import MistnetError
-from common.lifecycle import child_options
+from common.lifecycle import spawn
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +174,8 @@ class Mosquitto:
         if binary is None:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
         with self.log.open("ab") as log_file:
-            self.process = subprocess.Popen(
-                [binary, "-c", str(self.config)],
-                stdout=log_file,
-                stderr=log_file,
-                stdin=subprocess.DEVNULL,
-                **child_options(),
+            self.process = spawn(
+                [binary, "-c", str(self.config)], stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL
             )
         try:
             wait_for_port(self.host, self.port, timeout_s, self.process)

@@ -5,10 +5,10 @@ outlive the process that started them.
   ``KeyboardInterrupt``) in the main thread, so every ``finally`` and ``except KeyboardInterrupt``
   that saves state or stops children on Ctrl-C runs on SIGTERM too. ``mistnet.cli.main`` wraps every
   command in it; :func:`interrupt_exit_code` gives the shell's exit status (130 or 143).
-* :func:`child_options` - ``subprocess.Popen`` keyword arguments that make a child die with its
-  launcher even when the launcher is killed outright (SIGKILL, OOM): on Linux the child asks the
-  kernel for SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``). Elsewhere only the
-  launcher's own clean-up (on Ctrl-C or SIGTERM) stops its children.
+* :func:`spawn` - ``subprocess.Popen`` for a child that dies with its launcher even when the
+  launcher is killed outright (SIGKILL, OOM): on Linux the child asks the kernel for SIGTERM when
+  its parent dies (``prctl(PR_SET_PDEATHSIG)``). Elsewhere only the launcher's own clean-up (on
+  Ctrl-C or SIGTERM) stops its children.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -29,6 +30,13 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C would raise ``KeyboardInterrupt``."""
+
+
+class _Held:
+    """A SIGTERM that arrived inside :func:`sigterm_held`, to be raised when it ends."""
+
+    active = False
+    pending: Terminated | None = None
 
 
 @contextmanager
@@ -42,7 +50,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
     def terminate(signum: int, frame: FrameType | None) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated(f"signal {signal.Signals(signum).name}")
+        exc = Terminated(f"signal {signal.Signals(signum).name}")
+        if _Held.active:
+            _Held.pending = exc
+            return
+        raise exc
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
@@ -75,13 +87,30 @@ def _pdeathsig_setter() -> Callable[[], None] | None:
     return die_with_parent
 
 
-def child_options() -> dict[str, Any]:
-    """``Popen`` keyword arguments for a child that must not outlive this process.
+@contextmanager
+def sigterm_held() -> Iterator[None]:
+    """A SIGTERM that arrives within the block is raised as it ends. After a fork with a
+    ``preexec_fn`` Python runs at-fork callbacks (logging's lock release), and an exception a signal
+    handler raises inside them is printed and dropped: the process would run on as if never asked
+    to stop."""
+    _Held.active = True
+    try:
+        yield
+    finally:
+        _Held.active = False
+        pending, _Held.pending = _Held.pending, None
+        if pending is not None:
+            raise pending
 
-    The kernel signals the child when the *thread* that forked it ends, so the option is only given
-    on the main thread (whose end is the process's); a child started from another thread relies on
-    the launcher's clean-up alone."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    setter = _pdeathsig_setter()
-    return {} if setter is None else {"preexec_fn": setter}
+
+def spawn(args: Sequence[str], **options: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen(args, **options)`` for a child that must not outlive this process.
+
+    The kernel signals the child when the *thread* that forked it ends, so the death signal is only
+    asked for on the main thread (whose end is the process's); a child started from another thread
+    relies on the launcher's clean-up alone."""
+    setter = _pdeathsig_setter() if threading.current_thread() is threading.main_thread() else None
+    if setter is None:
+        return subprocess.Popen(args, **options)
+    with sigterm_held():
+        return subprocess.Popen(args, preexec_fn=setter, **options)

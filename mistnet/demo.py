@@ -47,7 +47,7 @@ from common.jobspec import (
     PrivacySpec,
     load_job,
 )
-from common.lifecycle import child_options
+from common.lifecycle import spawn
 from common.models.lenet import LeNet5
 from common.protocol import JobSummary, Message
 from common.transport import BrokerOptions
@@ -281,21 +281,19 @@ def run_demo(opts: DemoOptions) -> DemoSummary:
         logs = root / "logs"
         logs.mkdir(exist_ok=True)
         procs = [
-            subprocess.Popen(
+            spawn(
                 mistnet_command("edge", "--node", f"edge{k}", "--broker", broker.url, "--once"),
                 stdout=subprocess.DEVNULL,
                 stderr=(logs / f"edge{k}.log").open("wb"),
-                **child_options(),
             )
             for k in range(1, opts.edges + 1)
         ]
-        cloud = subprocess.Popen(
+        cloud = spawn(
             mistnet_command(
                 "cloud", "--job", str(job), "--broker", broker.url, "--workdir", str(root / "cloud"), "--json"
             ),
             stdout=subprocess.PIPE,
             stderr=(logs / "cloud.log").open("wb"),
-            **child_options(),
         )
         try:
             watch(BrokerOptions(url=broker.url), cloud, console, name)

@@ -17,7 +17,7 @@ import pytest
 from broker.launcher import Mosquitto, free_port, port_in_use
 from broker.probe import SUCCESS, Probe
 from cloud_agent.report import read_spool
-from common.lifecycle import Terminated, interrupt_exit_code, sigterm_as_interrupt
+from common.lifecycle import Terminated, interrupt_exit_code, sigterm_as_interrupt, spawn
 from common.protocol import NodeState, NodeStatus, Topics, from_json
 
 ROOT = Path(__file__).parents[1]
@@ -88,6 +88,27 @@ def test_sigterm_becomes_a_keyboard_interrupt_once() -> None:
     assert isinstance(caught[0], Terminated) and interrupt_exit_code(caught[0]) == 143
     assert interrupt_exit_code(KeyboardInterrupt()) == 130
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+
+
+def test_sigterm_during_a_fork_stops_the_launcher_once_the_child_is_started() -> None:
+    """Python runs at-fork callbacks after a fork with ``preexec_fn`` and drops what a signal handler
+    raises inside them; the demo once ran its whole job after a SIGTERM that landed there."""
+    armed = [True]
+
+    def sigterm_inside_the_callback() -> None:
+        if armed and os.getpid() == parent:
+            armed.clear()
+            os.kill(parent, signal.SIGTERM)
+            time.sleep(0.01)  # the handler runs here, inside the callback
+
+    parent = os.getpid()
+    os.register_at_fork(after_in_parent=sigterm_inside_the_callback)
+    with sigterm_as_interrupt(), pytest.raises(Terminated):
+        spawn([sys.executable, "-c", "import time; time.sleep(30)"])
+    assert not armed  # the callback ran, and what it raised was not lost
+    for child in psutil.Process(parent).children():
+        if child.cmdline()[-1:] == ["import time; time.sleep(30)"]:
+            child.kill()
 
 
 def test_broker_run_stops_on_sigterm_and_keeps_retained_messages(tmp_path: Path) -> None:

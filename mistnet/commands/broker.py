@@ -26,7 +26,7 @@ from broker.launcher import (
 )
 from broker.tls import tls_init
 from common.errors import MistnetError
-from common.lifecycle import child_options, interrupt_exit_code, sigterm_as_interrupt
+from common.lifecycle import interrupt_exit_code, sigterm_as_interrupt, spawn
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,8 +187,8 @@ def _run_mosquitto(args: argparse.Namespace, binary: str, workdir: Path) -> int:
         url = f"mqtt://{host}:{port}"
     if port_in_use(port, bind if bind not in ("0.0.0.0", "::") else ""):
         raise BrokerError(f"port {port} is already in use (another broker?); choose one with --port")
-    # SIGTERM or Ctrl-C stops mosquitto below; child_options() also stops it if we are killed outright.
-    process = subprocess.Popen([binary, "-c", str(config)], stdin=subprocess.DEVNULL, **child_options())
+    # SIGTERM or Ctrl-C stops mosquitto below; spawn() also stops it if we are killed outright.
+    process = spawn([binary, "-c", str(config)], stdin=subprocess.DEVNULL)
     try:
         try:
             wait_for_port(host, port, 10.0, process)
