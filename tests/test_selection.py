@@ -105,3 +105,12 @@ def test_too_few_samples_are_not_split() -> None:
     assert selection_split(list(range(100)), 0.0, 0)[1] is None
     train, held = selection_split(list(range(100)), 0.1, 0)
     assert held is not None and len(held) == 10 and sorted([*train, *held]) == list(range(100))
+
+
+def test_a_shipped_epoch_below_the_start_on_held_out_data_is_said() -> None:
+    from cloud_agent.training import held_out_regression
+
+    said = held_out_regression("map50_95", 6, {"map50_95": 0.145}, {"map50_95": 0.073, "map50": 0.18})
+    assert said is not None and "epoch 6" in said and "0.0730" in said and "0.1450" in said
+    assert held_out_regression("map50_95", 6, {"map50_95": 0.145}, {"map50_95": 0.187}) is None
+    assert held_out_regression("map50_95", 0, {}, {}) is None  # no held-out data: nothing to compare
