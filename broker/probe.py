@@ -22,6 +22,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from common.lifecycle import sigterm_held
+
 from .launcher import BrokerError
 
 SUCCESS = 0
@@ -65,12 +67,13 @@ class Probe:
         self.host = u.hostname
         self.port = u.port or (8883 if self.tls else 1883)
         self.v5 = parse_qs(u.query).get("protocol", ["5"])[0] != "3.1.1"
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"probe-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
-            reconnect_on_failure=False,  # a probe reports a refusal; it never retries
-        )
+        with sigterm_held():
+            self.client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=client_id or f"probe-{uuid.uuid4().hex[:8]}",
+                protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
+                reconnect_on_failure=False,  # a probe reports a refusal; it never retries
+            )
         if username is not None:
             self.client.username_pw_set(username, password)
         if will is not None:

@@ -89,10 +89,14 @@ def _pdeathsig_setter() -> Callable[[], None] | None:
 
 @contextmanager
 def sigterm_held() -> Iterator[None]:
-    """A SIGTERM that arrives within the block is raised as it ends. After a fork with a
-    ``preexec_fn`` Python runs at-fork callbacks (logging's lock release), and an exception a signal
-    handler raises inside them is printed and dropped: the process would run on as if never asked
-    to stop."""
+    """On the main thread, a SIGTERM that arrives within the block is raised as it ends, for short
+    steps that must not be cut in the middle: after a fork with a ``preexec_fn`` Python runs at-fork
+    callbacks (logging's lock release) and drops what a signal handler raises inside them, so the
+    process would run on as if never asked to stop; a paho client interrupted while it is built
+    prints a traceback when it is collected."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _Held.active = True
     try:
         yield

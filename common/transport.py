@@ -27,6 +27,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from common import constants as C
 from common.errors import TransportError
+from common.lifecycle import sigterm_held
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +177,13 @@ class MqttLink:
         self._refused: str | None = None
         scheme, self._host, self._port, protocol = options.parsed
         self._v5 = protocol == "5"
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
-            clean_session=None if self._v5 else not persistent,
-        )
+        with sigterm_held():
+            self.client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+                clean_session=None if self._v5 else not persistent,
+            )
         self.client.max_queued_messages_set(0)
         self.client.max_inflight_messages_set(64)
         self.client.reconnect_delay_set(C.RECONNECT_MIN_DELAY_S, C.RECONNECT_MAX_DELAY_S)

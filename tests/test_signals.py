@@ -17,7 +17,7 @@ import pytest
 from broker.launcher import Mosquitto, free_port, port_in_use
 from broker.probe import SUCCESS, Probe
 from cloud_agent.report import read_spool
-from common.lifecycle import Terminated, interrupt_exit_code, sigterm_as_interrupt, spawn
+from common.lifecycle import Terminated, interrupt_exit_code, sigterm_as_interrupt, sigterm_held, spawn
 from common.protocol import NodeState, NodeStatus, Topics, from_json
 
 ROOT = Path(__file__).parents[1]
@@ -88,6 +88,17 @@ def test_sigterm_becomes_a_keyboard_interrupt_once() -> None:
     assert isinstance(caught[0], Terminated) and interrupt_exit_code(caught[0]) == 143
     assert interrupt_exit_code(KeyboardInterrupt()) == 130
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+
+
+def test_sigterm_inside_a_held_step_is_raised_when_the_step_ends() -> None:
+    finished = []
+    with sigterm_as_interrupt(), pytest.raises(Terminated):
+        with sigterm_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # not interrupted
+            finished.append(True)
+        finished.append(False)  # never reached: raised as the held step ends
+    assert finished == [True]
 
 
 def test_sigterm_during_a_fork_stops_the_launcher_once_the_child_is_started() -> None:
