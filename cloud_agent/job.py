@@ -51,17 +51,17 @@ class Job:
     spool: Spool
     model: nn.Module
     adaptation: Adaptation
-    transform: Callable[[Features], Features]
     store_ref: ObjectStoreRef | None
     store: ObjectStore | None
+    # built on first use: a job of more than 1 bit has no levels before its thresholds are calibrated
+    transform: Callable[[Features], Features] | None = None
 
     @classmethod
     def open(cls, spec: JobSpec, workdir: Path, device: str, ranks: Ranks | None) -> Job:
         spool = Spool(workdir / "spool.sqlite")
         model = starting_model(spec)
         adaptation = Adaptation(spec.privacy.bits, {}, None)
-        transform = feature_transform(adaptation.encoding())
-        return cls(spec, workdir, device, ranks, spool, model, adaptation, transform, *object_store(spec))
+        return cls(spec, workdir, device, ranks, spool, model, adaptation, *object_store(spec))
 
     @property
     def cut(self) -> int:
@@ -95,12 +95,14 @@ class Job:
     def use_adaptation(self, adaptation: Adaptation) -> None:
         """The thresholds edges encode with, and the cut decoder in front of the tail if it has one."""
         self.adaptation = adaptation
-        self.transform = feature_transform(adaptation.encoding())
+        self.transform = None
         if adaptation.decoder is not None:
             attach(self.model, adaptation.decoder.to(self.device))
 
     def privatize(self, features: Features) -> Features:
         """Held-out inputs take the deployed path: the job's quantisation, no randomization."""
+        if self.transform is None:
+            self.transform = feature_transform(self.adaptation.encoding())
         return self.transform(features)
 
     def released_activations(self) -> int:

@@ -58,3 +58,19 @@ def test_training_on_shifted_edge_bits_beats_adapted_only(tmp_path: Path, mosqui
     # held-out images AP@0.5:0.95 moves by about as much as its noise, so it is not what this small run
     # asserts; bench.person measures both on 200 images.
     assert metrics["map50"] > metrics["map50_before"], metrics
+
+
+def test_a_job_of_two_bits_per_activation_runs_end_to_end(tmp_path: Path, mosquitto) -> None:
+    """Every level count the spec allows must run through the real agents, not only 1 bit: the
+    cloud once failed to open any job of more bits, before its thresholds were calibrated."""
+    public = link_yolo_folder(discover_images(PUBLIC)[:8], tmp_path / "public", labels=False) / "images"
+    opts = DemoOptions(scenario="coco-person", epsilon=4.0, bits=2, per_edge=8, held_out=8, image_size=128, epochs=1,
+                       batch_size=8, public=public, decoder_epochs=1)  # fmt: skip
+    job = prepare_detection_job(opts, tmp_path)
+    summary = run_two_edge_job(job.path, mosquitto.url, tmp_path, 200)
+    assert summary["phase"] == "done", summary
+    activations = 64 * 16 * 16  # yolov5n's layer 3 at 128 px: what an edge releases per image
+    for edge in summary["edges"].values():
+        assert edge["samples"] == 8 and edge["privacy"]["bits"] == 2
+        assert edge["wire_bytes"] >= 8 * activations * 2 // 8  # two bits per activation on the wire
+    assert {"map50", "map50_before"} <= set(summary["metrics"])
