@@ -24,6 +24,7 @@ from common import metrics
 from common.datasets.by_arch import open_edge_dataset
 from common.errors import DatasetError, JobCancelled, MistnetError, ProtocolError, TransportError
 from common.heads import join_head
+from common.jobspec import HeadStatistics
 from common.mechanism import encoder_for
 from common.policy import EdgePolicy
 from common.protocol import (
@@ -333,6 +334,9 @@ class EdgeAgent:
             raise DatasetError(f"dataset {path} does not exist on node {self.node}")
         dataset = open_edge_dataset(job.model.arch, path, job.model.image_size)
         encoder = encoder_for(job.privacy)
+        if job.model.head_statistics == HeadStatistics.LOCAL and self.runtime == "torch":
+            message = f"re-estimating the head's BatchNorm statistics on up to {C.HEAD_STATISTICS_IMAGES} local images"
+            self.publish_status(NodeState.EXTRACTING, message=message, job=job.job, force=True)
         extractor = make_extractor(self.runtime, job, head, encoder, dataset, self.device)
         topic = Topics.features(self.node, job.job)
         window = SendWindow(

@@ -8,15 +8,19 @@ adapted model's before training, on images never sent nor trained on.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from common.datasets.shift import Shift
 from common.datasets.yolo import discover_images
+from common.protocol import Topics
 from mistnet.demo import DemoOptions, prepare_detection_job, write_job
 from scenarios.folders import link_yolo_folder
 from tests.agents import run_two_edge_job
+from tests.harness import client
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PUBLIC = SHARED / "data" / "public-images"
@@ -67,8 +71,18 @@ def test_a_job_of_two_bits_per_activation_runs_end_to_end(tmp_path: Path, mosqui
     opts = DemoOptions(scenario="coco-person", epsilon=4.0, bits=2, per_edge=8, held_out=8, image_size=128, epochs=1,
                        batch_size=8, public=public, decoder_epochs=1)  # fmt: skip
     job = prepare_detection_job(opts, tmp_path)
+    statuses: list[dict[str, Any]] = []
+    watcher = client(mosquitto.url)
+    watcher.on_message = lambda _c, _u, m: statuses.append(json.loads(m.payload))
+    watcher.subscribe(Topics.all_node_status(), qos=1)
     summary = run_two_edge_job(job.path, mosquitto.url, tmp_path, 200)
+    watcher.loop_stop()
     assert summary["phase"] == "done", summary
+    for node in summary["edges"]:  # the head's statistics pass is on the status topic before any sample
+        said = [s for s in statuses if s["node"] == node]
+        first = next(k for k, s in enumerate(said) if "BatchNorm statistics" in s["message"])
+        assert said[first]["state"] == "extracting" and said[first]["extracted"] == 0, said[first]
+        assert all(s["extracted"] == 0 for s in said[:first])
     activations = 64 * 16 * 16  # yolov5n's layer 3 at 128 px: what an edge releases per image
     for edge in summary["edges"].values():
         assert edge["samples"] == 8 and edge["privacy"]["bits"] == 2
