@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.person_doc import LOCAL_HEAD, RESULTS, variant
+from bench.person_doc import LOCAL_HEAD, RESULTS, levels_variant, variant
 from bench.utility import Setup, edges_spool
 from cloud_agent.adaptation import Adaptation, adapt
 from cloud_agent.centralized import INPUT, ImageDetection, ImageSamples, fine_tune
@@ -47,7 +47,7 @@ from common.checkpoint import load_model
 from common.datasets.shift import Shift
 from common.datasets.yolo import YoloDataset, discover_images
 from common.evaluation import with_local_head
-from common.jobspec import AdaptSpec, CloudSpec, HeadStatistics, ModelSpec
+from common.jobspec import AdaptSpec, CloudSpec, HeadStatistics, ModelSpec, auto_bits
 from common.models.cutdecoder import attach
 from common.privacy import BitEncoder, feature_transform
 from common.split import run_head
@@ -86,7 +86,7 @@ class Bench:
     epochs: int
     out: Path
     adaptations: Path  # shared by every shift: the public images are never shifted
-    bits: int = 1
+    bits: int | None = None  # bits per activation; None: the job default at each ε (privacy.bits: auto)
     train_decoder: bool = CloudSpec().train_decoder
     translate: int = CloudSpec().translate
     learning_rate: float = C.DETECTION_LEARNING_RATE  # every method's
@@ -98,6 +98,10 @@ class Bench:
         rows = [r for r in doc["rows"] if row_key(r) != row_key(asdict(row))] + [asdict(row)]
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(json.dumps({"imgsz": self.setup.imgsz, "epochs": self.epochs, "rows": rows}, indent=1))
+
+    def levels(self, eps: float) -> int:
+        """Bits per activation at ε: the bench's, or as ``privacy.bits: auto`` chooses them."""
+        return auto_bits(eps) if self.bits is None else self.bits
 
     def held_out(self) -> Path:
         return self.setup.folders["held-out"]
@@ -137,7 +141,7 @@ class Bench:
 
     def adaptation(self, eps: float) -> tuple[Adaptation, float]:
         """The job's adaptation at ε and the seconds it took (made once per work directory)."""
-        name = f"eps{eps:g}-bits{self.bits}-decoder{self.setup.decoder_epochs}"
+        name = f"eps{eps:g}-bits{self.levels(eps)}-decoder{self.setup.decoder_epochs}"
         path = self.adaptations / f"{name}.safetensors"
         took = path.with_suffix(".json")
         if path.exists() and took.exists():
@@ -145,8 +149,8 @@ class Bench:
         t0 = time.monotonic()
         model, _ = load_model(self.setup.weights)
         spec = AdaptSpec(epochs=self.setup.decoder_epochs)
-        found = adapt(model, COCO_CUT, self.setup.folders["public"], self.setup.imgsz, [eps], self.bits, True, spec,
-                      self.setup.device, SEED, log.info)  # fmt: skip
+        found = adapt(model, COCO_CUT, self.setup.folders["public"], self.setup.imgsz, [eps], self.levels(eps), True,
+                      spec, self.setup.device, SEED, log.info)  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
         found.save(path)
         seconds = round(time.monotonic() - t0, 1)
@@ -160,11 +164,11 @@ class Bench:
         task = Detection(self.held_out(), self.setup.imgsz, self.translate, self.local_head)
         transform = feature_transform(adaptation.encoding())
         before = task.evaluate(model, COCO_CUT, transform, self.setup.device)
-        levels = ", ".join(([] if self.bits == 1 else [f"{self.bits} bit"]) + ([LOCAL_HEAD] if self.local_head else []))
+        levels = levels_variant(self.levels(eps), self.local_head)
         seconds = round(adapting + time.monotonic() - t0, 1)
         self.record(PersonRow(self.shift, "adapted", eps, *map_pair(before), seconds, variant=levels))
         t1 = time.monotonic()
-        encoder = BitEncoder(eps, seed=SEED + 1, bits=self.bits, thresholds=adaptation.thresholds)
+        encoder = BitEncoder(eps, seed=SEED + 1, bits=self.levels(eps), thresholds=adaptation.thresholds)
         pretrained = load_model(self.setup.weights)[0]
         received = edges_spool(self.setup, pretrained, encoder, f"eps{eps:g}-spool", self.local_head)
         trainer = self.trainer(model, task, received, f"eps{eps:g}", transform)
@@ -173,7 +177,7 @@ class Bench:
         chosen = trainer.restore_selected()
         got = task.evaluate(model, COCO_CUT, transform, self.setup.device)
         epoch = chosen.epoch if chosen is not None else None
-        settings = variant(self.bits, self.train_decoder, self.translate, self.learning_rate, self.local_head)
+        settings = variant(self.levels(eps), self.train_decoder, self.translate, self.learning_rate, self.local_head)
         row = PersonRow(self.shift, "mistnet", eps, *map_pair(got), round(time.monotonic() - t1, 1), epoch, settings)
         self.record(row)
 
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "--translate", type=int, default=CloudSpec().translate, help="training batches move by up to N feature cells"
     )
     p.add_argument("--lr", type=float, default=C.DETECTION_LEARNING_RATE, help="learning rate of every method")
-    p.add_argument("--bits", type=int, default=1, help="bits per activation (levels 2^bits)")
+    p.add_argument("--bits", type=int, help="bits per activation (levels 2^bits); default: privacy.bits auto")
     p.add_argument(
         "--train-decoder",
         action=argparse.BooleanOptionalAction,

@@ -44,19 +44,36 @@ def local_by_default() -> bool:
     return bool(ModelSpec.model_fields["head_statistics"].default == HeadStatistics.LOCAL)
 
 
-def default_variant() -> str:
+def default_bits(eps: float) -> int:
+    """The bits a job at ``eps`` sends by default (``privacy.bits: auto``, public images given)."""
+    from common.jobspec import auto_bits
+
+    return auto_bits(eps)
+
+
+def default_variant(eps: float, bits: int | None = None) -> str:
+    """A trained row's settings as the job defaults make them at ``eps`` (``bits``: those instead)."""
     from common.jobspec import CloudSpec
 
     cloud = CloudSpec()
-    return variant(1, cloud.train_decoder, cloud.translate, local_head=local_by_default())
+    return variant(default_bits(eps) if bits is None else bits, cloud.train_decoder, cloud.translate,
+                   local_head=local_by_default())  # fmt: skip
 
 
-def default_settings(method: str) -> str:
-    """What a method's row is measured with by default: the job defaults for MistNet rows, the
-    official model as it is for ``pretrained`` (its row with local statistics is a separate one)."""
-    if method == "mistnet":
-        return default_variant()
-    return LOCAL_HEAD if method == "adapted" and local_by_default() else ""
+def levels_variant(bits: int, local_head: bool) -> str:
+    """An adapted-only row's settings: its bits when not 1, and the head's statistics when local."""
+    return ", ".join(([] if bits == 1 else [f"{bits} bit"]) + ([LOCAL_HEAD] if local_head else []))
+
+
+def default_settings(method: str, eps: float | None, bits: int | None = None) -> str:
+    """What a method's row is measured with by default: the job defaults at ε for MistNet rows (``bits``:
+    with those bits instead), the official model as it is for ``pretrained`` (its row with local
+    statistics is a separate one)."""
+    if method == "mistnet" and eps is not None:
+        return default_variant(eps, bits)
+    if method == "adapted" and eps is not None:
+        return levels_variant(default_bits(eps) if bits is None else bits, local_by_default())
+    return ""
 
 
 def variant_of(row: PersonRecord) -> str:
@@ -69,9 +86,19 @@ def find(
 ) -> PersonRecord | None:
     """The row of ``method`` at ``shift`` and ε with its default settings (:func:`default_settings`),
     unless ``settings`` names others."""
-    settings = default_settings(method) if settings is None else settings
+    settings = default_settings(method, eps) if settings is None else settings
     key = (shift, method, eps, settings)
     return next((r for r in rows if (r["shift"], r["method"], r["epsilon"], variant_of(r)) == key), None)
+
+
+def find_shipped(rows: list[PersonRecord], shift: str, method: str, eps: float) -> tuple[PersonRecord | None, int]:
+    """A MistNet row at ε with the default bits, or with 1 bit where those were not measured at this
+    shift; and the bits it was measured with."""
+    bits = default_bits(eps)
+    row = find(rows, shift, method, eps)
+    if row is None and bits != 1:
+        return find(rows, shift, method, eps, default_settings(method, eps, 1)), 1
+    return row, bits
 
 
 def cell(row: PersonRecord | None) -> str:
@@ -95,13 +122,14 @@ def shift_table(rows: list[PersonRecord], shift: str, epsilons: list[float]) -> 
             label = "pretrained, head BatchNorm statistics of the scored images (no training, nothing sent)"
             lines.append(f"| {label} | {cell(local)} | {seconds(local)} | |")
     for eps in epsilons:
-        adapted, trained = find(rows, shift, "adapted", eps), find(rows, shift, "mistnet", eps)
+        (adapted, bits), (trained, _) = (find_shipped(rows, shift, m, eps) for m in ("adapted", "mistnet"))
+        levels = f"{bits} bit{'s' if bits > 1 else ''}"
         if adapted:
-            label = f"MistNet ε = {eps:g}, adapted only (nothing trained on the edges' bits)"
+            label = f"MistNet ε = {eps:g} ({levels}), adapted only (nothing trained on the edges' bits)"
             lines.append(f"| {label} | {cell(adapted)} | {seconds(adapted)} | |")
         if trained:
             epoch = trained.get("selected_epoch")
-            lines.append(f"| **MistNet ε = {eps:g}, trained on the edges' bits** | {cell(trained)} | "
+            lines.append(f"| **MistNet ε = {eps:g} ({levels}), trained on the edges' bits** | {cell(trained)} | "
                          f"{seconds(trained)} | {'' if epoch is None else epoch} |")  # fmt: skip
     return lines
 
@@ -121,7 +149,7 @@ def gain_lines(rows: list[PersonRecord], epsilons: list[float]) -> list[str]:
     ]
     local = find(rows, GOAL_SHIFT, "pretrained", settings=LOCAL_HEAD)
     for eps in epsilons:
-        trained, adapted = find(rows, GOAL_SHIFT, "mistnet", eps), find(rows, GOAL_SHIFT, "adapted", eps)
+        trained, adapted = (find_shipped(rows, GOAL_SHIFT, m, eps)[0] for m in ("mistnet", "adapted"))
         if trained is None:
             continue
         ours = trained["map50_95"] - pre["map50_95"]
@@ -144,7 +172,7 @@ def best_settings(rows: list[PersonRecord], pre: PersonRecord, gain: float) -> l
     for eps, goal in sorted(GAIN_GOALS.items(), reverse=True):
         trained = [r for r in rows if (r["shift"], r["method"], r["epsilon"]) == (GOAL_SHIFT, "mistnet", eps)]
         best = max(trained, key=lambda r: r["map50_95"], default=None)
-        if best is not None and variant_of(best) != default_variant():
+        if best is not None and variant_of(best) != default_variant(eps):
             share = (best["map50_95"] - pre["map50_95"]) / gain
             found.append(f"ε = {eps:g} with {variant_of(best)}: {best['map50_95']:.3f}, {share:.0%}"
                          f" ({'met' if share >= goal else 'not met'})")  # fmt: skip
@@ -157,7 +185,7 @@ def higher_bar(rows: list[PersonRecord], pre: PersonRecord, central: PersonRecor
     if frozen is None or frozen["map50_95"] <= central["map50_95"]:
         return []
     bar = frozen["map50_95"] - pre["map50_95"]
-    trained = [(e, find(rows, GOAL_SHIFT, "mistnet", e)) for e in sorted(GAIN_GOALS, reverse=True)]
+    trained = [(e, find_shipped(rows, GOAL_SHIFT, "mistnet", e)[0]) for e in sorted(GAIN_GOALS, reverse=True)]
     shares = ", ".join(f"ε = {e:g} {(t['map50_95'] - pre['map50_95']) / bar:.0%}" for e, t in trained if t)
     return ["", f"The tail trained on the frozen head's float outputs gains more ({bar:.3f}): against that bar the"
             f" shares are {shares}."]  # fmt: skip
@@ -166,9 +194,9 @@ def higher_bar(rows: list[PersonRecord], pre: PersonRecord, central: PersonRecor
 def variants_table(rows: list[PersonRecord]) -> list[str]:
     """Every trained MistNet row of the goal's shift, by ε and settings: what chose the defaults."""
     shown = [r for r in rows if r["shift"] == GOAL_SHIFT and r["method"] in ("mistnet", "adapted")]
-    default = default_variant()
     lines = ["| ε | settings | held-out AP@0.5 / AP@0.5:0.95 | epoch shipped |", "|---|---|---|---|"]
     for r in sorted(shown, key=lambda r: (-r["epsilon"], r["method"], variant_of(r))):
+        default = default_variant(r["epsilon"])
         settings = f"**{variant_of(r)}** (default)" if variant_of(r) == default else variant_of(r)
         settings = f"adapted only, {variant_of(r) or '1 bit'}" if r["method"] == "adapted" else settings
         epoch = "" if r.get("selected_epoch") is None else r["selected_epoch"]
@@ -191,7 +219,9 @@ def plot(rows: list[PersonRecord], shifts: list[str], epsilons: list[float], pat
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(shifts)), 4.2))
     for k, (method, eps, settings, label) in enumerate(series):
-        values = [(find(rows, s, method, eps, settings) or {}).get("map50_95", 0.0) for s in shifts]
+        found = [find(rows, s, method, eps, settings) if eps is None else find_shipped(rows, s, method, eps)[0]
+                 for s in shifts]  # fmt: skip
+        values = [(row or {}).get("map50_95", 0.0) for row in found]
         ax.bar([i + k * width for i in range(len(shifts))], values, width, label=label)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shifts))], shifts)
     ax.set_ylabel("held-out person AP@0.5:0.95")
@@ -230,7 +260,8 @@ PERSON_INTRO = [
     " splits it: 200 held-out images (never sent, never trained on: every figure here is on them) and 2 edges x 300"
     " labelled images; every labelled image gets the COCO-C shift (`mistnet data shift`), the cloud's 600 public"
     " photos (`../shared/data/public-images`, unlabelled, of which adaptation uses 256) do not. Person AP by"
-    " pycocotools; cut 4, 1 bit per activation.",
+    " pycocotools; cut 4; bits per activation as `privacy.bits: auto` chooses them at each ε (4 at ε = 100, 1 at"
+    " ε ≤ 4; rows measured otherwise say so).",
     "",
     "- *pretrained*: the official yolov5n, full precision: where the edges start.",
     "- *centralized*: every layer fine-tuned on the edges' raw shifted images (`mistnet train`, the cloud trainer's"
@@ -289,9 +320,11 @@ NOTES = [
     " met with 4 bits)**; at ε = 4, 1 bit 0.185, 2 bits 0.187, 4 bits 0.073. At the same ε, randomized response"
     " replaces more of the levels the more there are (ε = 4: 12% with 1 bit, 29% with 2, 67% with 4), and the"
     " 4-bit tail trained on mostly random levels ships far below its adapted start (0.145). Each edge chooses its"
-    " own ε while the bits are the job's, so the default stays 1 bit, the one setting that holds up at every ε"
-    " measured; a job whose edges all keep ε = 100 can set `privacy.bits: 4` (51.2 kB per 320 px image against"
-    " 12.8 kB). At 4 bits and ε = 4 the held-back received samples still chose epoch 6 (person AP 0.038 on them,"
+    " own ε while the bits are the job's, so by default (`privacy.bits: auto`) a job takes the bits from its"
+    " smallest edge ε: the most of 1, 2 and 4 at which randomized response replaces no more levels than 1 bit does"
+    " at ε = 4 (12%), that is 4 bits from ε = 9.4, 2 from ε = 6.2, 1 below: 4 bits (51.2 kB per 320 px image"
+    " against 12.8 kB) at the default ε = 100, 1 bit at ε = 4. At 4 bits and ε = 4 the held-back received samples"
+    " still chose epoch 6 (person AP 0.038 on them,"
     " 0.006 before training). With 4 bits at ε = 100 the edges' data adds +0.071 over adapted-only (0.155), the"
     " most of any setting, still short of half the centralized gain (0.090).",
     "- **Where there is nothing to adapt to, local statistics cost a little**: on `clean` images the pretrained"
@@ -326,7 +359,7 @@ NOTES = [
     "- **More bits pay only where there is little noise**: 2 bits per activation at ε = 100 give 0.196 against"
     " 0.176 (77% of the centralized gain against 65%) for twice the bytes (25.6 kB instead of 12.8 kB per 320 px"
     " image); at ε = 4 they lose, 0.150 against 0.162: randomized response over 4 levels keeps 71% of them, over 2"
-    " levels 88%. The default stays 1 bit (`privacy.bits`); a job at large ε with bandwidth to spare can ask for 2.",
+    " levels 88%. (With local head statistics, 2026-12-06: the bits now follow the job's ε, see above.)",
     "- **Neutral, left off**: moving feature maps by up to 4 cells with their boxes (`cloud.translate: 4`) 0.179"
     " against 0.176 at ε = 100; learning rate 0.003 instead of 0.001 at ε = 4, 0.163 against 0.162.",
     "- Run-to-run spread: the same settings (ε = 100, 1 bit, decoder kept) gave 0.168 in the first run and 0.159"

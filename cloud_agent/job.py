@@ -60,7 +60,7 @@ class Job:
     def open(cls, spec: JobSpec, workdir: Path, device: str, ranks: Ranks | None) -> Job:
         spool = Spool(workdir / "spool.sqlite")
         model = starting_model(spec)
-        adaptation = Adaptation(spec.privacy.bits, {}, None)
+        adaptation = Adaptation(spec.bits, {}, None)
         return cls(spec, workdir, device, ranks, spool, model, adaptation, *object_store(spec))
 
     @property

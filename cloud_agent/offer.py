@@ -55,14 +55,14 @@ class Offer:
         job, spec = self.job, self.job.spec
         if spec.cloud.public is None or job.load_adaptation():
             return
-        self.status.set_phase(JobPhase.ADAPTING, f"adapting to {spec.privacy.bits}-bit features on {spec.cloud.public}")
+        self.status.set_phase(JobPhase.ADAPTING, f"adapting to {spec.bits}-bit features on {spec.cloud.public}")
         adaptation = adapt(
             job.model,
             job.cut,
             Path(spec.cloud.public),
             job.image_size,
             sorted({spec.epsilon_for(e.node) for e in spec.edges}),
-            spec.privacy.bits,
+            spec.bits,
             spec.calibrated,
             spec.cloud.adapt,
             job.device,
@@ -91,7 +91,7 @@ class Offer:
                 head_statistics=s.model.head_statistics,
             ),
             privacy=PrivacyParams(
-                epsilon=s.epsilon_for(node), bits=s.privacy.bits, thresholds=job.adaptation.wire_thresholds()
+                epsilon=s.epsilon_for(node), bits=s.bits, thresholds=job.adaptation.wire_thresholds()
             ),
             dataset=s.edge(node).dataset,
             batch_size=s.edge(node).batch_size,

@@ -92,7 +92,7 @@ class Status:
     def privacy_account(self, node: str) -> PrivacyAccount:
         """What one edge's features cost in privacy: ε and bits per activation, activations per
         sample, and the per-sample bound by composition (docs/security.md)."""
-        eps, bits = self.job.spec.epsilon_for(node), self.job.spec.privacy.bits
+        eps, bits = self.job.spec.epsilon_for(node), self.job.spec.bits
         return PrivacyAccount(
             epsilon=eps,
             bits=bits,

@@ -48,6 +48,12 @@ MAX_OBJECT_KEY_CHARS = 1024
 
 # Jobs --------------------------------------------------------------------------------------------
 DEFAULT_EPSILON = 100.0
+# privacy.bits: auto. The bits a job sends are the most of AUTO_BITS_CHOICES at which randomized response
+# at the smallest edge ε replaces no larger share of the levels than 1 bit does at AUTO_BITS_EPSILON (12%):
+# on coco-person contrast:5, 4 bits at ε 100 gave 94% of the centralized gain against 77% with 1 bit, and
+# at ε 4 1 bit held (71%) where 4 bits fell below the start (docs/privacy-utility.md).
+AUTO_BITS_CHOICES = (1, 2, 4)
+AUTO_BITS_EPSILON = 4.0
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_EPOCHS = 10
 DEFAULT_LEARNING_RATE = 0.01

@@ -111,7 +111,7 @@ def load_policy(path: Path) -> EdgePolicy:
 def job_violations(spec: JobSpec, policy: EdgePolicy) -> dict[str, list[str]]:
     """Per edge of a job, why an edge with this policy would refuse its assignment."""
     found = {
-        edge.node: policy.violations(spec.model.arch, spec.cut_layer, spec.epsilon_for(edge.node), spec.privacy.bits)
+        edge.node: policy.violations(spec.model.arch, spec.cut_layer, spec.epsilon_for(edge.node), spec.bits)
         for edge in spec.edges
     }
     return {node: reasons for node, reasons in found.items() if reasons}

@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import Field
@@ -93,7 +94,7 @@ class DemoOptions:
     public: int | Path | None = None
     shift: Shift | None = None  # detection: a COCO-C corruption of every labelled image
     baselines: bool = False  # detection: also the pretrained model's score and a centralized fine-tune
-    bits: int = 1  # bits per activation on the wire
+    bits: int | Literal["auto"] = "auto"  # bits per activation on the wire (privacy.bits)
     decoder_epochs: int = C.DEFAULT_DECODER_EPOCHS
     learning_rate: float | None = None
     batch_size: int | None = None  # cloud training batch; None: the scenario's default

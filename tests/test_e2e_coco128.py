@@ -49,9 +49,11 @@ def test_two_edge_detection_job_reports_held_out_map_and_learns(tmp_path: Path, 
     metrics = summary["metrics"]
     assert set(metrics) == {"map50", "map50_95", "map50_before", "map50_95_before"}
     assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in metrics.values())
-    # One bit per activation of layer 3 ([64, 24, 24] at 192 px) plus labels and framing.
+    # privacy.bits auto at ε 100 with public images: 4 bits per activation of layer 3 ([64, 24, 24] at
+    # 192 px) plus labels and framing.
     per_sample = summary["edges"]["edge1"]["wire_bytes"] / PER_EDGE
-    assert 64 * 24 * 24 / 8 <= per_sample < 64 * 24 * 24 / 8 * 1.15
+    assert 64 * 24 * 24 * 4 / 8 <= per_sample < 64 * 24 * 24 * 4 / 8 * 1.15
+    assert all(e["privacy"]["bits"] == 4 for e in summary["edges"].values())
     # The training loss (box + obj + cls per image) falls from the first epoch to the last.
     rows = spool_query(tmp_path / "cloud", "SELECT value FROM meta WHERE key='history'")
     history = json.loads(str(rows[0][0]))
@@ -61,6 +63,6 @@ def test_two_edge_detection_job_reports_held_out_map_and_learns(tmp_path: Path, 
     # The cloud adapted on the public images before the job: the checkpoint carries the thresholds the
     # edges used and the cut decoder, so `mistnet eval` replays head -> thresholds -> decoder -> tail.
     weights = load_weights(summary["checkpoint"])
-    assert weights.metadata["cut_layer"] == 4 and weights.metadata["bits"] == 1
+    assert weights.metadata["cut_layer"] == 4 and weights.metadata["bits"] == 4
     assert len(weights.metadata["thresholds"]["3"]) == 64 and weights.metadata["decoder"]["channels"] == {"3": 64}
     assert weights.decoder_state and (tmp_path / "cloud" / "adaptation.safetensors").exists()

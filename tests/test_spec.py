@@ -23,6 +23,7 @@ from common.jobspec import (
     S3Spec,
     Thresholding,
     TransmitterSpec,
+    auto_bits,
     build_job,
     load_job,
     load_job_file,
@@ -451,3 +452,38 @@ def test_public_images_turn_calibration_on_unless_zero_is_asked_for():
         update={"privacy": with_public.privacy.model_copy(update={"thresholds": Thresholding.ZERO})}
     )
     assert not zero.calibrated
+
+
+def _with(spec: JobSpec, *, public: str | None = None, edge_eps: float | None = None, **privacy: object) -> JobSpec:
+    edges = [spec.edges[0], EdgeSpec(node="edge-2", dataset="/data/2", epsilon=edge_eps)]
+    return spec.model_copy(update={
+        "cloud": spec.cloud.model_copy(update={"public": public}),
+        "privacy": spec.privacy.model_copy(update=privacy),
+        "edges": edges,
+    })  # fmt: skip
+
+
+def test_auto_bits_follow_the_smallest_edge_epsilon_when_thresholds_are_calibrated():
+    base = parse_job_text(MINIMAL, "job.yaml").spec
+    assert base.privacy.bits == "auto" and base.bits == 1  # no public images: no thresholds for more levels
+    assert _with(base, public="pub/").bits == 4  # both edges at the job's ε 100
+    assert _with(base, public="pub/", edge_eps=8).bits == 2
+    assert _with(base, public="pub/", edge_eps=4).bits == 1
+    assert _with(base, public="pub/", thresholds=Thresholding.ZERO).bits == 1
+    assert _with(base, public="pub/", edge_eps=4, bits=4).bits == 4  # asked for: as asked
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_auto_bits_replace_no_more_levels_than_one_bit_at_the_reference_epsilon(bits: int):
+    from common import constants as C
+    from common.mechanism import flip_probability
+
+    reference = flip_probability(C.AUTO_BITS_EPSILON, 2)
+    at = next(e / 100 for e in range(100, 2000) if auto_bits(e / 100) >= bits)  # the smallest ε, 0.01 apart
+    assert flip_probability(at, 2**bits) <= reference < flip_probability(at - 0.01, 2**bits)
+
+
+def test_a_job_file_asks_for_auto_or_a_number_of_bits():
+    assert parse_job_text(MINIMAL + "privacy: {bits: auto}\n", "job.yaml").spec.privacy.bits == "auto"
+    assert "privacy.bits" in error(MINIMAL + "privacy: {bits: many}\n")
+    assert "privacy.bits" in error(MINIMAL + "privacy: {bits: 9}\n")

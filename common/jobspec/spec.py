@@ -14,12 +14,13 @@ in the user's file.
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -76,13 +77,26 @@ class PrivacySpec(Strict):
         allow_inf_nan=False,
         description="LDP budget per bit (the reference implementation's ε: twice the paper's)",
     )
-    bits: int = Field(default=1, ge=1, le=8, description="bits per activation on the wire")
+    bits: Annotated[int, Field(ge=1, le=8)] | Literal["auto"] = Field(
+        default="auto",
+        description="bits per activation on the wire; auto: with calibrated thresholds, the most of 1, 2 and 4 "
+        "at which randomized response at the smallest edge ε replaces no more levels than 1 bit at ε 4 (4 bits "
+        "from ε 9.4, 2 from ε 6.2), else 1",
+    )
     thresholds: Thresholding = Field(
         default=Thresholding.AUTO,
         description="zero: a bit is x > 0 (the reference); calibrated: per-channel quantiles of the "
         "pretrained head's activations on cloud.public, equally likely levels; auto: calibrated when "
         "cloud.public is set",
     )
+
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _bits(cls, value: object) -> object:
+        """One plain error for a bad value instead of one per member of the union."""
+        if value == "auto" or (type(value) is int and 1 <= value <= 8):
+            return value
+        raise ValueError("must be auto or a whole number of bits from 1 to 8")
 
 
 class EdgeSpec(Strict):
@@ -246,7 +260,8 @@ class JobSpec(Strict):
 
     @model_validator(mode="after")
     def _calibration_has_data(self) -> JobSpec:
-        if self.cloud.public is None and (self.privacy.thresholds == Thresholding.CALIBRATED or self.privacy.bits > 1):
+        many_bits = self.privacy.bits != "auto" and self.privacy.bits > 1
+        if self.cloud.public is None and (self.privacy.thresholds == Thresholding.CALIBRATED or many_bits):
             raise ValueError(
                 "calibrated thresholds (and any privacy.bits above 1) need public images: set cloud.public"
             )
@@ -259,6 +274,15 @@ class JobSpec(Strict):
             self.privacy.thresholds == Thresholding.AUTO and self.cloud.public is not None
         )
 
+    @property
+    def bits(self) -> int:
+        """Bits per activation every edge of the job sends: ``privacy.bits``, or what ``auto`` resolves to."""
+        if self.privacy.bits != "auto":
+            return self.privacy.bits
+        if not self.calibrated:
+            return 1  # more levels need thresholds calibrated on public images
+        return auto_bits(min(self.epsilon_for(edge.node) for edge in self.edges))
+
     def epsilon_for(self, node: str) -> float:
         edge = self.edge(node)
         return edge.epsilon if edge.epsilon is not None else self.privacy.epsilon
@@ -268,6 +292,15 @@ class JobSpec(Strict):
             if edge.node == node:
                 return edge
         raise KeyError(node)
+
+
+def auto_bits(epsilon: float) -> int:
+    """The most bits of ``AUTO_BITS_CHOICES`` whose randomized response at ``epsilon`` replaces a level no
+    more often than 1 bit does at ``AUTO_BITS_EPSILON``. K levels are replaced with probability
+    ``(K - 1) / (e^(ε/2) + K - 1)`` (:func:`common.mechanism.flip_probability`), which is at most 1 bit's
+    at ε0 exactly when ``ε ≥ ε0 + 2 ln(K - 1)``."""
+    fits = [b for b in C.AUTO_BITS_CHOICES if epsilon >= C.AUTO_BITS_EPSILON + 2 * math.log(2**b - 1)]
+    return max(fits, default=1)
 
 
 # Checks that need the model registry ---------------------------------------------------------------

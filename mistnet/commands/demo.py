@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 
 def register(sub: Any) -> None:
@@ -62,7 +62,13 @@ def register(sub: Any) -> None:
         action="store_true",
         help="detection: also score the pretrained model and a centralized fine-tune on the edges' raw images",
     )
-    p.add_argument("--bits", type=int, default=1, choices=range(1, 9), metavar="1..8", help="bits per activation")
+    p.add_argument(
+        "--bits",
+        type=bits_flag,
+        default="auto",
+        metavar="1..8|auto",
+        help="bits per activation (default auto: 4 at the default ε 100 with public images, 1 at ε 4 or less)",
+    )
     p.add_argument("--workdir", type=Path, help="keep data, logs and checkpoint here (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON summary object on stdout")
     p.set_defaults(func=run)
@@ -75,6 +81,14 @@ def public_images_flag(text: str) -> int | Path:
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"neither a number of images nor a folder: {text}")
     return Path(text)
+
+
+def bits_flag(text: str) -> int | Literal["auto"]:
+    if text == "auto":
+        return "auto"
+    if text.isdigit() and 1 <= int(text) <= 8:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: a number of bits from 1 to 8, or auto")
 
 
 def shift_flag(text: str) -> Any:

@@ -91,7 +91,7 @@ def effective_configuration(spec: JobSpec) -> dict[str, Any]:
             "batch_size": edge.batch_size,
             "epsilon": eps,
             "epsilon_from": "edge" if edge.epsilon is not None else "job",
-            "keep_probability": round(keep_probability(eps), 6),
+            "keep_probability": round(keep_probability(eps, 2**spec.bits), 6),
             "layers": f"0..{cut - 1}",
         }
         if edge.epochs is not None:
@@ -102,7 +102,7 @@ def effective_configuration(spec: JobSpec) -> dict[str, Any]:
         "job": spec.name,
         "model": spec.model.model_dump(mode="json"),
         "cut_layer": cut,
-        "privacy": spec.privacy.model_dump(mode="json"),
+        "privacy": {**spec.privacy.model_dump(mode="json"), "bits_sent": spec.bits},
         "transmitter": transmitter,
         "cloud": {
             "node": cloud.node,
@@ -162,6 +162,9 @@ def render(config: dict[str, Any], source: str, form: str) -> None:
         f" image {model['image_size'] or 'default'}), pretrained {_show(model['pretrained'])};"
         f" cut_layer {config['cut_layer']}; features via {via}"
     )
+    privacy = config["privacy"]
+    chosen = " (privacy.bits auto)" if privacy["bits"] == "auto" else ""
+    console.print(f"{privacy['bits_sent']} bit(s) per activation{chosen}, thresholds {privacy['thresholds']}")
 
     cloud = config["cloud"]
     table = Table(title="cloud", title_justify="left", show_header=False)
