@@ -51,7 +51,8 @@ learning: $(STAMP)
 # Privacy/utility table and feature-inversion attack (docs/privacy-utility.md); about an hour on 2 cores.
 utility: $(STAMP)
 	$(BIN)/python -m bench.utility
-	$(BIN)/mistnet privacy-report --out bench/results/privacy-report
+	$(BIN)/mistnet privacy-report --bits 1 --out bench/results/privacy-report
+	$(BIN)/mistnet privacy-report --bits 4 --epsilons 100,10 --out bench/results/privacy-report-4bit
 	$(BIN)/python -m bench.utility_doc
 
 clean:

@@ -1,6 +1,6 @@
 """Renders ``docs/privacy-utility.md`` and its plot from ``bench/results/utility.json`` and a privacy report.
 
-``python -m bench.utility_doc [--attack DIR]``: the prose around the figures lives here so that the page
+``python -m bench.utility_doc [--attack DIR ...]``: the prose around the figures lives here so that the page
 is regenerated, never hand-edited, whenever the measurements are rerun.
 """
 
@@ -15,7 +15,8 @@ from bench import person_doc
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = sorted((REPO / "bench" / "results").glob("utility*.json"))
-ATTACK = REPO / "bench" / "results" / "privacy-report"
+# The attacks at 1 bit per activation (and its reconstructions), then at the 4 bits privacy.bits auto sends from ε 9.4.
+ATTACKS = [REPO / "bench" / "results" / "privacy-report", REPO / "bench" / "results" / "privacy-report-4bit"]
 DOC = REPO / "docs" / "privacy-utility.md"
 PLOT = REPO / "docs" / "privacy-utility.png"
 RECONSTRUCTIONS = "privacy-reconstructions.png"
@@ -148,12 +149,15 @@ def plot(rows: list[dict[str, Any]], epsilons: list[float], path: Path) -> None:
     plt.close(fig)
 
 
-def attack_section(attack: Path | None) -> list[str]:
-    if attack is None or not (attack / "privacy-report.json").exists():
+def attack_section(attacks: list[Path]) -> list[str]:
+    """The attack table: every report's rows (the real-valued baseline once), labelled by their levels."""
+    reports = [json.loads((a / "privacy-report.json").read_text()) for a in attacks
+               if (a / "privacy-report.json").exists()]  # fmt: skip
+    if not reports:
         return [
             "No privacy report has been recorded yet: run `mistnet privacy-report --out bench/results/privacy-report`."
         ]
-    report = json.loads((attack / "privacy-report.json").read_text())
+    report = reports[0]
     lines = [
         f"Measured with `mistnet privacy-report` (yolov5n, cut {report['cut_layer']}, {report['imgsz']} px, "
         f"{report['public']} public images x 2 flips to train each attack for {report['epochs']} epochs, "
@@ -162,19 +166,19 @@ def attack_section(attack: Path | None) -> list[str]:
         "| what the cloud receives | SSIM | PSNR (dB) | attack training (s) |",
         "|---|---|---|---|",
     ]
-    for a in report["attacks"]:
-        what = (
-            "real-valued head outputs (no MistNet)" if a["epsilon"] is None else f"MistNet bits, ε = {a['epsilon']:g}"
-        )
+    real = [a for a in report["attacks"] if a["epsilon"] is None][:1]
+    rows = real + [a for r in reports for a in r["attacks"] if a["epsilon"] is not None]
+    for a in rows:
+        what = "real-valued head outputs (no MistNet)" if a["epsilon"] is None else \
+            f"MistNet {a.get('bits', 1)}-bit levels, ε = {a['epsilon']:g}"  # fmt: skip
         lines.append(f"| {what} | {a['ssim']:.3f} | {a['psnr']:.2f} | {a['train_seconds']:.0f} |")
-    real = next((a for a in report["attacks"] if a["epsilon"] is None), None)
-    bits = next((a for a in report["attacks"] if a["epsilon"] == 100), None)
-    if real is not None and bits is not None:
+    one_bit = next((a for a in rows if a["epsilon"] == 100 and a.get("bits", 1) == 1), None)
+    if real and one_bit is not None:
         lines += [
             "",
-            f"Binarization alone (ε = 100) leaves SSIM {bits['ssim']:.2f} of the {real['ssim']:.2f} this attack reaches"
-            " on real-valued features: 1-bit features are not a privacy mechanism by themselves; the randomization at"
-            " small ε is what removes the structure.",
+            f"Binarization alone (ε = 100) leaves SSIM {one_bit['ssim']:.2f} of the {real[0]['ssim']:.2f} this attack"
+            " reaches on real-valued features: 1-bit features are not a privacy mechanism by themselves; the"
+            " randomization at small ε is what removes the structure.",
         ]
     lines += ["", f"![reconstructions]({RECONSTRUCTIONS})"]
     return lines
@@ -192,12 +196,12 @@ def load_rows(results: list[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]
     return settings, [r for f in found for r in f["rows"]]
 
 
-def render(results: list[Path] = RESULTS, attack: Path | None = ATTACK, doc: Path = DOC) -> Path:
+def render(results: list[Path] = RESULTS, attacks: list[Path] = ATTACKS, doc: Path = DOC) -> Path:
     data, rows = load_rows(results)
     epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None}, reverse=True)
     plot(rows, epsilons, doc.parent / PLOT.name)
-    if attack is not None and (attack / "reconstructions.png").exists():
-        (doc.parent / RECONSTRUCTIONS).write_bytes((attack / "reconstructions.png").read_bytes())
+    if attacks and (attacks[0] / "reconstructions.png").exists():
+        (doc.parent / RECONSTRUCTIONS).write_bytes((attacks[0] / "reconstructions.png").read_bytes())
     text = "\n".join(
         [
             *TITLE,
@@ -234,7 +238,7 @@ def render(results: list[Path] = RESULTS, attack: Path | None = ATTACK, doc: Pat
             "",
             *ATTACK_INTRO,
             "",
-            *attack_section(attack),
+            *attack_section(attacks),
             "",
         ]
     )
@@ -360,7 +364,7 @@ ATTACK_INTRO = [
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.utility_doc", description=__doc__.splitlines()[0])
     p.add_argument("--results", type=Path, nargs="+", default=RESULTS)
-    p.add_argument("--attack", type=Path, default=ATTACK, help="a `mistnet privacy-report --out` folder")
+    p.add_argument("--attack", type=Path, nargs="*", default=ATTACKS, help="`mistnet privacy-report --out` folders")
     p.add_argument("--doc", type=Path, default=DOC)
     args = p.parse_args(argv)
     print(render(args.results, args.attack, args.doc))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import Literal
 
 from common import constants as C
 from common.transport import BrokerOptions, broker_options
@@ -28,6 +29,15 @@ def image_size(text: str) -> int:
     if value < 32 or value % 32:
         raise argparse.ArgumentTypeError(f"image size must be a positive multiple of 32, got {text}")
     return value
+
+
+def bits_flag(text: str) -> int | Literal["auto"]:
+    """An argparse type: bits per activation, 1 to 8, or ``auto`` (``privacy.bits``)."""
+    if text == "auto":
+        return "auto"
+    if text.isdigit() and 1 <= int(text) <= 8:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: a number of bits from 1 to 8, or auto")
 
 
 def positive_int(text: str) -> int:

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,11 +59,12 @@ class InversionDecoder(nn.Module):
 
 @dataclass
 class AttackResult:
-    setting: str  # "real" or "eps=<ε>"
+    setting: str  # "real", "eps=<ε>", or "eps=<ε>,bits=<b>" above 1 bit
     epsilon: float | None
     ssim: float
     psnr: float
     train_seconds: float
+    bits: int = 1  # bits per activation of the levels attacked (real-valued features: unused)
 
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
@@ -147,12 +148,18 @@ def similarity(recon: torch.Tensor, original: torch.Tensor, boxes: list[Box]) ->
     return float(np.mean(ssims)), float(np.mean(psnrs))
 
 
-def encoder_fn(epsilon: float | None, thresholds: Thresholds, layer: int, seed: int) -> Encode:
+def encoder_fn(epsilon: float | None, thresholds: Thresholds, layer: int, seed: int, bits: int = 1) -> Encode:
     """What the cloud receives: levels randomized at ε (float 0..1), or the real values (None)."""
     if epsilon is None:
         return lambda y: y
-    encoder = BitEncoder(epsilon, seed=seed, thresholds=thresholds)
+    encoder = BitEncoder(epsilon, seed=seed, bits=bits, thresholds=thresholds)
     return lambda y: encoder.privatize(y, layer)
+
+
+def setting_name(epsilon: float | None, bits: int) -> str:
+    if epsilon is None:
+        return "real"
+    return f"eps={epsilon:g}" + (f",bits={bits}" if bits > 1 else "")
 
 
 def prefixed(progress: Callable[[str], None], prefix: str) -> Callable[[str], None]:
@@ -165,11 +172,13 @@ def run_attacks(
     public: YoloDataset,
     held_out: YoloDataset,
     epsilons: Sequence[float | None],
-    thresholds: Thresholds,
+    thresholds: Mapping[int, Thresholds],
+    bits_at: Callable[[float], int],
     epochs: int,
     progress: Callable[[str], None],
 ) -> tuple[list[AttackResult], dict[str, torch.Tensor], torch.Tensor]:
-    """One attack per setting: results, a few reconstructions per setting, and their originals."""
+    """One attack per setting (ε, with ``bits_at(ε)`` bits per activation and the ``thresholds`` of
+    that many bits): results, a few reconstructions per setting, and their originals."""
     model.eval()
     train_x = augmented(images(public)[0])
     test_x, boxes = images(held_out)
@@ -177,14 +186,15 @@ def run_attacks(
     layer = next(iter(run_head(model, test_x[:1], cut)))
     results, shown = [], {}
     for k, eps in enumerate(epsilons):
-        setting = "real" if eps is None else f"eps={eps:g}"
+        bits = 1 if eps is None else bits_at(eps)
+        setting = setting_name(eps, bits)
         t0 = time.monotonic()
-        encode = encoder_fn(eps, thresholds, layer, seed=k)
+        encode = encoder_fn(eps, thresholds.get(bits, {}), layer, k, bits)
         decoder = train_attack(train_h, train_x, encode, epochs, k, prefixed(progress, setting))
         seconds = time.monotonic() - t0
-        recon = reconstruct(decoder, test_h, encoder_fn(eps, thresholds, layer, seed=1000 + k))
+        recon = reconstruct(decoder, test_h, encoder_fn(eps, thresholds.get(bits, {}), layer, 1000 + k, bits))
         ssim, psnr = similarity(recon, test_x, boxes)
-        results.append(AttackResult(setting, eps, round(ssim, 4), round(psnr, 2), round(seconds, 1)))
+        results.append(AttackResult(setting, eps, round(ssim, 4), round(psnr, 2), round(seconds, 1), bits))
         progress(f"{setting}: SSIM {ssim:.3f}, PSNR {psnr:.2f} dB on {len(test_x)} held-out images")
         shown[setting] = recon[:SAMPLES_SHOWN]
     return results, shown, test_x[:SAMPLES_SHOWN]
@@ -220,13 +230,19 @@ def plot_samples(
 def table(results: list[AttackResult], images_evaluated: int) -> str:
     lines = ["| what the cloud receives | SSIM | PSNR (dB) | attack training (s) |", "|---|---|---|---|"]
     for r in results:
-        what = "real-valued head outputs (no MistNet)" if r.epsilon is None else f"MistNet levels, ε = {r.epsilon:g}"
-        lines.append(f"| {what} | {r.ssim:.3f} | {r.psnr:.2f} | {r.train_seconds:.0f} |")
+        lines.append(f"| {received(r.epsilon, r.bits)} | {r.ssim:.3f} | {r.psnr:.2f} | {r.train_seconds:.0f} |")
     lines.append(
         f"\nSSIM/PSNR: means over {images_evaluated} held-out images, on each picture without its letterbox "
         "padding (SSIM 1 = identical)."
     )
     return "\n".join(lines)
+
+
+def received(epsilon: float | None, bits: int) -> str:
+    """What the cloud receives in one attack's setting, in words."""
+    if epsilon is None:
+        return "real-valued head outputs (no MistNet)"
+    return f"MistNet {bits}-bit levels, ε = {epsilon:g}"
 
 
 def write_privacy_report(results: list[AttackResult], out: Path, meta: dict[str, object]) -> Path:

@@ -6,7 +6,9 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+from mistnet.flags import bits_flag
 
 
 def register(sub: Any) -> None:
@@ -81,14 +83,6 @@ def public_images_flag(text: str) -> int | Path:
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"neither a number of images nor a folder: {text}")
     return Path(text)
-
-
-def bits_flag(text: str) -> int | Literal["auto"]:
-    if text == "auto":
-        return "auto"
-    if text.isdigit() and 1 <= int(text) <= 8:
-        return int(text)
-    raise argparse.ArgumentTypeError(f"{text!r}: a number of bits from 1 to 8, or auto")
 
 
 def shift_flag(text: str) -> Any:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mistnet.flags import find_default, image_size, positive_int
+from common.errors import SpecError
+from mistnet.flags import bits_flag, find_default, image_size, positive_int
 from scenarios.defaults import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS
 
 
@@ -20,6 +22,20 @@ def _epsilons(text: str) -> list[float]:
     if not values or any(not v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"every epsilon must be > 0, got {text!r}")
     return values
+
+
+def attacked_bits(asked: int | str, metadata: dict[str, Any], thresholds: str) -> Callable[[float], int]:
+    """Bits per activation at each ε: a checkpoint's own (its thresholds fix them), else ``--bits``
+    (``auto``: as a job's ``privacy.bits: auto`` with calibrated thresholds; zero thresholds give 1)."""
+    from common.jobspec import auto_bits
+
+    if metadata.get("thresholds"):
+        return lambda eps: int(metadata["bits"])
+    if thresholds == "zero":
+        if asked not in ("auto", 1):
+            raise SpecError(f"--bits {asked}: zero thresholds give 1 bit per activation (use --thresholds calibrated)")
+        return lambda eps: 1
+    return auto_bits if asked == "auto" else (lambda eps: int(asked))
 
 
 def register(sub: Any) -> None:
@@ -45,6 +61,13 @@ def register(sub: Any) -> None:
     p.add_argument("--cut", type=positive_int, help="cut layer (default: the checkpoint's, else 4)")
     p.add_argument("--imgsz", type=image_size, default=192, help="input size in pixels (default 192)")
     p.add_argument("--epsilons", type=_epsilons, default=[100.0, 4.0, 2.0, 1.0], help="default 100,4,2,1")
+    p.add_argument(
+        "--bits",
+        type=bits_flag,
+        default="auto",
+        metavar="1..8|auto",
+        help="bits per activation of the levels attacked (default auto: as a job at each epsilon sends them)",
+    )
     p.add_argument("--epochs", type=positive_int, default=8, help="attack training epochs (default 8)")
     p.add_argument("--public", type=positive_int, default=32, help="public images the attacker trains on")
     p.add_argument("--held-out", type=positive_int, default=32, help="images the attack is scored on")
@@ -76,11 +99,13 @@ def run(args: argparse.Namespace) -> int:
     work = args.out / "data"
     public = link_yolo_folder(split.public, work / "public", labels=False)
     held_out = link_yolo_folder(split.held_out, work / "held-out")
-    thresholds = thresholds_from_metadata(weights.metadata)
-    if not thresholds and args.thresholds == "calibrated":
-        thresholds = calibrate(
-            calibration_outputs(model, cut, augmented_inputs(discover_images(public), args.imgsz), "cpu"), 1
-        )
+    bits_at = attacked_bits(args.bits, weights.metadata, args.thresholds)
+    own = thresholds_from_metadata(weights.metadata)
+    thresholds = {int(weights.metadata.get("bits", 1)): own}
+    if not own:
+        outputs = calibration_outputs(model, cut, augmented_inputs(discover_images(public), args.imgsz), "cpu")
+        calibrated = args.thresholds == "calibrated"
+        thresholds = {b: calibrate(outputs, b) if calibrated else {} for b in {bits_at(e) for e in args.epsilons}}
     results, shown, originals = run_attacks(
         model,
         cut,
@@ -88,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         YoloDataset(held_out, args.imgsz),
         [None, *args.epsilons],
         thresholds,
+        bits_at,
         args.epochs,
         lambda message: console.log(message),
     )
