@@ -40,6 +40,10 @@ def bits_flag(text: str) -> int | Literal["auto"]:
     raise argparse.ArgumentTypeError(f"{text!r}: a number of bits from 1 to 8, or auto")
 
 
+def add_bits_flag(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--bits", type=bits_flag, default="auto", metavar="1..8|auto", help=help)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mistnet.flags import bits_flag
+from mistnet.flags import add_bits_flag
 
 
 def register(sub: Any) -> None:
@@ -42,6 +42,15 @@ def register(sub: Any) -> None:
         help="coco128: pretrained YOLOv5 checkpoint (default ../shared/weights/yolov5n.pt beside the checkout, "
         "else the copy `mistnet fetch yolov5n` installs)",
     )
+    add_detection_flags(p)
+    add_bits_flag(p, "bits per activation (default auto: 4 at the default ε 100 with public images, 1 at ε 4 or less)")
+    p.add_argument("--workdir", type=Path, help="keep data, logs and checkpoint here (default: a temp dir)")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON summary object on stdout")
+    p.set_defaults(func=run)
+
+
+def add_detection_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of the detection scenarios (coco128, coco-person)."""
     p.add_argument("--imgsz", type=int, default=320, help="detection: input size in pixels (default 320)")
     p.add_argument(
         "--held-out", type=int, help="detection: images kept for the cloud's evaluation (coco128 32, coco-person 200)"
@@ -64,16 +73,6 @@ def register(sub: Any) -> None:
         action="store_true",
         help="detection: also score the pretrained model and a centralized fine-tune on the edges' raw images",
     )
-    p.add_argument(
-        "--bits",
-        type=bits_flag,
-        default="auto",
-        metavar="1..8|auto",
-        help="bits per activation (default auto: 4 at the default ε 100 with public images, 1 at ε 4 or less)",
-    )
-    p.add_argument("--workdir", type=Path, help="keep data, logs and checkpoint here (default: a temp dir)")
-    p.add_argument("--json", action="store_true", help="print exactly one JSON summary object on stdout")
-    p.set_defaults(func=run)
 
 
 def public_images_flag(text: str) -> int | Path:

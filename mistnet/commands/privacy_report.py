@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import SpecError
-from mistnet.flags import bits_flag, find_default, image_size, positive_int
+from mistnet.flags import add_bits_flag, find_default, image_size, positive_int
 from scenarios.defaults import DEFAULT_COCO128, DEFAULT_YOLO_WEIGHTS
 
 
@@ -61,13 +61,7 @@ def register(sub: Any) -> None:
     p.add_argument("--cut", type=positive_int, help="cut layer (default: the checkpoint's, else 4)")
     p.add_argument("--imgsz", type=image_size, default=192, help="input size in pixels (default 192)")
     p.add_argument("--epsilons", type=_epsilons, default=[100.0, 4.0, 2.0, 1.0], help="default 100,4,2,1")
-    p.add_argument(
-        "--bits",
-        type=bits_flag,
-        default="auto",
-        metavar="1..8|auto",
-        help="bits per activation of the levels attacked (default auto: as a job at each epsilon sends them)",
-    )
+    add_bits_flag(p, "bits per activation of the levels attacked (default auto: as a job at each epsilon sends them)")
     p.add_argument("--epochs", type=positive_int, default=8, help="attack training epochs (default 8)")
     p.add_argument("--public", type=positive_int, default=32, help="public images the attacker trains on")
     p.add_argument("--held-out", type=positive_int, default=32, help="images the attack is scored on")
