@@ -332,6 +332,10 @@ NOTES = [
     "- **An exponential moving average of the weights is neutral, left off** (a scratch driver around the cloud"
     " trainer: the average over about one epoch of steps, as upstream YOLOv5 keeps one, evaluated, selected and"
     " shipped; ε = 100, 1 bit, measured 2026-12-06): 0.197 (epoch 6 chosen), as without it (0.197).",
+    "- **Flipping feature maps left-right with their boxes costs** (scratch driver, half of every training batch"
+    " mirrored; ε = 100, 1 bit, 2026-12-06): 0.184 against 0.197. A mirrored map is not what the head gives for the"
+    " mirrored image (its kernels are not symmetric), so the tail learns from features no edge sends; the image"
+    " flips the centralized and frozen-head rows use are out of MistNet's reach.",
     "- **Where there is nothing to adapt to, local statistics cost a little**: on `clean` images the pretrained"
     " model scores 0.326 with them, 0.331 without; MistNet trained ships 0.272 at ε = 100 (0.277 before) and 0.247"
     " at ε = 4 (0.262 before), both below their adapted start (0.286, 0.277), as before; with the 4 bits ε = 100 now"
