@@ -30,7 +30,7 @@ def attacked_bits(asked: int | str, metadata: dict[str, Any], thresholds: str) -
     from common.jobspec import auto_bits
 
     if metadata.get("thresholds"):
-        return lambda eps: int(metadata["bits"])
+        return lambda eps: int(metadata.get("bits", 1))
     if thresholds == "zero":
         if asked not in ("auto", 1):
             raise SpecError(f"--bits {asked}: zero thresholds give 1 bit per activation (use --thresholds calibrated)")
@@ -95,11 +95,10 @@ def run(args: argparse.Namespace) -> int:
     held_out = link_yolo_folder(split.held_out, work / "held-out")
     bits_at = attacked_bits(args.bits, weights.metadata, args.thresholds)
     own = thresholds_from_metadata(weights.metadata)
-    thresholds = {int(weights.metadata.get("bits", 1)): own}
-    if not own:
+    thresholds = {int(weights.metadata.get("bits", 1)): own} if own else {}  # none: a bit is x > 0
+    if not own and args.thresholds == "calibrated":
         outputs = calibration_outputs(model, cut, augmented_inputs(discover_images(public), args.imgsz), "cpu")
-        calibrated = args.thresholds == "calibrated"
-        thresholds = {b: calibrate(outputs, b) if calibrated else {} for b in {bits_at(e) for e in args.epsilons}}
+        thresholds = {b: calibrate(outputs, b) for b in {bits_at(e) for e in args.epsilons}}
     results, shown, originals = run_attacks(
         model,
         cut,
