@@ -32,12 +32,15 @@ def image_size(text: str) -> int:
 
 
 def bits_flag(text: str) -> int | Literal["auto"]:
-    """An argparse type: bits per activation, 1 to 8, or ``auto`` (``privacy.bits``)."""
-    if text == "auto":
-        return "auto"
-    if text.isdigit() and 1 <= int(text) <= 8:
-        return int(text)
-    raise argparse.ArgumentTypeError(f"{text!r}: a number of bits from 1 to 8, or auto")
+    """An argparse type: ``privacy.bits`` as a job file gives it, checked by the spec itself."""
+    from pydantic import ValidationError
+
+    from common.jobspec import PrivacySpec
+
+    try:
+        return PrivacySpec.model_validate({"bits": int(text) if text.isdigit() else text}).bits
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
 def add_bits_flag(parser: argparse.ArgumentParser, help: str) -> None:
