@@ -329,6 +329,14 @@ NOTES = [
     " still chose epoch 6 (person AP 0.038 on them,"
     " 0.006 before training). With 4 bits at ε = 100 the edges' data adds +0.071 over adapted-only (0.155), the"
     " most of any setting, still short of half the centralized gain (0.090).",
+    "- **At 4 bits too, more epochs do not close it** (`bench/results/person-10-epochs-4bit.json`, ε = 100, 10"
+    " epochs instead of 6, measured 2026-12-06): held-out AP 0.198 after epoch 1, 0.224 after epoch 3, then flat"
+    " at 0.219–0.225 to epoch 10; epoch 6 chosen, 0.224 shipped (0.227 with 6 epochs). The edges' 540 training"
+    " images have taught the tail what they can by epoch 3. The ceiling of any method that keeps the edges' head"
+    " frozen, the tail trained on the head's float outputs (`frozen-head`, 0.246), is 0.091 over the 4-bit"
+    " adapted start: half the centralized gain (0.090) is that whole ceiling. Counted from what the cloud has"
+    " without the edges (4 bits, pretrained head statistics: 0.056), the edges' images lift the model by +0.171:"
+    " +0.099 from the head statistics each edge computes on its own images, +0.071 from training on their bits.",
     "- **An exponential moving average of the weights is neutral, left off** (a scratch driver around the cloud"
     " trainer: the average over about one epoch of steps, as upstream YOLOv5 keeps one, evaluated, selected and"
     " shipped; ε = 100, 1 bit, measured 2026-12-06): 0.197 (epoch 6 chosen), as without it (0.197).",
