@@ -14,8 +14,9 @@ from cloud_agent.spool import FeatureStore, SpoolFeatures
 from cloud_agent.status import Status
 from cloud_agent.tasks import CloudTask, make_task
 from cloud_agent.trainer import EpochResult, History, Samples, Selection, TrainConfig, Trainer, selection_split
+from common import constants as C
 from common.errors import MistnetError
-from common.jobspec import HeadStatistics
+from common.jobspec import HeadStatistics, JobSpec
 from common.protocol import JobPhase
 from common.storage import write_atomic
 
@@ -114,7 +115,9 @@ class Training:
         if after is None:
             after = task.evaluate(job.model, job.cut, job.privatize, job.device)
         job.spool.set_meta("selection", json.dumps({**chosen.__dict__, "metrics": after}))
-        message = held_out_regression(task.headline, chosen.epoch, before, after)
+        message = held_out_regression(task.headline, chosen.epoch, before, after) or unchecked_choice(
+            job.spec, chosen.epoch
+        )
         if chosen.epoch == 0 and job.spec.cloud.epochs > 0:
             message = (
                 "no training epoch beat the starting model on the held-back received samples "
@@ -136,6 +139,23 @@ def held_out_regression(headline: str, epoch: int, before: dict[str, float], aft
         f"the shipped epoch {epoch} scores {headline} {after[headline]:.4f} on the held-out data, below "
         f"{before[headline]:.4f} before training: the held-back received samples, randomized at the edges' "
         "epsilon, chose it; fewer bits per activation or a larger epsilon let them see what ships"
+    )
+
+
+def unchecked_choice(spec: JobSpec, epoch: int) -> str | None:
+    """What to say when a trained epoch of a pretrained model ships that nothing checked on clean levels:
+    no held-out data, and edges' randomization too strong for the held-back received samples to show
+    what ships. (A model trained from scratch has no start worth keeping.)"""
+    epsilon = spec.smallest_epsilon
+    if epoch == 0 or spec.cloud.validation is not None or not spec.model.pretrained:
+        return None
+    if epsilon >= C.SELECTION_MIN_EPSILON:
+        return None
+    return (
+        f"epoch {epoch} ships, chosen on held-back received samples randomized at epsilon {epsilon:g}; below "
+        f"epsilon {C.SELECTION_MIN_EPSILON:g} such choices were measured to score below the model before "
+        "training on clean levels (docs/privacy-utility.md), and this job has no held-out data to check it: "
+        "set cloud.validation"
     )
 
 

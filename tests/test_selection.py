@@ -10,6 +10,8 @@ from torch import nn
 
 from cloud_agent.tasks import Batch
 from cloud_agent.trainer import History, TrainConfig, Trainer, selection_split, shipped_weights
+from common import constants as C
+from common.jobspec import JobSpec, parse_job_text
 from common.models.lenet import LeNet5
 from common.split import run_head
 
@@ -114,3 +116,22 @@ def test_a_shipped_epoch_below_the_start_on_held_out_data_is_said() -> None:
     assert said is not None and "epoch 6" in said and "0.0730" in said and "0.1450" in said
     assert held_out_regression("map50_95", 6, {"map50_95": 0.145}, {"map50_95": 0.187}) is None
     assert held_out_regression("map50_95", 0, {}, {}) is None  # no held-out data: nothing to compare
+
+
+def _job(epsilons: str, extra: str = "", pretrained: str = "  pretrained: /weights/yolov5n.pt\n") -> JobSpec:
+    model = f"model:\n  arch: yolov5n\n{pretrained}"
+    text = f"name: j\n{model}cut_layer: 4\nprivacy: {{epsilon: 100}}\nedges:\n{epsilons}{extra}"
+    return parse_job_text(text, "job.yaml").spec
+
+
+def test_a_trained_epoch_chosen_on_strongly_randomized_samples_is_said_when_nothing_checked_it() -> None:
+    from cloud_agent.training import unchecked_choice
+
+    small = "  - {node: e1, dataset: /d/1}\n  - {node: e2, dataset: /d/2, epsilon: 2}\n"
+    said = unchecked_choice(_job(small), 5)
+    assert said is not None and "epoch 5" in said and "epsilon 2" in said and "cloud.validation" in said
+    assert unchecked_choice(_job(small), 0) is None  # the start ships: nothing to check
+    assert unchecked_choice(_job(small, "cloud: {validation: /d/val}\n"), 5) is None  # held_out_regression's part
+    assert unchecked_choice(_job(small, pretrained=""), 5) is None  # a model from scratch has no start to keep
+    at_the_bar = f"  - {{node: e1, dataset: /d/1, epsilon: {C.SELECTION_MIN_EPSILON}}}\n"
+    assert unchecked_choice(_job(at_the_bar), 5) is None

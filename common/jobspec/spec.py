@@ -281,7 +281,12 @@ class JobSpec(Strict):
             return self.privacy.bits
         if not self.calibrated:
             return 1  # more levels need thresholds calibrated on public images
-        return auto_bits(min(self.epsilon_for(edge.node) for edge in self.edges))
+        return auto_bits(self.smallest_epsilon)
+
+    @property
+    def smallest_epsilon(self) -> float:
+        """The strongest randomization any edge of the job applies: what every edge's data must bear."""
+        return min(self.epsilon_for(edge.node) for edge in self.edges)
 
     def epsilon_for(self, node: str) -> float:
         edge = self.edge(node)
