@@ -8,6 +8,9 @@ import json
 import logging
 from pathlib import Path
 
+from safetensors.torch import load_file, save
+from torch import nn
+
 from cloud_agent.feature_store import open_store, share_features
 from cloud_agent.job import Job, Pump
 from cloud_agent.spool import FeatureStore, SpoolFeatures
@@ -75,6 +78,7 @@ class Training:
             before = task.evaluate(job.model, job.cut, job.privatize, job.device)
             job.spool.set_meta("metrics_before", json.dumps(before))
             log.info("held-out before training: %s", before)
+            save_weights(job.model, start_weights(job))  # what a vetoed epoch falls back to
         trainer.fit(self.history, self.on_epoch, self.on_step)
         job.spool.set_meta("history", self.history.to_json())
         chosen = trainer.restore_selected()
@@ -114,11 +118,15 @@ class Training:
         after = before if chosen.epoch == 0 else evaluated.get(chosen.epoch)
         if after is None:
             after = task.evaluate(job.model, job.cut, job.privatize, job.device)
+        message = held_out_regression(task.headline, chosen.epoch, before, after)
+        if message is not None and self.fall_back_to_start():
+            message = f"{message}: the checkpoint is the model as it was before training (cloud.held_out_veto)"
+            chosen, after = Selection(0, chosen.before, chosen.before, chosen.score_before, chosen.score_before), before
+        elif message is not None:
+            message += "; fewer bits per activation or a larger epsilon let them see what ships"
+        message = message or unchecked_choice(job.spec, chosen.epoch)
         job.spool.set_meta("selection", json.dumps({**chosen.__dict__, "metrics": after}))
-        message = held_out_regression(task.headline, chosen.epoch, before, after) or unchecked_choice(
-            job.spec, chosen.epoch
-        )
-        if chosen.epoch == 0 and job.spec.cloud.epochs > 0:
+        if chosen.epoch == 0 and job.spec.cloud.epochs > 0 and message is None:
             message = (
                 "no training epoch beat the starting model on the held-back received samples "
                 f"({task.headline} {chosen.score_before or 0.0:.4f}, loss {chosen.before:.4f}): the checkpoint is "
@@ -128,6 +136,25 @@ class Training:
             log.warning("job %s: %s", job.spec.name, message)
             job.spool.set_meta("message", message)
 
+    def fall_back_to_start(self) -> bool:
+        """Ship the model before training in place of the chosen epoch (False: the job does not veto, or
+        it began before start weights were kept)."""
+        job, start = self.job, start_weights(self.job)
+        if not job.spec.cloud.held_out_veto or not start.exists():
+            return False
+        job.model.load_state_dict(load_file(str(start), device=job.device))
+        write_atomic(job.workdir / "state" / "best.safetensors", start.read_bytes())  # what finish.py ships
+        return True
+
+
+def start_weights(job: Job) -> Path:
+    return job.workdir / "state" / "start.safetensors"
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, save({k: v.contiguous() for k, v in model.state_dict().items()}))
+
 
 def held_out_regression(headline: str, epoch: int, before: dict[str, float], after: dict[str, float]) -> str | None:
     """What to say when the shipped epoch scores below the model before training on the cloud's
@@ -136,9 +163,8 @@ def held_out_regression(headline: str, epoch: int, before: dict[str, float], aft
     if headline not in before or headline not in after or after[headline] >= before[headline]:
         return None
     return (
-        f"the shipped epoch {epoch} scores {headline} {after[headline]:.4f} on the held-out data, below "
-        f"{before[headline]:.4f} before training: the held-back received samples, randomized at the edges' "
-        "epsilon, chose it; fewer bits per activation or a larger epsilon let them see what ships"
+        f"epoch {epoch}, which the held-back received samples chose, scores {headline} {after[headline]:.4f} on "
+        f"the held-out data, below {before[headline]:.4f} before training"
     )
 
 

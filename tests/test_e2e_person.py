@@ -48,7 +48,9 @@ def test_training_on_shifted_edge_bits_beats_adapted_only(tmp_path: Path, mosqui
     job = prepare_detection_job(opts, tmp_path)
     # A quarter of the 96 received samples held back to choose the epoch (the default tenth is 9
     # samples here, too few to tell a trained epoch from the adapted start).
-    cloud = job.spec.cloud.model_copy(update={"selection_fraction": 0.25})
+    # No veto by the 40 held-out images: their AP@0.5:0.95 is noisy (below), and this test is about what
+    # the trained epochs learn, not which model ships.
+    cloud = job.spec.cloud.model_copy(update={"selection_fraction": 0.25, "held_out_veto": False})
     write_job(job.spec.model_copy(update={"cloud": cloud}), job.path)
     # Edges and held-out get the shift; the cloud's public photos do not.
     assert all("shifted-contrast-5" in str(p.resolve()) for p in (tmp_path / "data" / "edge1" / "images").iterdir())

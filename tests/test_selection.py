@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from cloud_agent.tasks import Batch
-from cloud_agent.trainer import History, TrainConfig, Trainer, selection_split, shipped_weights
+from cloud_agent.trainer import EpochResult, History, Selection, TrainConfig, Trainer, selection_split, shipped_weights
 from common import constants as C
 from common.jobspec import JobSpec, parse_job_text
 from common.models.lenet import LeNet5
@@ -135,3 +138,41 @@ def test_a_trained_epoch_chosen_on_strongly_randomized_samples_is_said_when_noth
     assert unchecked_choice(_job(small, pretrained=""), 5) is None  # a model from scratch has no start to keep
     at_the_bar = f"  - {{node: e1, dataset: /d/1, epsilon: {C.SELECTION_MIN_EPSILON}}}\n"
     assert unchecked_choice(_job(at_the_bar), 5) is None
+
+
+class _Headline:
+    headline = "accuracy"
+
+
+@pytest.mark.parametrize("veto", [True, False])
+def test_an_epoch_below_the_start_on_held_out_data_is_vetoed_unless_the_job_says_not_to(
+    tmp_path: Path, veto: bool
+) -> None:
+    from cloud_agent.job import Job
+    from cloud_agent.training import Training, save_weights, start_weights
+
+    text = f"name: j\nmodel: {{arch: lenet5}}\ncut_layer: 2\ncloud: {{held_out_veto: {str(veto).lower()}}}\n"
+    job = Job.open(parse_job_text(text + "edges: [{node: e1, dataset: /d}]\n", "job.yaml").spec, tmp_path, "cpu", None)
+    job.spool.set_meta("metrics_before", json.dumps({"accuracy": 0.9}))
+    save_weights(job.model, start_weights(job))
+    start = {k: v.clone() for k, v in job.model.state_dict().items()}
+    with torch.no_grad():
+        for p in job.model.parameters():
+            p.add_(1.0)  # epoch 3's weights
+    best = tmp_path / "state" / "best.safetensors"
+    save_weights(job.model, best)
+    training = Training(job, None, lambda _: None)  # type: ignore[arg-type]
+    training.history = History([EpochResult(3, {}, {"accuracy": 0.5}, 1.0, 1.0)])
+    training.record_selection(Selection(3, 0.1, 0.2, 0.95, 0.9), _Headline())  # type: ignore[arg-type]
+    selection, message = json.loads(job.spool.get_meta("selection") or ""), job.spool.get_meta("message") or ""
+    assert "epoch 3" in message and "0.5000" in message and "0.9000" in message
+    shipped = load_file(str(best))
+    if veto:
+        assert selection["epoch"] == 0 and selection["metrics"] == {"accuracy": 0.9} and "held_out_veto" in message
+        assert all(torch.equal(shipped[k], v) and torch.equal(job.model.state_dict()[k], v) for k, v in start.items())
+    else:
+        assert selection["epoch"] == 3 and selection["metrics"] == {"accuracy": 0.5} and "larger epsilon" in message
+        now = job.model.state_dict()
+        assert all(torch.equal(shipped[k], now[k]) for k in start) and not torch.equal(now["model.0.0.weight"],
+                                                                                 start["model.0.0.weight"])
+    job.spool.close()

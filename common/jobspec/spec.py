@@ -200,6 +200,11 @@ class CloudSpec(Strict):
         description="share of the received samples held back from training to choose the epoch that ships "
         "(lowest loss; epoch 0, the model before training, included); 0: train on all, ship the last epoch",
     )
+    held_out_veto: bool = Field(
+        default=True,
+        description="with cloud.validation: when the epoch the held-back received samples chose scores below the "
+        "model before training on the held-out data, the model before training ships (and the job says so)",
+    )
     feature_store: str | None = Field(
         default=None,
         description="s3://bucket[/prefix] where the cloud puts the committed samples after collection (objects "
