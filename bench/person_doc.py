@@ -359,7 +359,9 @@ NOTES = [
     " on held-back received samples, which are randomized like everything the edges send) scores 0.108 on the"
     " held-out images against 0.117 before training; at ε = 1, 0.043 against 0.087. The deployed model reads clean"
     " levels, and no sample the cloud holds shows it those. With held-out data of its own (`cloud.validation`) the"
-    " cloud now says so, in the job's message and log, whenever the epoch it ships scores below its start there.",
+    " cloud now checks: when the chosen epoch scores below the model before training there, the model before"
+    " training ships and the job's message says so (`cloud.held_out_veto`, on by default; this bench, which"
+    " scores on those very images, reports the chosen epoch as it is).",
     "- **Under every other shift it is worse** (ε = 2 and 1, 1 bit, local head statistics, measured 2026-12-06):"
     " at ε = 2 `clean` 0.262 → 0.170, `contrast:3` 0.221 → 0.152, `fog:3` 0.236 → 0.150; at ε = 1 `clean` 0.237 →"
     " 0.039, `contrast:3` 0.181 → 0.078, `fog:3` 0.201 → 0.063 (adapted start → shipped). In all eight runs at ε ≤ 2"
