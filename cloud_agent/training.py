@@ -157,9 +157,9 @@ def save_weights(model: nn.Module, path: Path) -> None:
 
 
 def held_out_regression(headline: str, epoch: int, before: dict[str, float], after: dict[str, float]) -> str | None:
-    """What to say when the shipped epoch scores below the model before training on the cloud's
-    held-out data: the held-back received samples chose it, and at a small ε their randomization can
-    hide what the deployed model, which reads unrandomized levels, does."""
+    """What to say when the chosen epoch scores below the model before training on the cloud's held-out
+    data: the held-back received samples chose it, and a handful of them, or their randomization at a
+    small ε, can hide what the deployed model, which reads unrandomized levels, does."""
     if headline not in before or headline not in after or after[headline] >= before[headline]:
         return None
     return (
@@ -173,9 +173,8 @@ def unchecked_choice(spec: JobSpec, epoch: int) -> str | None:
     no held-out data, and edges' randomization too strong for the held-back received samples to show
     what ships. (A model trained from scratch has no start worth keeping.)"""
     epsilon = spec.smallest_epsilon
-    if epoch == 0 or spec.cloud.validation is not None or not spec.model.pretrained:
-        return None
-    if epsilon >= C.SELECTION_MIN_EPSILON:
+    checked = spec.cloud.validation is not None or epsilon >= C.SELECTION_MIN_EPSILON
+    if epoch == 0 or checked or not spec.model.pretrained:
         return None
     return (
         f"epoch {epoch} ships, chosen on held-back received samples randomized at epsilon {epsilon:g}; below "
