@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, random_split
 
@@ -41,6 +41,8 @@ log = logging.getLogger("mistnet.cloud.trainer")
 WARMUP_MAX_STEPS = 300
 WARMUP_MAX_EPOCHS = 3
 WARMUP_MOMENTUM = 0.8
+# In the state directory: the selected epoch's weights (what ships) and the last completed epoch's.
+BEST_WEIGHTS, LAST_WEIGHTS = "best.safetensors", "last.safetensors"
 
 
 class Samples(Protocol):
@@ -127,10 +129,15 @@ def selection_split(data: Samples, fraction: float, seed: int) -> tuple[Samples,
 
 def shipped_weights(state_dir: Path) -> Path | None:
     """The weights a finished training ships: the selected epoch's, else the last epoch's (None: untrained)."""
-    for name in ("best.safetensors", "last.safetensors"):
+    for name in (BEST_WEIGHTS, LAST_WEIGHTS):
         if (state_dir / name).exists():
             return state_dir / name
     return None
+
+
+def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """The model's weights as safetensors, written atomically: a crash leaves the previous file whole."""
+    write_atomic(path, save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata))
 
 
 def freeze_head(model: nn.Module, cut: int) -> list[nn.Parameter]:
@@ -249,7 +256,7 @@ class Trainer:
 
     @property
     def _weights_path(self) -> Path:
-        return self.state_dir / "last.safetensors"
+        return self.state_dir / LAST_WEIGHTS
 
     @property
     def _optim_path(self) -> Path:
@@ -257,7 +264,7 @@ class Trainer:
 
     @property
     def _best_path(self) -> Path:
-        return self.state_dir / "best.safetensors"  # as shipped_weights() finds it
+        return self.state_dir / BEST_WEIGHTS
 
     @property
     def _selection_path(self) -> Path:
@@ -280,8 +287,7 @@ class Trainer:
         candidate = Selection(epoch, loss, loss, score, score) if best is None else \
             Selection(epoch, loss, best.before, score, best.score_before)  # fmt: skip
         if candidate.beats(best):
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, str(self._best_path))
+            save_weights(self.model, self._best_path)
             write_atomic(self._selection_path, json.dumps(candidate.__dict__).encode())
         return loss, score
 
@@ -314,12 +320,7 @@ class Trainer:
         return total / max(batches, 1), self.task.score(tallies)
 
     def save_state(self, epoch: int) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._weights_path.with_suffix(".tmp")
-        save_file(
-            {k: v.contiguous() for k, v in self.model.state_dict().items()}, str(tmp), metadata={"epoch": str(epoch)}
-        )
-        tmp.replace(self._weights_path)
+        save_weights(self.model, self._weights_path, {"epoch": str(epoch)})
         buf = io.BytesIO()
         torch.save(
             {

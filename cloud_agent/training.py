@@ -8,15 +8,24 @@ import json
 import logging
 from pathlib import Path
 
-from safetensors.torch import load_file, save
-from torch import nn
+from safetensors.torch import load_file
 
 from cloud_agent.feature_store import open_store, share_features
 from cloud_agent.job import Job, Pump
 from cloud_agent.spool import FeatureStore, SpoolFeatures
 from cloud_agent.status import Status
 from cloud_agent.tasks import CloudTask, make_task
-from cloud_agent.trainer import EpochResult, History, Samples, Selection, TrainConfig, Trainer, selection_split
+from cloud_agent.trainer import (
+    BEST_WEIGHTS,
+    EpochResult,
+    History,
+    Samples,
+    Selection,
+    TrainConfig,
+    Trainer,
+    save_weights,
+    selection_split,
+)
 from common import constants as C
 from common.errors import MistnetError
 from common.jobspec import HeadStatistics, JobSpec
@@ -143,17 +152,12 @@ class Training:
         if not job.spec.cloud.held_out_veto or not start.exists():
             return False
         job.model.load_state_dict(load_file(str(start), device=job.device))
-        write_atomic(job.workdir / "state" / "best.safetensors", start.read_bytes())  # what finish.py ships
+        write_atomic(job.workdir / "state" / BEST_WEIGHTS, start.read_bytes())  # what finish.py ships
         return True
 
 
 def start_weights(job: Job) -> Path:
     return job.workdir / "state" / "start.safetensors"
-
-
-def save_weights(model: nn.Module, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, save({k: v.contiguous() for k, v in model.state_dict().items()}))
 
 
 def held_out_regression(headline: str, epoch: int, before: dict[str, float], after: dict[str, float]) -> str | None:

@@ -149,7 +149,8 @@ def test_an_epoch_below_the_start_on_held_out_data_is_vetoed_unless_the_job_says
     tmp_path: Path, veto: bool
 ) -> None:
     from cloud_agent.job import Job
-    from cloud_agent.training import Training, save_weights, start_weights
+    from cloud_agent.trainer import save_weights
+    from cloud_agent.training import Training, start_weights
 
     text = f"name: j\nmodel: {{arch: lenet5}}\ncut_layer: 2\ncloud: {{held_out_veto: {str(veto).lower()}}}\n"
     job = Job.open(parse_job_text(text + "edges: [{node: e1, dataset: /d}]\n", "job.yaml").spec, tmp_path, "cpu", None)
